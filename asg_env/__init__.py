@@ -1,0 +1,28 @@
+"""ASG-Gym: syn→real fine-tuning with proxy guidance as Gymnasium environments.
+
+Registered ids:
+
+* ``SynDigits-v0``: fonts-rendered digits → real MNIST, EfficientNet-Lite0, offline on a CPU.
+* ``VisDA-v0``: VisDA-17 (train → validation) with ResNet-101, from a local data root.
+"""
+
+from gymnasium.envs.registration import register
+
+from asg_env.env import N_LEVELS, ASGEnv
+from asg_env.errors import UserInputError
+
+__all__ = ["ASGEnv", "N_LEVELS", "UserInputError"]
+
+register(id="SynDigits-v0", entry_point="asg_env.env:ASGEnv", kwargs={"task": "syndigits"})
+register(
+    id="VisDA-v0",
+    entry_point="asg_env.env:ASGEnv",
+    kwargs={
+        "task": "visda",
+        "backbone": "resnet101",
+        "image_size": 224,
+        "lr_base": 1e-4,
+        "episode_steps": 1000,
+        "target_eval_size": 0,
+    },
+)

@@ -1,0 +1,155 @@
+"""Syn→real tasks: a seeded stream of synthetic training batches, a fixed held-out synthetic
+batch, and the real target set, which is only ever evaluated on.
+
+Keeping the three apart in one small object is what lets the env guarantee that target
+images never reach training, the observation or the reward: the env reads the target only
+inside :meth:`ASGEnv.evaluate_target`, under ``torch.inference_mode`` and in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2 as T
+
+from asg_env.backbones import IMAGENET_MEAN, IMAGENET_STD
+from asg_env.data.syndigits import load_mnist_target, load_syndigits
+from asg_env.data.visda import VISDA_CLASSES, VisDA17
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TensorSource:
+    """Shuffled minibatches from uint8 images held in memory, normalised on the fly."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device):
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.batch_size = min(batch_size, len(self.labels))
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.reset(0)
+
+    def reset(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def next(self) -> Batch:
+        if len(self._order) < self.batch_size:  # new epoch; the partial tail is dropped
+            self._order = torch.randperm(len(self.labels), generator=self.generator)
+        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        idx = idx.to(self.images.device)
+        return self.normalise(self.images[idx]), self.labels[idx]
+
+    def batches(self, batch_size: int = 256) -> Iterator[Batch]:
+        for start in range(0, len(self.labels), batch_size):
+            yield self.normalise(self.images[start : start + batch_size]), self.labels[start : start + batch_size]
+
+    def all(self) -> Batch:
+        return self.normalise(self.images), self.labels
+
+
+class LoaderSource:
+    """Shuffled minibatches from a map-style dataset through a seeded DataLoader."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int):
+        self.dataset, self.device = dataset, device
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
+            generator=self.generator, pin_memory=device.type == "cuda",
+        )
+        self.reset(0)
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self._it = None  # workers start on the first batch, not here
+
+    def next(self) -> Batch:
+        batch = None if self._it is None else next(self._it, None)
+        if batch is None:  # first call, or the epoch ran out
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def batches(self, batch_size: int = 64) -> Iterator[Batch]:
+        loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=self.loader.num_workers)
+        for x, y in loader:
+            yield x.to(self.device), y.to(self.device)
+
+
+@dataclass
+class Task:
+    """What the env trains on (``source``, ``heldout``) and what it evaluates on (``target``)."""
+
+    name: str
+    num_classes: int
+    source: TensorSource | LoaderSource
+    heldout: Batch
+    target: TensorSource | LoaderSource
+
+
+@lru_cache(maxsize=4)
+def _mnist(size: int) -> tuple[np.ndarray, np.ndarray]:
+    return load_mnist_target(size)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("ASG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "asg-gym"))
+
+
+def make_syndigits_task(
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    data_root: str | None = None,
+    source_size: int = 10_000,
+    target_eval_size: int = 1_000,
+    render_seed: int = 0,
+) -> Task:
+    """Rendered digits (source) and a fixed class-shuffled subset of real MNIST (target)."""
+    images, labels = load_syndigits(data_root or default_cache_dir(), source_size + batch_size, image_size, render_seed)
+    heldout = TensorSource(images[-batch_size:], labels[-batch_size:], batch_size, device).all()
+    source = TensorSource(images[:-batch_size], labels[:-batch_size], batch_size, device)
+    tx, ty = _mnist(image_size)
+    keep = np.random.default_rng(0).permutation(len(ty))[: min(target_eval_size, len(ty))]
+    target = TensorSource(tx[keep], ty[keep], batch_size, device)
+    return Task("SynDigits", 10, source, heldout, target)
+
+
+def make_visda_task(
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    data_root: str | None = None,
+    target_eval_size: int = 0,
+    num_workers: int = 2,
+) -> Task:
+    """VisDA-17 train (synthetic) and validation (real) splits with ImageNet preprocessing."""
+    normalise = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), *normalise])
+    eval_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), *normalise])
+
+    train = VisDA17(data_root, "train", train_tf)
+    held_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
+    train_idx = sorted(set(range(len(train))) - set(held_idx))
+    held_set = Subset(VisDA17(data_root, "train", eval_tf), held_idx)
+    hx, hy = zip(*(held_set[i] for i in range(len(held_set))))
+    heldout = (torch.stack(hx).to(device), torch.tensor(hy, device=device))
+
+    target: Dataset = VisDA17(data_root, "validation", eval_tf)
+    if 0 < target_eval_size < len(target):
+        keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
+        target = Subset(target, keep.tolist())
+    source = LoaderSource(Subset(train, train_idx), batch_size, device, num_workers)
+    return Task("VisDA-17", len(VISDA_CLASSES), source, heldout, LoaderSource(target, batch_size, device, num_workers))

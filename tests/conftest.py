@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One SynDigits render cache for the whole test session."""
+    return str(tmp_path_factory.mktemp("syndigits-cache"))
+
+
+@pytest.fixture
+def tiny_env_kwargs(cache_dir):
+    """SynDigits-v0 at a size that steps in tens of milliseconds."""
+    return dict(
+        data_root=cache_dir, source_size=160, target_eval_size=60, batch_size=8,
+        image_size=32, episode_steps=4, lr_base=0.02,
+    )
