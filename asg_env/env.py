@@ -66,6 +66,8 @@ class ASGEnv(gym.Env):
         target_eval_size: evaluate on this many target images (0: all of them).
         source_size: number of rendered SynDigits training images.
         device: torch device. channels_last, amp: speed options (AMP only on CUDA, bf16).
+        cache_teacher: remember the teacher's logits per source image when the source has
+            no random augmentation (SynDigits). Exact, since the teacher is frozen.
         divergence_penalty: reward when the loss becomes non-finite.
         num_workers: DataLoader workers for file-based tasks.
     """
@@ -94,6 +96,7 @@ class ASGEnv(gym.Env):
         device: str = "cpu",
         channels_last: bool = True,
         amp: bool = False,
+        cache_teacher: bool = True,
         divergence_penalty: float = -10.0,
         num_workers: int = 2,
     ):
@@ -110,6 +113,7 @@ class ASGEnv(gym.Env):
         self.divergence_penalty = float(divergence_penalty)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.amp = bool(amp) and self.device.type == "cuda"
+        self.cache_teacher = bool(cache_teacher)
 
         if task == "syndigits":
             self.task: Task = make_syndigits_task(
@@ -131,6 +135,10 @@ class ASGEnv(gym.Env):
         }
         self._teacher_heldout = self._teacher_logits(self.task.heldout[0]) if self.lam > 0 else None
         self._teacher_target_pred: torch.Tensor | None = None
+        # The teacher is frozen and in eval mode, so for fixed source images (no random
+        # augmentation) its logits are a pure function of the image: compute each once.
+        self._teacher_cache: torch.Tensor | None = None
+        self._teacher_known: torch.Tensor | None = None
 
         C = len(self.coordinates)
         self.coordinate_names = [c.name for c in self.coordinates]
@@ -248,9 +256,22 @@ class ASGEnv(gym.Env):
         return proxy_guidance_loss(new, y, old, teacher, self.lam)
 
     def _train_losses(self) -> ProxyLoss:
-        x, y = self.task.source.next()
+        x, y, index = self.task.source.next()
         x = x.contiguous(memory_format=self.memory_format)
-        return self._losses_on(x, y, self._teacher_logits(x) if self.lam > 0 else None)
+        return self._losses_on(x, y, self._cached_teacher_logits(x, index) if self.lam > 0 else None)
+
+    def _cached_teacher_logits(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None or not self.cache_teacher:
+            return self._teacher_logits(x)
+        if self._teacher_cache is None:
+            n = len(self.task.source)
+            self._teacher_cache = torch.empty(n, self.student.imagenet_head.out_features, device=self.device)
+            self._teacher_known = torch.zeros(n, dtype=torch.bool, device=self.device)
+        missing = ~self._teacher_known[index]
+        if missing.any():
+            self._teacher_cache[index[missing]] = self._teacher_logits(x[missing]).float()
+            self._teacher_known[index[missing]] = True
+        return self._teacher_cache[index]
 
     def _heldout_losses(self) -> ProxyLoss:
         x, y = self.task.heldout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +23,15 @@ from asg_env.data.syndigits import load_mnist_target, load_syndigits
 from asg_env.data.visda import VISDA_CLASSES, VisDA17
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainBatch(NamedTuple):
+    """A training batch. ``index`` names the source images when they are fixed tensors
+    (no random augmentation), which lets the frozen teacher's outputs be cached per image."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor | None = None
 
 
 class TensorSource:
@@ -43,12 +52,15 @@ class TensorSource:
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
-    def next(self) -> Batch:
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def next(self) -> TrainBatch:
         if len(self._order) < self.batch_size:  # new epoch; the partial tail is dropped
             self._order = torch.randperm(len(self.labels), generator=self.generator)
         idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         idx = idx.to(self.images.device)
-        return self.normalise(self.images[idx]), self.labels[idx]
+        return TrainBatch(self.normalise(self.images[idx]), self.labels[idx], idx)
 
     def batches(self, batch_size: int = 256) -> Iterator[Batch]:
         for start in range(0, len(self.labels), batch_size):
@@ -74,13 +86,13 @@ class LoaderSource:
         self.generator.manual_seed(seed)
         self._it = None  # workers start on the first batch, not here
 
-    def next(self) -> Batch:
+    def next(self) -> TrainBatch:
         batch = None if self._it is None else next(self._it, None)
         if batch is None:  # first call, or the epoch ran out
             self._it = iter(self.loader)
             batch = next(self._it)
         x, y = batch
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return TrainBatch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
 
     def batches(self, batch_size: int = 64) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=self.loader.num_workers)
