@@ -74,13 +74,16 @@ class LoaderSource:
     """Shuffled minibatches from a map-style dataset through a seeded DataLoader."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int):
-        self.dataset, self.device = dataset, device
+        self.dataset, self.device, self.batch_size = dataset, device, batch_size
         self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
             generator=self.generator, pin_memory=device.type == "cuda",
         )
         self.reset(0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     def reset(self, seed: int) -> None:
         self.generator.manual_seed(seed)

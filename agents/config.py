@@ -1,0 +1,67 @@
+"""Run configuration shared by the command-line tools: YAML files, overrides, env creation."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import gymnasium as gym
+import yaml
+
+import asg_env  # noqa: F401  (registers the ids)
+from asg_env import UserInputError
+
+DEFAULTS: dict = {
+    # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
+    "env": {"id": "SynDigits-v0", "kwargs": {"reward_batch": "heldout", "evaluate_target": False}},
+    "agent": {"name": "reinforce", "reinforce": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
+    "train": {"episodes": 20, "seed": 0},
+}
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | None) -> dict:
+    if path is None:
+        return copy.deepcopy(DEFAULTS)
+    if not os.path.isfile(path):
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"cannot parse {path}: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} must hold a mapping at the top level")
+    return merge(DEFAULTS, data)
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """``--set env.kwargs.lam=0.05`` style overrides; values are parsed as YAML."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        if "=" not in item:
+            raise UserInputError(f"--set takes KEY.PATH=VALUE, got {item!r}")
+        path, raw = item.split("=", 1)
+        node = config
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+def make_env(config: dict, **extra) -> gym.Env:
+    """The configured env; ``extra`` kwargs (device, data_root…) win over the file's."""
+    kwargs = {**config["env"].get("kwargs", {}), **{k: v for k, v in extra.items() if v is not None}}
+    try:
+        return gym.make(config["env"]["id"], **kwargs)
+    except gym.error.Error as exc:
+        raise UserInputError(str(exc)) from exc
+    except TypeError as exc:  # an unknown kwarg in a config file
+        raise UserInputError(f"bad env option: {exc}") from exc

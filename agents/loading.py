@@ -1,0 +1,69 @@
+"""Saving policies, and loading any policy by name or file, checked against the env."""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import torch
+
+from agents.policies import BASELINES, Policy, make_baseline
+from agents.reinforce import POLICY_FORMAT, policy_from_state
+from asg_env import UserInputError
+
+
+def env_metadata(env: gym.Env) -> dict:
+    """What a policy must match to drive an env: its observation and its coordinates."""
+    u = env.unwrapped
+    return {
+        "obs_names": list(u.obs_names), "coordinate_names": list(u.coordinate_names),
+        "backbone": u.backbone_name, "env_id": env.spec.id if env.spec else None,
+    }
+
+
+def save_policy(state: dict, path: str) -> None:
+    """Write atomically, so an interrupted save never leaves a half-written policy."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_policy_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserInputError(f"policy file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserInputError(f"cannot read policy {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict) or state.get("format") != POLICY_FORMAT:
+        raise UserInputError(f"{path} is not an ASG-Gym policy (expected format {POLICY_FORMAT})")
+    return state
+
+
+def check_compatible(state: dict, env: gym.Env, path: str) -> None:
+    here = env_metadata(env)
+    theirs = state.get("coordinate_names", [])
+    if len(theirs) != len(here["coordinate_names"]):
+        raise UserInputError(
+            f"{path} was trained for {len(theirs)} coordinates ({state.get('backbone')}); "
+            f"this env has {len(here['coordinate_names'])} ({here['backbone']})"
+        )
+    if state.get("obs_names") != here["obs_names"]:
+        raise UserInputError(
+            f"{path} expects observations {state.get('obs_names')}, this env gives {here['obs_names']}"
+        )
+
+
+def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int | None = None) -> Policy:
+    """A baseline by name (``random``, ``hand-tuned``, ``constant:…``…) or a saved policy file."""
+    n = len(env.action_space.nvec)
+    if spec in BASELINES or spec.startswith("constant:"):
+        return make_baseline(spec, n, seed)
+    state = read_policy_file(spec)
+    check_compatible(state, env, spec)
+    if state["agent"] == "reinforce":
+        return policy_from_state(state, deterministic)
+    from agents.sb3_agents import sb3_policy_from_state
+
+    return sb3_policy_from_state(state, env, deterministic)

@@ -1,0 +1,60 @@
+"""stable-baselines3 / sb3-contrib agents on the same env, for comparison.
+
+Only the policy network's tensors are saved (``torch.load(weights_only=True)`` can read
+them); loading rebuilds the network from the env's spaces and the saved ``policy_kwargs``,
+so no pickled object from a user's file is ever executed.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import A2C, PPO
+
+from agents.reinforce import POLICY_FORMAT
+
+ALGOS = {"recurrent-ppo": (RecurrentPPO, "MlpLstmPolicy"), "ppo": (PPO, "MlpPolicy"), "a2c": (A2C, "MlpPolicy")}
+
+
+def make_sb3(agent: str, env: gym.Env, seed: int, hyperparams: dict | None = None, tensorboard_log: str | None = None):
+    """Build an SB3 model on ``env`` (CPU: the policy is tiny next to the env's CNN)."""
+    algo, policy = ALGOS[agent]
+    hyperparams = dict(hyperparams or {})
+    policy_kwargs = {"normalize_images": False, **hyperparams.pop("policy_kwargs", {})}
+    return algo(policy, env, seed=seed, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
+                device="cpu", verbose=0, **hyperparams)
+
+
+class SB3Policy:
+    """An SB3 model behind the common ``reset()/act(obs)`` interface; recurrent state is
+    carried within an episode and cleared by ``reset()``."""
+
+    def __init__(self, model, deterministic: bool = True):
+        self.model, self.deterministic = model, deterministic
+        self.reset()
+
+    def reset(self) -> None:
+        self.state, self.episode_start = None, np.ones((1,), dtype=bool)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action, self.state = self.model.predict(
+            obs, state=self.state, episode_start=self.episode_start, deterministic=self.deterministic
+        )
+        self.episode_start = np.zeros((1,), dtype=bool)
+        return np.asarray(action)
+
+
+def sb3_policy_state(agent: str, model, metadata: dict) -> dict:
+    return {
+        "format": POLICY_FORMAT, "agent": agent,
+        "obs_dim": model.observation_space.shape[0], "n_coordinates": len(model.action_space.nvec),
+        "policy_kwargs": {k: v for k, v in model.policy_kwargs.items() if isinstance(v, (int, float, bool, str, list))},
+        "state_dict": model.policy.state_dict(), **metadata,
+    }
+
+
+def sb3_policy_from_state(state: dict, env: gym.Env, deterministic: bool = True) -> SB3Policy:
+    model = make_sb3(state["agent"], env, seed=0, hyperparams={"policy_kwargs": state["policy_kwargs"]})
+    model.policy.load_state_dict(state["state_dict"])
+    return SB3Policy(model, deterministic)

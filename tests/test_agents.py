@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+
+from agents.loading import env_metadata, load_policy, save_policy
+from agents.policies import ConstantPolicy, RandomPolicy, hand_tuned_levels, make_baseline
+from agents.reinforce import LSTMPolicy, ReinforceConfig, ReinforcePolicy, ReinforceTrainer, policy_from_state
+from asg_env import UserInputError
+from toy_env import ToyLREnv
+
+META = {"obs_names": ToyLREnv().obs_names, "coordinate_names": ToyLREnv().coordinate_names,
+        "backbone": "toy", "env_id": None}
+
+
+def _best_level_probability(net: LSTMPolicy, env: ToyLREnv) -> float:
+    obs, _ = env.reset(seed=0)
+    with torch.no_grad():
+        dist, _ = net(torch.as_tensor(obs), net.initial_state())
+    return float(dist.probs[torch.arange(len(env.best)), torch.as_tensor(env.best)].mean())
+
+
+def test_reinforce_raises_the_probability_of_the_best_levels():
+    torch.manual_seed(0)
+    env = ToyLREnv()
+    trainer = ReinforceTrainer(env, ReinforceConfig(lr=0.01))
+    before = _best_level_probability(trainer.net, env)
+    returns = [trainer.run_episode(seed=i)["return"] for i in range(150)]
+    after = _best_level_probability(trainer.net, env)
+    assert before < 0.15  # about 1/11 at initialisation
+    assert after > 0.4, (before, after)
+    assert np.mean(returns[-20:]) > np.mean(returns[:20]) + 0.5
+
+
+def test_hidden_state_carries_within_an_episode_and_resets_at_its_start():
+    torch.manual_seed(0)
+    policy = ReinforcePolicy(LSTMPolicy(obs_dim=8, n_coordinates=3), deterministic=True)
+    obs = np.linspace(-1, 1, 8).astype(np.float32)
+
+    def logits():
+        with torch.no_grad():
+            dist, _ = policy.net(torch.as_tensor(obs), policy.state)
+        return dist.logits.clone()
+
+    first = logits()
+    policy.act(obs)
+    second = logits()  # same observation, one step later: the state must have moved on
+    assert not torch.allclose(first, second)
+    policy.reset()
+    assert torch.equal(logits(), first)
+
+
+def test_greedy_policy_is_deterministic_and_sampling_is_not():
+    torch.manual_seed(0)
+    net = LSTMPolicy(obs_dim=8, n_coordinates=3)
+    obs = np.zeros(8, np.float32)
+    greedy = ReinforcePolicy(net, deterministic=True)
+    runs = []
+    for _ in range(3):
+        greedy.reset()
+        runs.append(np.concatenate([greedy.act(obs) for _ in range(4)]))
+    assert all(np.array_equal(runs[0], r) for r in runs)
+    sampled = ReinforcePolicy(net, deterministic=False)
+    draws = {tuple(sampled.act(obs)) for _ in range(20)}
+    assert len(draws) > 1
+
+
+def test_save_load_round_trip_gives_the_same_actions(tmp_path):
+    torch.manual_seed(0)
+    env = ToyLREnv()
+    trainer = ReinforceTrainer(env)
+    trainer.run_episode(seed=0)  # moves the weights and the observation normaliser
+    path = str(tmp_path / "policy.pt")
+    save_policy(trainer.policy_state(META), path)
+    assert torch.load(path, weights_only=True)["format"] == "asg-gym-policy/1"
+    loaded = load_policy(path, env)
+    original = policy_from_state(trainer.policy_state(META))
+    assert torch.equal(loaded.net.obs_rms.mean, trainer.net.obs_rms.mean)
+    obs, _ = env.reset(seed=3)
+    for _ in range(5):
+        a, b = original.act(obs), loaded.act(obs)
+        assert np.array_equal(a, b)
+        obs, *_ = env.step(a)
+
+
+def test_checkpoint_resumes_the_same_training(tmp_path):
+    torch.manual_seed(0)
+    env = ToyLREnv()
+    a = ReinforceTrainer(env)
+    a.run_episode(seed=0)
+    path = str(tmp_path / "ckpt.pt")
+    save_policy(a.checkpoint(META), path)
+    a.run_episode(seed=1)
+    b = ReinforceTrainer(env)
+    b.load_checkpoint(torch.load(path, weights_only=True))
+    b.run_episode(seed=1)
+    assert b.episodes_done == 2
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.allclose(pa, pb)
+
+
+@pytest.mark.parametrize("content", [b"junk", None])
+def test_bad_policy_files_are_refused(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(3)}, path)  # a checkpoint, but not a policy
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserInputError, match="policy"):
+        load_policy(str(path), ToyLREnv())
+    with pytest.raises(UserInputError, match="not found"):
+        load_policy(str(tmp_path / "missing.pt"), ToyLREnv())
+
+
+def test_policy_for_another_model_is_refused(tmp_path):
+    trainer = ReinforceTrainer(ToyLREnv(best=(1, 2, 3, 4)))
+    path = str(tmp_path / "four.pt")
+    save_policy(trainer.policy_state({**META, "coordinate_names": ["a", "b", "c", "d"]}), path)
+    with pytest.raises(UserInputError, match="trained for 4 coordinates"):
+        load_policy(path, ToyLREnv())
+
+
+def test_baselines():
+    assert hand_tuned_levels("hand-tuned", 4) == [1, 1, 1, 10]
+    assert hand_tuned_levels("large-everywhere", 3) == [10, 10, 10]
+    assert hand_tuned_levels("classifier-only", 3) == [0, 0, 10]
+    assert isinstance(make_baseline("constant:1,2,3", 3), ConstantPolicy)
+    assert list(make_baseline("constant:1,2,3", 3).act(None)) == [1, 2, 3]
+    rand = make_baseline("random", 3, seed=0)
+    assert isinstance(rand, RandomPolicy)
+    draws = np.array([rand.act(None) for _ in range(200)])
+    assert draws.min() == 0 and draws.max() == 10
+    with pytest.raises(UserInputError, match="3 coordinates"):
+        make_baseline("constant:1,2", 3)
+    with pytest.raises(UserInputError, match="integers 0-10"):
+        make_baseline("constant:1,2,11", 3)
+    with pytest.raises(UserInputError, match="unknown setting"):
+        make_baseline("warm-restarts", 3)
+
+
+@pytest.mark.parametrize("agent", ["recurrent-ppo", "ppo"])
+def test_sb3_agents_learn_on_the_toy_env_and_round_trip(agent, tmp_path):
+    from agents.sb3_agents import make_sb3, sb3_policy_state
+
+    env = ToyLREnv()
+    model = make_sb3(agent, env, seed=0, hyperparams={"n_steps": 100, "batch_size": 50})
+    model.learn(total_timesteps=300)
+    assert model.num_timesteps >= 300
+    path = str(tmp_path / "sb3.pt")
+    save_policy(sb3_policy_state(agent, model, META), path)
+    loaded, original = load_policy(path, env), load_policy(path, env)
+    obs, _ = env.reset(seed=0)
+    for _ in range(4):
+        a = loaded.act(obs)
+        assert np.array_equal(a, original.act(obs)) and env.action_space.contains(a)
+        obs, *_ = env.step(a)
+
+
+def test_env_metadata_names_the_models_coordinates():
+    meta = env_metadata(ToyLREnv())
+    assert meta["coordinate_names"] == ["c0", "c1", "c2"] and meta["backbone"] == "toy"

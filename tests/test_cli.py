@@ -1,0 +1,102 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import apply_policy
+import train_policy
+
+TINY = ["--set", "env.kwargs.episode_steps=3", "--set", "env.kwargs.batch_size=8",
+        "--set", "env.kwargs.source_size=160", "--set", "env.kwargs.target_eval_size=60"]
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_then_resume_then_apply(tmp_path, cache_dir, capsys):
+    out = str(tmp_path / "run")
+    assert train_policy.main(["--episodes", "1", "--out", out, "--data-root", cache_dir, "--seed", "5", *TINY]) == 0
+    for name in ("policy.pt", "checkpoint.pt", "config.yaml", "episodes.csv", "steps.csv"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.listdir(os.path.join(out, "tb"))
+
+    # Resuming extends the same run instead of starting over.
+    assert train_policy.main(["--out", out, "--resume", "--episodes", "2", "--data-root", cache_dir]) == 0
+    episodes = _rows(os.path.join(out, "episodes.csv"))
+    assert [r["episode"] for r in episodes] == ["0", "1"] and [r["seed"] for r in episodes] == ["5", "6"]
+    assert len(_rows(os.path.join(out, "steps.csv"))) == 6
+    assert all(r["target_acc"] == "" for r in episodes)  # policy training never looks at the target
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["episodes_done"] == 2
+    assert "policy.pt" in capsys.readouterr().out
+
+    applied = str(tmp_path / "applied")
+    args = ["--policy", os.path.join(out, "policy.pt"), "--steps", "4", "--eval-every", "2",
+            "--out", applied, "--data-root", cache_dir, *TINY[2:]]
+    assert apply_policy.main(args) == 0
+    curve = _rows(os.path.join(applied, "curve.csv"))
+    assert [int(r["step"]) for r in curve] == [0, 2, 4]
+    assert all(0 <= float(r["target_mean_class_acc"]) <= 1 for r in curve)
+    summary = json.load(open(os.path.join(applied, "summary.json")))
+    assert summary["steps"] == 4 and summary["final"]["step"] == 4
+    for name in ("curve.png", "model.safetensors", "steps.csv"):
+        assert os.path.getsize(os.path.join(applied, name)) > 0
+
+
+def test_apply_baseline_by_epochs(tmp_path, cache_dir):
+    out = str(tmp_path / "apply")
+    # 152 training images / batch 8 = 19 steps per epoch.
+    args = ["--policy", "classifier-only", "--epochs", "0.25", "--eval-every", "100", "--out", out,
+            "--data-root", cache_dir, *TINY[2:]]
+    assert apply_policy.main(args) == 0
+    steps = _rows(os.path.join(out, "steps.csv"))
+    assert len(steps) == 1 + 5
+    assert all(r["action/conv_stem"] == "0" and r["action/new_head"] == "10" for r in steps[1:])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--policy", "nope.pt"], "policy file not found"),
+        (["--policy", "constant:1,2"], "this env has 9 coordinates"),
+        (["--policy", "hand-tuned", "--config", "missing.yaml"], "config file not found"),
+        (["--policy", "hand-tuned", "--env", "VisDA-v0"], "is missing train/image_list.txt"),
+    ],
+)
+def test_apply_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypatch, cache_dir, tmp_path):
+    monkeypatch.delenv("ASG_DATA", raising=False)
+    assert apply_policy.main([*argv, "--out", str(tmp_path / "o"), "--data-root", cache_dir, *TINY[2:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_policy_for_another_env_is_refused_by_the_cli(tmp_path, cache_dir, capsys):
+    from agents.loading import save_policy
+    from agents.reinforce import ReinforceTrainer
+    from toy_env import ToyLREnv
+
+    env = ToyLREnv()
+    path = str(tmp_path / "toy.pt")
+    save_policy(ReinforceTrainer(env).policy_state(
+        {"obs_names": env.obs_names, "coordinate_names": env.coordinate_names, "backbone": "toy", "env_id": None}), path)
+    assert apply_policy.main(["--policy", path, "--out", str(tmp_path / "o"), "--data-root", cache_dir, *TINY[2:]]) == 2
+    assert "trained for 3 coordinates" in capsys.readouterr().err
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"x")
+    assert train_policy.main(["--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_help_explains_both_tools(capsys):
+    for module in (train_policy, apply_policy):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--resume" in text and "--sample" in text and "hand-tuned" in text

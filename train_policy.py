@@ -1,0 +1,225 @@
+"""Learn a layer-wise learning-rate policy on an ASG env (ASG §2.2, Algorithm 1).
+
+Examples:
+  python train_policy.py                                  # SynDigits-v0, LSTM REINFORCE
+  python train_policy.py --agent recurrent-ppo --episodes 30
+  python train_policy.py --env VisDA-v0 --data-root /data/visda17 --device cuda
+  python train_policy.py --config configs/reinforce_syndigits.yaml --out runs/r1
+  python train_policy.py --out runs/r1 --resume --episodes 40   # continue to 40 episodes
+
+The run folder gets: policy.pt (the frozen policy: weights, observation normaliser and
+config, readable with torch.load(weights_only=True)), checkpoint.pt (to resume),
+config.yaml (the resolved config, seed included), episodes.csv and steps.csv (plottable
+logs) and tb/ (TensorBoard). Training episodes use seeds seed, seed+1, …; the real target
+set is never used unless the env config turns evaluation on, and then only for logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from agents.config import apply_overrides, load_config, make_env, merge
+from agents.loading import env_metadata, save_policy
+from agents.reinforce import ReinforceConfig, ReinforceTrainer
+from agents.rollout import EVAL_KEYS
+from asg_env import UserInputError
+
+AGENTS = ("reinforce", "recurrent-ppo", "ppo", "a2c")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", help="registered env id (default: SynDigits-v0, the embedded offline task)")
+    p.add_argument("--agent", choices=AGENTS, help="learner (default: reinforce)")
+    p.add_argument("--episodes", type=int, help="training episodes (fine-tuning runs) in total")
+    p.add_argument("--seed", type=int, help="seed of the first training episode and of the agent")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--out", help="run folder (default: runs/<env>-<agent>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--data-root", help="dataset root (VisDA-17) or SynDigits cache folder")
+    p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry, e.g. --set env.kwargs.lam=0.05 (repeatable)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
+    if args.resume:
+        if not args.out or not os.path.isfile(os.path.join(args.out, "config.yaml")):
+            raise UserInputError("--resume needs --out pointing at an earlier run folder with config.yaml")
+        config = load_config(os.path.join(args.out, "config.yaml"))
+        if args.episodes:
+            config["train"]["episodes"] = args.episodes
+        return config, args.out
+    config = load_config(args.config)
+    cli = {"env": {"id": args.env} if args.env else {}, "agent": {"name": args.agent} if args.agent else {},
+           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed)) if v is not None}}
+    config = apply_overrides(merge(config, cli), args.set)
+    if config["agent"]["name"] not in AGENTS:
+        raise UserInputError(f"unknown agent {config['agent']['name']!r}; choose one of {', '.join(AGENTS)}")
+    out = args.out or os.path.join("runs", f"{config['env']['id']}-{config['agent']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise UserInputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return config, out
+
+
+class EpisodeLog:
+    """episodes.csv, steps.csv and TensorBoard, appended to (so --resume keeps the history)."""
+
+    def __init__(self, out: str, coordinate_names: list[str]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.names = coordinate_names
+        self.writer = SummaryWriter(os.path.join(out, "tb"))
+        ep_fields = ["episode", "seed", "return", "length", "final_loss", "final_loss_xe", "final_loss_kl",
+                     *EVAL_KEYS, *[f"mean_action/{n}" for n in coordinate_names], "seconds"]
+        self.episodes = self._open(os.path.join(out, "episodes.csv"), ep_fields)
+        self.steps = self._open(os.path.join(out, "steps.csv"), ["episode", "step", *[f"action/{n}" for n in coordinate_names]])
+
+    @staticmethod
+    def _open(path: str, fields: list[str]):
+        new = not os.path.exists(path)
+        fh = open(path, "a", newline="")
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="", extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        return fh, writer
+
+    def log(self, episode: int, seed: int, ep_return: float, actions: np.ndarray, info: dict, seconds: float) -> None:
+        row = {"episode": episode, "seed": seed, "return": ep_return, "length": len(actions),
+               "final_loss": info.get("loss"), "final_loss_xe": info.get("loss_xe"),
+               "final_loss_kl": info.get("loss_kl"), "seconds": round(seconds, 2),
+               **{k: info[k] for k in EVAL_KEYS if k in info},
+               **{f"mean_action/{n}": float(m) for n, m in zip(self.names, actions.mean(0))}}
+        self.episodes[1].writerow(row)
+        for t, a in enumerate(actions):
+            self.steps[1].writerow({"episode": episode, "step": t + 1, **{f"action/{n}": int(v) for n, v in zip(self.names, a)}})
+        for fh, _ in (self.episodes, self.steps):
+            fh.flush()
+        for key, value in row.items():
+            if key not in ("episode", "seed") and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, episode)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        for fh, _ in (self.episodes, self.steps):
+            fh.close()
+
+
+def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: bool) -> list[float]:
+    trainer = ReinforceTrainer(env, ReinforceConfig(**config["agent"].get("reinforce", {})))
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    if resume:
+        trainer.load_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+    else:
+        torch.manual_seed(config["train"]["seed"])
+    total, seed0, returns = config["train"]["episodes"], config["train"]["seed"], []
+    for episode in tqdm(range(trainer.episodes_done, total), initial=trainer.episodes_done, total=total, desc="policy episodes"):
+        start = time.perf_counter()
+        result = trainer.run_episode(seed=seed0 + episode)
+        log.log(episode, seed0 + episode, result["return"], result["actions"], result["info"], time.perf_counter() - start)
+        save_policy(trainer.checkpoint(metadata), ckpt_path)  # every episode: an interruption loses at most one
+        save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
+        returns.append(result["return"])
+    return returns
+
+
+def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: bool) -> list[float]:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents.sb3_agents import make_sb3, sb3_policy_state
+
+    agent, seed = config["agent"]["name"], config["train"]["seed"]
+    model = make_sb3(agent, env, seed, config["agent"].get(agent, {}))
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    done_episodes = 0
+    if resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.policy.load_state_dict(ckpt["policy"]["state_dict"])
+        model.policy.optimizer.load_state_dict(ckpt["optimizer"])
+        model.num_timesteps, done_episodes = int(ckpt["num_timesteps"]), int(ckpt["episodes_done"])
+    total, T = config["train"]["episodes"], env.unwrapped.T
+    returns: list[float] = []
+
+    class LogEpisodes(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.episode, self.actions, self.ret, self.start = done_episodes, [], 0.0, time.perf_counter()
+            self.bar = tqdm(total=total, initial=done_episodes, desc=f"policy episodes ({agent})")
+
+        def _on_step(self) -> bool:
+            self.actions.append(np.asarray(self.locals["actions"]).reshape(-1))
+            self.ret += float(self.locals["rewards"][0])
+            if self.locals["dones"][0]:
+                info = self.locals["infos"][0]
+                log.log(self.episode, seed, self.ret, np.array(self.actions), info, time.perf_counter() - self.start)
+                returns.append(self.ret)
+                self.episode += 1
+                self.bar.update(1)
+                save_policy(sb3_policy_state(agent, self.model, metadata), os.path.join(out, "policy.pt"))
+                save_policy({"policy": sb3_policy_state(agent, self.model, metadata),
+                             "optimizer": self.model.policy.optimizer.state_dict(),
+                             "num_timesteps": self.model.num_timesteps, "episodes_done": self.episode}, ckpt_path)
+                self.actions, self.ret, self.start = [], 0.0, time.perf_counter()
+            return self.episode < total
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    remaining = max(total - done_episodes, 0) * T
+    if remaining:
+        model.learn(total_timesteps=remaining, callback=LogEpisodes(), reset_num_timesteps=not resume)
+    return returns
+
+
+def run(args: argparse.Namespace) -> int:
+    config, out = resolve_config(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = make_env(config, data_root=args.data_root, device=device)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    metadata = env_metadata(env)
+    log = EpisodeLog(out, metadata["coordinate_names"])
+    agent = config["agent"]["name"]
+    start = time.perf_counter()
+    try:
+        train = train_reinforce if agent == "reinforce" else train_sb3
+        returns = train(env, config, out, metadata, log, args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; everything up to the last finished episode is saved. Continue with:\n"
+              f"  python train_policy.py --out {out} --resume", file=sys.stderr)
+        return 130
+    finally:
+        log.close()
+    minutes = (time.perf_counter() - start) / 60
+    print(f"trained {agent} on {config['env']['id']} for {len(returns)} episodes in {minutes:.1f} min")
+    if returns:
+        k = max(1, len(returns) // 4)
+        print(f"mean return: first {k} episodes {np.mean(returns[:k]):+.4f}, last {k} {np.mean(returns[-k:]):+.4f}")
+    print(f"policy      {os.path.join(out, 'policy.pt')}")
+    print(f"config      {os.path.join(out, 'config.yaml')}  (seed {config['train']['seed']})")
+    print(f"logs        {os.path.join(out, 'episodes.csv')}, {os.path.join(out, 'steps.csv')}, TensorBoard: {os.path.join(out, 'tb')}")
+    print(f"apply it    python apply_policy.py --policy {os.path.join(out, 'policy.pt')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
