@@ -34,6 +34,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from asg_env.backbones import build_backbone
@@ -70,6 +71,11 @@ class ASGEnv(gym.Env):
             no random augmentation (SynDigits). Exact, since the teacher is frozen.
         divergence_penalty: reward when the loss becomes non-finite.
         num_workers: DataLoader workers for file-based tasks.
+        bn_stats: ``"train"``: BatchNorm layers normalise with batch statistics and update their
+            running statistics, except in coordinates whose current scale is 0, which are
+            frozen entirely (ImageNet statistics, as the paper's "fix this group" implies).
+            ``"frozen"``: every BatchNorm layer keeps the ImageNet statistics; its affine
+            parameters still train.
     """
 
     metadata = {"render_modes": []}
@@ -99,7 +105,11 @@ class ASGEnv(gym.Env):
         cache_teacher: bool = True,
         divergence_penalty: float = -10.0,
         num_workers: int = 2,
+        bn_stats: str = "train",
     ):
+        if bn_stats not in ("train", "frozen"):
+            raise UserInputError(f"bn_stats must be 'train' or 'frozen', not {bn_stats!r}")
+        self.bn_stats = bn_stats
         if reward_batch not in ("train", "heldout"):
             raise UserInputError(f"reward_batch must be 'train' or 'heldout', not {reward_batch!r}")
         if episode_steps < 1 or sgd_steps_per_action < 1:
@@ -129,6 +139,11 @@ class ASGEnv(gym.Env):
         self.teacher = make_teacher(parts).to(self.device, memory_format=self.memory_format)
         self.student = StudentNet(parts, self.task.num_classes).to(self.device, memory_format=self.memory_format)
         self.coordinates: list[Coordinate] = optimization_coordinates(self.student.features, self.student.new_head)
+        owner = {id(p): i for i, c in enumerate(self.coordinates) for p in c.params}
+        self._coordinate_norms: list[list[nn.Module]] = [[] for _ in self.coordinates]
+        for m in self.student.features.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                self._coordinate_norms[owner[id(m.weight)]].append(m)
         # ImageNet weights kept in memory: reset() restores them without touching the disk.
         self._imagenet_state = {
             k: v.detach().clone() for k, v in self.student.state_dict().items() if not k.startswith("new_head.")
@@ -141,6 +156,7 @@ class ASGEnv(gym.Env):
         self._teacher_known: torch.Tensor | None = None
 
         C = len(self.coordinates)
+        self.last_action = np.full(C, N_LEVELS - 1, dtype=np.int64)
         self.coordinate_names = [c.name for c in self.coordinates]
         self.obs_names = ["loss_xe", "loss_kl", "progress", "head_weight_mean", "head_weight_std"] + [
             f"last_action/{n}" for n in self.coordinate_names
@@ -158,7 +174,6 @@ class ASGEnv(gym.Env):
 
         self.student.load_state_dict(self._imagenet_state, strict=False)
         self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
-        self.student.train()
         self.optimizer = torch.optim.SGD(
             [{"params": c.params, "lr": self.lr_base, "name": c.name} for c in self.coordinates],
             lr=self.lr_base, momentum=self.momentum, weight_decay=self.weight_decay,
@@ -168,6 +183,7 @@ class ASGEnv(gym.Env):
         self.t = 0
         self.diverged = False
         self.last_action = np.full(len(self.coordinates), N_LEVELS - 1, dtype=np.int64)
+        self._train_mode()
         self._pending = self._train_losses()  # L_0 (Algorithm 1, line 2)
         self._losses = self._pending if self.reward_batch == "train" else self._heldout_losses()
         self._obs = self._observation(self._losses)
@@ -181,6 +197,8 @@ class ASGEnv(gym.Env):
             return self._obs.copy(), 0.0, True, False, {"diverged": True}
         for group, level in zip(self.optimizer.param_groups, action):
             group["lr"] = float(level) / (N_LEVELS - 1) * self.lr_base
+        self.last_action = action
+        self._train_mode()
 
         previous = self._losses.total.item()
         for _ in range(self.k):
@@ -191,10 +209,9 @@ class ASGEnv(gym.Env):
             if not math.isfinite(self._pending.total.item()):
                 break
         self.t += 1
-        self.last_action = action
         losses = self._pending if self.reward_batch == "train" else self._heldout_losses()
 
-        if not math.isfinite(losses.total.item()):
+        if not (math.isfinite(losses.total.item()) and math.isfinite(self._pending.total.item())):
             self.diverged = True
             self._obs[2] = self.t / self.T
             info = self._info(losses)
@@ -230,7 +247,8 @@ class ASGEnv(gym.Env):
                     [self.teacher(x.contiguous(memory_format=self.memory_format)).argmax(1)
                      for x, _ in self.task.target.batches()]
                 )
-        self.student.train(was_training)
+        if was_training:
+            self._train_mode()
         preds, labels = torch.cat(preds), torch.cat(labels)
         k = self.task.num_classes
         return {
@@ -278,8 +296,17 @@ class ASGEnv(gym.Env):
         self.student.eval()
         with torch.no_grad():
             losses = self._losses_on(x.contiguous(memory_format=self.memory_format), y, self._teacher_heldout)
-        self.student.train()
+        self._train_mode()
         return losses
+
+    def _train_mode(self) -> None:
+        """Training mode, with BatchNorm statistics frozen where ``bn_stats`` and the
+        current action say so."""
+        self.student.train()
+        for norms, level in zip(self._coordinate_norms, self.last_action):
+            if self.bn_stats == "frozen" or level == 0:
+                for m in norms:
+                    m.eval()
 
     def _init_new_head(self, generator: torch.Generator) -> None:
         """θ_n with PyTorch's default Linear init, drawn from the episode's seed."""
