@@ -27,10 +27,9 @@ import time
 
 import torch
 
-from agents.config import apply_overrides, load_config, make_env, merge
+from agents.config import apply_overrides, load_config, make_env, merge, run_cli
 from agents.loading import load_policy, read_policy_file
 from agents.rollout import EVAL_KEYS, fine_tune
-from asg_env import UserInputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,11 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_args(argv))
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import apply_overrides, load_config, make_env, merge
+from agents.config import apply_overrides, load_config, make_env, merge, run_cli
 from agents.loading import env_metadata, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS
@@ -214,11 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_args(argv))
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from typing import Callable
 
 import gymnasium as gym
 import yaml
@@ -65,3 +67,12 @@ def make_env(config: dict, **extra) -> gym.Env:
         raise UserInputError(str(exc)) from exc
     except TypeError as exc:  # an unknown kwarg in a config file
         raise UserInputError(f"bad env option: {exc}") from exc
+
+
+def run_cli(run: Callable, parse_args: Callable, argv=None) -> int:
+    """Run a command-line tool: bad user input ends as one line on stderr and exit status 2."""
+    try:
+        return run(parse_args(argv))
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -154,13 +154,17 @@ def plot_curves(results: dict[str, list[list[dict]]], groups: dict[str, list[str
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
     for ax, (group, names) in zip(axes[0], groups.items()):
+        colours: dict[str, str] = {}  # a setting and its "+ PG" twin share a colour
         for name in names:
             evals = [[r for r in h if "target_acc" in r] for h in results[name]]
             steps = [r["step"] for r in evals[0]]
             acc = np.array([[r["target_acc"] for r in e] for e in evals]) * 100
             mean, std = acc.mean(0), acc.std(0)
-            line, = ax.plot(steps, mean, label=name, linestyle="--" if " + PG" not in name and "λ" not in name else "-")
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            base = name.removesuffix(" + PG") if group == "lr" else name
+            colour = colours.setdefault(base, f"C{len(colours)}")
+            dashed = group == "lr" and not name.endswith(" + PG")
+            ax.plot(steps, mean, label=name, color=colour, linestyle="--" if dashed else "-")
+            ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.12)
         ax.set(xlabel="training step", ylabel="real-target (MNIST) accuracy %", title=group)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
