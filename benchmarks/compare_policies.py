@@ -16,8 +16,8 @@ mean per-class, and teacher agreement, as mean ± std over seeds), curves.csv, c
 (target accuracy over training with a ±1 std band), actions.png (learned policies' actions
 per coordinate over training, Figure 8), and the learned policies in policies/.
 
-    python benchmarks/compare_policies.py --quick     # about 10 minutes on 2 CPU cores
-    python benchmarks/compare_policies.py             # full: about 35 minutes on 2 CPU cores
+    python benchmarks/compare_policies.py --quick     # about 8 minutes on 2 CPU cores
+    python benchmarks/compare_policies.py             # full: about 42 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
