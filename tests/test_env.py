@@ -182,3 +182,40 @@ def test_unknown_task_and_bad_reward_batch_are_clear_errors(tiny_env_kwargs):
         asg_env.ASGEnv(task="imagenet", **tiny_env_kwargs)
     with pytest.raises(UserInputError, match="reward_batch"):
         asg_env.ASGEnv(reward_batch="target", **tiny_env_kwargs)
+
+
+def test_zero_scale_also_freezes_batchnorm_statistics(env):
+    """A coordinate at scale 0 is frozen entirely: its BatchNorm running statistics stay put,
+    while those of coordinates that train keep following the synthetic batches."""
+    u = env.unwrapped
+    env.reset(seed=0)
+    frozen_bn, trained_bn = u._coordinate_norms[2][0], u._coordinate_norms[3][0]
+    frozen_before, trained_before = frozen_bn.running_mean.clone(), trained_bn.running_mean.clone()
+    action = np.full(len(u.coordinates), 10)
+    action[2] = 0
+    for _ in range(2):
+        env.step(action)
+    assert torch.equal(frozen_bn.running_mean, frozen_before)
+    assert not torch.equal(trained_bn.running_mean, trained_before)
+
+
+def test_frozen_bn_stats_keep_imagenet_statistics_everywhere(tiny_env_kwargs):
+    env = gym.make("SynDigits-v0", evaluate_target=False, bn_stats="frozen", **tiny_env_kwargs)
+    u = env.unwrapped
+    env.reset(seed=0)
+    before = [m.running_var.clone() for norms in u._coordinate_norms for m in norms]
+    env.step(np.full(len(u.coordinates), 10))
+    after = [m.running_var for norms in u._coordinate_norms for m in norms]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not torch.equal(u.coordinates[0].params[0], u._imagenet_state["features.conv_stem.weight"])
+
+
+def test_teacher_cache_gives_the_same_trajectory_as_running_the_teacher(tiny_env_kwargs):
+    actions = [np.full(9, k) for k in (10, 4, 10)]
+    runs = []
+    for cache in (True, False):
+        env = gym.make("SynDigits-v0", evaluate_target=False, cache_teacher=cache, **tiny_env_kwargs)
+        _rollout(env, 3, actions)  # first episode fills the cache
+        runs.append(_rollout(env, 3, actions))
+    assert env.unwrapped._teacher_cache is None  # the uncached env never built one
+    assert np.allclose(runs[0], runs[1], rtol=1e-4, atol=1e-5)
