@@ -21,15 +21,20 @@ from asg_env.errors import UserInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's pretrained config for tf_efficientnet_lite*: the TensorFlow originals take (x - 127) / 128.
+TF_LITE_MEAN = TF_LITE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
 class Backbone:
-    """A feature extractor and the ImageNet head it was trained with."""
+    """A feature extractor, the ImageNet head it was trained with, and the input
+    normalisation its weights expect (images in [0, 1] → ``(x - mean) / std``)."""
 
     features: nn.Module
     imagenet_head: nn.Linear
     name: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def feature_dim(self) -> int:
@@ -92,16 +97,21 @@ def efficientnet_lite0(weights: str | None = "imagenet") -> Backbone:
         model.load_state_dict(state)
     head = model.classifier
     model.reset_classifier(0)
-    return Backbone(features=model, imagenet_head=head, name="efficientnet_lite0")
+    return Backbone(features=model, imagenet_head=head, name="efficientnet_lite0", mean=TF_LITE_MEAN, std=TF_LITE_STD)
 
 
 def _torchvision_state(builder: Callable[..., nn.Module], weights: str) -> dict[str, torch.Tensor]:
     """Resolve ``weights`` to a local state dict: a file path, or a torchvision enum name
-    (``"imagenet"``, ``"DEFAULT"``, ``"IMAGENET1K_V1"``…) looked up in the torch hub cache."""
+    looked up in the torch hub cache.
+
+    ``"imagenet"`` means ``IMAGENET1K_V1``, the weights the paper used (ResNet-101 at 77.4 %
+    top-1, the official release's ``resnet101-5d3b4d8f.pth``), not torchvision's newer
+    ``DEFAULT`` (V2, 81.9 %); ``"DEFAULT"`` and ``"IMAGENET1K_V2"`` remain available by name.
+    """
     if os.path.sep in weights or os.path.isfile(weights):
         return load_state_dict_file(weights)
     enum = torchvision.models.get_model_weights(builder)
-    key = "DEFAULT" if weights == "imagenet" else weights
+    key = "IMAGENET1K_V1" if weights == "imagenet" else weights
     try:
         entry = enum[key] if key != "DEFAULT" else enum.DEFAULT
     except KeyError:
@@ -135,6 +145,13 @@ def vgg16(weights: str | None = "imagenet") -> Backbone:
     head = model.classifier[6]
     model.classifier[6] = nn.Identity()
     return Backbone(features=model, imagenet_head=head, name="vgg16")
+
+
+def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` that backbone ``name``'s weights expect, without building it."""
+    if name not in BACKBONES:
+        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return (TF_LITE_MEAN, TF_LITE_STD) if name.startswith("efficientnet_lite") else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
