@@ -24,5 +24,6 @@ register(
         "lr_base": 1e-4,
         "episode_steps": 1000,
         "target_eval_size": 0,
+        "eval_every": "epoch",  # all 55,388 validation images: once per epoch, as the official code does
     },
 )

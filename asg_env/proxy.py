@@ -13,14 +13,31 @@ from torch import nn
 from asg_env.backbones import Backbone
 
 
+HEADS = ("linear", "mlp")
+
+
+def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
+    """θ_n. ``"linear"``: one fully-connected layer, as the paper says (§3.2). ``"mlp"``: the
+    official ``train.py``'s ``Linear(d, 512) → ReLU → Linear(512, classes)``."""
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+
+
 class StudentNet(nn.Module):
     """θ_s (shared features), θ_n (new task head) and θ_o (ImageNet head, frozen)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int):
+    def __init__(self, backbone: Backbone, num_classes: int, head: str = "linear"):
         super().__init__()
         self.features = backbone.features
-        self.new_head = nn.Linear(backbone.feature_dim, num_classes)
+        self.new_head = make_head(head, backbone.feature_dim, num_classes)
         self.imagenet_head = backbone.imagenet_head.requires_grad_(False)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The last layer of θ_n, whose weight statistics the observation reports (as the
+        official ``l2o_train.py`` reports ``fc_new[2]``'s)."""
+        return self.new_head if isinstance(self.new_head, nn.Linear) else self.new_head[-1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (task logits, ImageNet logits) for one shared feature pass."""

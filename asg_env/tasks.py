@@ -18,11 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
-from asg_env.backbones import IMAGENET_MEAN, IMAGENET_STD
 from asg_env.data.syndigits import load_mnist_target, load_syndigits
 from asg_env.data.visda import VISDA_CLASSES, VisDA17
+from asg_env.errors import UserInputError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Stats = tuple[float, float, float]
 
 
 class TrainBatch(NamedTuple):
@@ -35,14 +36,16 @@ class TrainBatch(NamedTuple):
 
 
 class TensorSource:
-    """Shuffled minibatches from uint8 images held in memory, normalised on the fly."""
+    """Shuffled minibatches from uint8 images held in memory, normalised on the fly with the
+    backbone's ``mean``/``std`` (given for images in [0, 1])."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                 mean: Stats, std: Stats):
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.batch_size = min(batch_size, len(self.labels))
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.reset(0)
 
     def reset(self, seed: int) -> None:
@@ -70,8 +73,23 @@ class TensorSource:
         return self.normalise(self.images), self.labels
 
 
+class Indexed(Dataset):
+    """``(x, y, index)`` from a dataset of ``(x, y)``: the index keys the teacher-logit cache."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        return x, y, index
+
+
 class LoaderSource:
-    """Shuffled minibatches from a map-style dataset through a seeded DataLoader."""
+    """Shuffled minibatches from a map-style dataset through a seeded DataLoader. The dataset
+    gives ``(x, y)``, or ``(x, y, index)`` when its images are fixed (see :class:`Indexed`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int):
         self.dataset, self.device, self.batch_size = dataset, device, batch_size
@@ -94,24 +112,38 @@ class LoaderSource:
         if batch is None:  # first call, or the epoch ran out
             self._it = iter(self.loader)
             batch = next(self._it)
-        x, y = batch
-        return TrainBatch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        x, y, *index = batch
+        index = index[0].to(self.device) if index else None
+        return TrainBatch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), index)
 
     def batches(self, batch_size: int = 64) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=self.loader.num_workers)
-        for x, y in loader:
+        for x, y, *_ in loader:
             yield x.to(self.device), y.to(self.device)
 
 
 @dataclass
 class Task:
-    """What the env trains on (``source``, ``heldout``) and what it evaluates on (``target``)."""
+    """What the env trains on (``source``, ``heldout``) and what it evaluates on (``target``).
+
+    When the source images are files read with fixed transforms, ``cached_images`` gives
+    them all as ``(x, y, index)`` and ``teacher_cache_key`` names them: the frozen teacher's
+    logits are then cached on disk under that key. In-memory sources (``TensorSource``) are
+    cached in memory instead, keyed by their index.
+    """
 
     name: str
     num_classes: int
     source: TensorSource | LoaderSource
     heldout: Batch
     target: TensorSource | LoaderSource
+    teacher_cache_key: str | None = None
+    cached_images: Dataset | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full training batches in one pass over the source (the partial tail is dropped)."""
+        return max(1, len(self.source) // self.source.batch_size)
 
 
 @lru_cache(maxsize=4)
@@ -127,18 +159,22 @@ def make_syndigits_task(
     image_size: int,
     batch_size: int,
     device: torch.device,
+    mean: Stats,
+    std: Stats,
     data_root: str | None = None,
     source_size: int = 10_000,
     target_eval_size: int = 1_000,
     render_seed: int = 0,
 ) -> Task:
     """Rendered digits (source) and a fixed class-shuffled subset of real MNIST (target)."""
+    if source_size < batch_size:
+        raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
     images, labels = load_syndigits(data_root or default_cache_dir(), source_size + batch_size, image_size, render_seed)
-    heldout = TensorSource(images[-batch_size:], labels[-batch_size:], batch_size, device).all()
-    source = TensorSource(images[:-batch_size], labels[:-batch_size], batch_size, device)
+    heldout = TensorSource(images[-batch_size:], labels[-batch_size:], batch_size, device, mean, std).all()
+    source = TensorSource(images[:-batch_size], labels[:-batch_size], batch_size, device, mean, std)
     tx, ty = _mnist(image_size)
     keep = np.random.default_rng(0).permutation(len(ty))[: min(target_eval_size, len(ty))]
-    target = TensorSource(tx[keep], ty[keep], batch_size, device)
+    target = TensorSource(tx[keep], ty[keep], batch_size, device, mean, std)
     return Task("SynDigits", 10, source, heldout, target)
 
 
@@ -146,25 +182,37 @@ def make_visda_task(
     image_size: int,
     batch_size: int,
     device: torch.device,
+    mean: Stats,
+    std: Stats,
     data_root: str | None = None,
     target_eval_size: int = 0,
     num_workers: int = 2,
 ) -> Task:
-    """VisDA-17 train (synthetic) and validation (real) splits with ImageNet preprocessing."""
-    normalise = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), *normalise])
-    eval_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), *normalise])
+    """VisDA-17 train (synthetic) and validation (real) splits, preprocessed as the official
+    ``train.py`` does for both: ``Resize(size)``, ``CenterCrop(size)``, no random augmentation.
 
-    train = VisDA17(data_root, "train", train_tf)
+    Fixed transforms make the frozen teacher's logits a pure function of the image, so the
+    task names its source images for the on-disk teacher cache.
+    """
+    tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToImage(),
+                    T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    train = VisDA17(data_root, "train", tf)
+    if len(train) < 2 * batch_size:
+        raise UserInputError(
+            f"VisDA-17 train split has {len(train)} images; it needs at least {2 * batch_size} "
+            f"(one training batch plus the held-out batch of {batch_size})"
+        )
     held_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
     train_idx = sorted(set(range(len(train))) - set(held_idx))
-    held_set = Subset(VisDA17(data_root, "train", eval_tf), held_idx)
-    hx, hy = zip(*(held_set[i] for i in range(len(held_set))))
+    hx, hy = zip(*(train[i] for i in held_idx))
     heldout = (torch.stack(hx).to(device), torch.tensor(hy, device=device))
 
-    target: Dataset = VisDA17(data_root, "validation", eval_tf)
+    target: Dataset = VisDA17(data_root, "validation", tf)
     if 0 < target_eval_size < len(target):
         keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
         target = Subset(target, keep.tolist())
-    source = LoaderSource(Subset(train, train_idx), batch_size, device, num_workers)
-    return Task("VisDA-17", len(VISDA_CLASSES), source, heldout, LoaderSource(target, batch_size, device, num_workers))
+    indexed = Indexed(train)
+    source = LoaderSource(Subset(indexed, train_idx), batch_size, device, num_workers)
+    key = f"visda17-train-{train.fingerprint()}-size{image_size}-mean{mean}-std{std}"
+    return Task("VisDA-17", len(VISDA_CLASSES), source, heldout, LoaderSource(target, batch_size, device, num_workers),
+                teacher_cache_key=key, cached_images=indexed)

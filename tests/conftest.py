@@ -12,6 +12,12 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("syndigits-cache"))
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(cache_dir, monkeypatch):
+    """Disk caches (teacher logits) go to the session's temp folder, never to ~/.cache."""
+    monkeypatch.setenv("ASG_CACHE", cache_dir)
+
+
 @pytest.fixture
 def tiny_env_kwargs(cache_dir):
     """SynDigits-v0 at a size that steps in tens of milliseconds."""

@@ -105,7 +105,8 @@ def test_zero_scale_freezes_a_coordinate(env):
     action[0] = 0
     env.step(action)
     assert all(torch.equal(b, p) for b, p in zip(before, u.coordinates[0].params))
-    assert not torch.equal(u.coordinates[1].params[0], u.coordinates[1].params[0].detach() * 0)
+    name = next(n for n, p in u.student.named_parameters() if p is u.coordinates[1].params[0])
+    assert not torch.equal(u.coordinates[1].params[0], u._imagenet_state[name])
 
 
 def test_heldout_reward_uses_one_fixed_batch(tiny_env_kwargs):
@@ -114,10 +115,10 @@ def test_heldout_reward_uses_one_fixed_batch(tiny_env_kwargs):
     _, info = env.reset(seed=0)
     # The reward batch is the fixed held-out one: re-measuring it gives the same loss.
     assert u._heldout_losses().total.item() == pytest.approx(info["loss"], rel=1e-6)
-    action = np.zeros(len(u.coordinates), dtype=np.int64)  # nothing moves...
-    _, reward, *_ = env.step(action)
-    # ...except BatchNorm statistics, which the held-out pass (eval mode) reads but never writes.
-    assert abs(reward) < 0.5
+    # With every scale at 0 nothing moves, not even BatchNorm statistics (eval mode), so the
+    # fixed batch's loss, and the reward, stay exactly the same.
+    _, reward, *_ = env.step(np.zeros(len(u.coordinates), dtype=np.int64))
+    assert reward == 0.0
 
 
 def test_divergence_ends_episode_with_penalty_and_flag(tiny_env_kwargs):
@@ -182,32 +183,135 @@ def test_unknown_task_and_bad_reward_batch_are_clear_errors(tiny_env_kwargs):
         asg_env.ASGEnv(task="imagenet", **tiny_env_kwargs)
     with pytest.raises(UserInputError, match="reward_batch"):
         asg_env.ASGEnv(reward_batch="target", **tiny_env_kwargs)
+    with pytest.raises(UserInputError, match="smaller than one training batch"):
+        asg_env.ASGEnv(**{**tiny_env_kwargs, "source_size": 4})
 
 
-def test_zero_scale_also_freezes_batchnorm_statistics(env):
-    """A coordinate at scale 0 is frozen entirely: its BatchNorm running statistics stay put,
-    while those of coordinates that train keep following the synthetic batches."""
+def test_inputs_are_normalised_as_the_backbones_weights_expect(tiny_env_kwargs):
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    lite = gym.make("SynDigits-v0", evaluate_target=False, **tiny_env_kwargs).unwrapped
+    assert torch.allclose(lite.task.source.normalise(white), torch.ones(1))  # (1 - 0.5) / 0.5
+    resnet = gym.make("SynDigits-v0", backbone="resnet50", weights=None, evaluate_target=False, **tiny_env_kwargs).unwrapped
+    expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(resnet.task.source.normalise(white)[0, :, 0, 0], expected)
+
+
+def test_a_window_holds_the_action_and_averages_the_losses(tiny_env_kwargs):
+    """sgd_steps_per_action=3: one decision takes three SGD steps, and the observation's
+    losses are the mean of the three training batches measured after them."""
+    from asg_env.proxy import proxy_guidance_loss
+
+    env = gym.make("SynDigits-v0", evaluate_target=False, sgd_steps_per_action=3,
+                   **{**tiny_env_kwargs, "lr_base": 0.0})  # nothing moves: the losses are the batches'
+    u = env.unwrapped
+    env.reset(seed=4)
+    obs, _, _, _, info = env.step(np.full(len(u.coordinates), 10))
+    assert info["sgd_step"] == 3 and info["step"] == 1 and obs[2] == pytest.approx(1 / u.T)
+    env.reset(seed=4)  # the same data order again; reset has drawn L_0's batch, the window's three follow
+    with torch.no_grad():
+        losses = [proxy_guidance_loss(*u.student(x)[:1], y, u.student(x)[1], u.teacher(x), u.lam)
+                  for x, y, _ in (u.task.source.next() for _ in range(3))]
+    assert obs[0] == pytest.approx(np.mean([l.xe.item() for l in losses]), rel=1e-5)
+    assert info["loss_kl"] == pytest.approx(np.mean([l.kl.item() for l in losses]), abs=1e-6)
+
+
+def test_a_longer_run_keeps_T_decisions_with_longer_windows(tiny_env_kwargs):
+    env = gym.make("SynDigits-v0", evaluate_target=False, sgd_steps=10, **tiny_env_kwargs)  # T = 4
+    u = env.unwrapped
+    assert u.windows == [3, 3, 2, 2] and u.T == 4
+    env.reset(seed=0)
+    done, progress = False, []
+    while not done:
+        obs, _, done, _, info = env.step(np.full(len(u.coordinates), 10))
+        progress.append(float(obs[2]))
+    assert info["sgd_step"] == 10 and progress == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    every_step = gym.make("SynDigits-v0", evaluate_target=False, **{**tiny_env_kwargs, "episode_steps": None}, sgd_steps=10)
+    assert every_step.unwrapped.windows == [1] * 10
+
+
+def test_growing_windows_follow_the_official_release():
+    from asg_env.optim import action_windows
+
+    windows = action_windows("growing", None, 10, 2 * 4764, 4764)
+    assert windows[:11] == [10, 10, 20, 40, 80, 160, 320, 640, 1280, 2204, 238]
+    assert sum(windows) == 2 * 4764 and sum(windows[:10]) == 4764
+
+
+def test_poly_schedule_scales_every_rate(tiny_env_kwargs):
+    from asg_env.optim import poly_factor
+
+    env = gym.make("SynDigits-v0", evaluate_target=False, lr_schedule="poly", warmup_steps=2, **tiny_env_kwargs)
     u = env.unwrapped
     env.reset(seed=0)
-    frozen_bn, trained_bn = u._coordinate_norms[2][0], u._coordinate_norms[3][0]
-    frozen_before, trained_before = frozen_bn.running_mean.clone(), trained_bn.running_mean.clone()
+    action = np.array([1] * (len(u.coordinates) - 1) + [10])
+    for t in range(u.T):
+        *_, info = env.step(action)
+        lrs = list(info["lr"].values())
+        factor = poly_factor(t, u.total_sgd_steps, warmup_steps=2)
+        assert lrs == pytest.approx(list(action / 10 * u.lr_base * factor))
+    assert poly_factor(0, 100) == pytest.approx(0.01) and poly_factor(900, 1000) == pytest.approx(0.2**0.9)
+
+
+def test_eval_every_epoch_evaluates_once_per_pass_over_the_source(tiny_env_kwargs):
+    # 160 training images / batch 8 = 20 SGD steps per epoch; windows of 5 steps.
+    env = gym.make("SynDigits-v0", eval_every="epoch", sgd_steps_per_action=5, **{**tiny_env_kwargs, "episode_steps": 8})
+    assert env.unwrapped.task.steps_per_epoch == 20
+    env.reset(seed=0)
+    evaluated = [t for t in range(1, 9) if "target_acc" in env.step(env.action_space.sample())[4]]
+    assert evaluated == [4, 8]  # SGD steps 20 (epoch 1 done) and 40 (epoch 2 done, and the end)
+
+
+def test_tta_flip_averages_the_sigmoid_scores_of_each_image_and_its_mirror(tiny_env_kwargs):
+    env = gym.make("SynDigits-v0", tta_flip=True, **tiny_env_kwargs)
+    u = env.unwrapped
+    env.reset(seed=0)
+    env.step(np.full(len(u.coordinates), 10))
+    with torch.no_grad():
+        scores = [(u.student(x)[0].sigmoid() + u.student(x.flip(3))[0].sigmoid(), y) for x, y in u.task.target.batches()]
+    preds, labels = torch.cat([s.argmax(1) for s, _ in scores]), torch.cat([y for _, y in scores])
+    assert u.evaluate_target()["target_acc"] == pytest.approx((preds == labels).float().mean().item())
+
+
+def test_default_protocol_keeps_imagenet_batchnorm_statistics(env):
+    """The official protocol: the model stays in eval mode, so BatchNorm normalises with the
+    ImageNet statistics while its affine parameters train."""
+    u = env.unwrapped
+    env.reset(seed=0)
+    norms = [m for m in u.student.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_var.clone() for m in norms]
+    env.step(np.full(len(u.coordinates), 10))
+    assert not u.student.training
+    assert all(torch.equal(a.running_var, b) for a, b in zip(norms, before))
+    assert not torch.equal(norms[0].weight, u._imagenet_state["features.bn1.weight"])
+
+
+def test_train_mode_statistics_do_not_depend_on_the_action(tiny_env_kwargs):
+    """bn_stats="train": batch statistics everywhere. A level-0 coordinate only stops its
+    parameters; its BatchNorm still normalises with (and tracks) the batch statistics."""
+    env = gym.make("SynDigits-v0", evaluate_target=False, bn_stats="train", **tiny_env_kwargs)
+    u = env.unwrapped
+    env.reset(seed=0)
+    bn = u.student.features.blocks[1][0].bn1  # inside coordinate 2, "blocks.1"
+    assert any(p is bn.weight for p in u.coordinates[2].params)
+    stats, weight = bn.running_mean.clone(), bn.weight.detach().clone()
     action = np.full(len(u.coordinates), 10)
     action[2] = 0
-    for _ in range(2):
-        env.step(action)
-    assert torch.equal(frozen_bn.running_mean, frozen_before)
-    assert not torch.equal(trained_bn.running_mean, trained_before)
+    env.step(action)
+    assert u.student.training and bn.training
+    assert torch.equal(bn.weight, weight) and not torch.equal(bn.running_mean, stats)
 
 
-def test_frozen_bn_stats_keep_imagenet_statistics_everywhere(tiny_env_kwargs):
-    env = gym.make("SynDigits-v0", evaluate_target=False, bn_stats="frozen", **tiny_env_kwargs)
-    u = env.unwrapped
-    env.reset(seed=0)
-    before = [m.running_var.clone() for norms in u._coordinate_norms for m in norms]
-    env.step(np.full(len(u.coordinates), 10))
-    after = [m.running_var for norms in u._coordinate_norms for m in norms]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert not torch.equal(u.coordinates[0].params[0], u._imagenet_state["features.conv_stem.weight"])
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50", "resnet101", "vgg16"])
+def test_student_equals_teacher_at_reset(backbone, tiny_env_kwargs):
+    """L_KL is exactly 0 at reset for every backbone and both reward batches: the student's
+    ImageNet head starts as the teacher and eval-mode BatchNorm leaves its forward unchanged."""
+    weights = "imagenet" if backbone == "efficientnet_lite0" else None  # torchvision files are not offline
+    for reward_batch in ("train", "heldout"):
+        env = gym.make("SynDigits-v0", backbone=backbone, weights=weights, reward_batch=reward_batch,
+                       evaluate_target=False, **tiny_env_kwargs)
+        obs, info = env.reset(seed=0)
+        assert info["loss_kl"] <= 1e-6 and obs[1] <= 1e-6, (backbone, reward_batch, info["loss_kl"])
+        env.close()
 
 
 def test_teacher_cache_gives_the_same_trajectory_as_running_the_teacher(tiny_env_kwargs):

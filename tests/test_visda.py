@@ -1,8 +1,10 @@
+import glob
 import os
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import asg_env  # noqa: F401  (registers the ids)
@@ -47,6 +49,7 @@ def test_visda_env_runs_on_the_fake_tree(visda_root):
 def test_visda_defaults_follow_the_paper():
     spec = gym.spec("VisDA-v0")
     assert spec.kwargs["backbone"] == "resnet101" and spec.kwargs["lr_base"] == 1e-4
+    assert spec.kwargs["eval_every"] == "epoch"  # not 55,388 validation images every few steps
 
 
 def test_root_from_environment_variable(visda_root, monkeypatch):
@@ -81,3 +84,60 @@ def test_corrupt_image_names_the_file(visda_root):
     index = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("bus/train_001.png")][0]
     with pytest.raises(UserInputError, match="corrupt image .*train_001.png"):
         ds[index]
+
+
+def test_a_tree_too_small_for_a_batch_and_the_heldout_batch_is_one_clear_error(visda_root):
+    # 24 training images cannot give a training batch of 32 plus a held-out batch of 32.
+    with pytest.raises(UserInputError, match="has 24 images; it needs at least 64") as err:
+        gym.make("VisDA-v0", data_root=str(visda_root), backbone="efficientnet_lite0", image_size=32,
+                 batch_size=32, num_workers=0)
+    assert "\n" not in str(err.value)
+
+
+def _visda(root, **kw):
+    return gym.make("VisDA-v0", data_root=str(root), backbone="efficientnet_lite0", image_size=32,
+                    batch_size=4, episode_steps=3, num_workers=0, evaluate_target=False, **kw).unwrapped
+
+
+def test_official_recipe_fixed_transforms_and_a_disk_cache_of_teacher_logits(visda_root, tmp_path, monkeypatch):
+    """Resize + CenterCrop with no random augmentation, so the teacher's logits are cached once
+    on disk (fp16, memory-mapped) and reused by the next env; the trajectory matches running the
+    teacher on every batch up to fp16 rounding, and L_KL starts at 0 (up to that rounding)."""
+    cache_dir = str(tmp_path / "cache")
+    monkeypatch.setenv("ASG_CACHE", cache_dir)
+    env = _visda(visda_root)
+    x1, _, _ = env.task.cached_images[3]
+    x2, _, _ = env.task.cached_images[3]
+    assert torch.equal(x1, x2) and x1.shape == (3, 32, 32)
+    files = glob.glob(os.path.join(cache_dir, "teacher-logits", "*.npy"))
+    assert len(files) == 1
+    cached = np.load(files[0], mmap_mode="r")
+    assert cached.dtype == np.float16 and cached.shape == (24, 1000)
+    with torch.inference_mode():
+        direct = env.teacher(x1[None])[0]
+    assert torch.allclose(torch.from_numpy(cached[3].astype(np.float32)), direct, atol=2e-2)
+    mtime = os.path.getmtime(files[0])
+    again = _visda(visda_root)  # the same images: the cache is opened, not rebuilt
+    assert os.path.getmtime(files[0]) == mtime and isinstance(again._teacher_cache, type(env._teacher_cache))
+
+    action = np.full(9, 10)
+    runs = []
+    for e in (env, _visda(visda_root, cache_teacher=False)):
+        obs, info = e.reset(seed=1)
+        trace = [info["loss_kl"]]
+        for _ in range(3):
+            obs, reward, *_ = e.step(action)
+            trace.append(reward)
+        runs.append(trace)
+    assert runs[0][0] <= 1e-5 and runs[1][0] <= 1e-6
+    assert np.allclose(runs[0], runs[1], atol=1e-3)
+
+
+def test_official_two_layer_head_is_an_option(visda_root):
+    env = _visda(visda_root, head="mlp")
+    head = env.student.new_head
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [512, 12]
+    assert env.coordinates[-1].name == "new_head" and len(env.coordinates[-1].params) == 4
+    obs, _ = env.reset(seed=0)
+    assert obs[4] == pytest.approx(head[2].weight.std().item(), rel=1e-5)  # θ_n stats: the last layer
+    assert _visda(visda_root).student.new_head.out_features == 12  # the paper's single layer by default

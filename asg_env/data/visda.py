@@ -13,6 +13,7 @@ Paths in ``image_list.txt`` are relative to the split's folder. Labels are 0-11.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -76,6 +77,15 @@ class VisDA17(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fingerprint(self) -> str:
+        """A short hash of the split's image list (paths, labels, file sizes and times), in order:
+        cheap to compute at every start, and it changes when an image is replaced."""
+        h = hashlib.sha1()
+        for path, label in self.samples:
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, self.split_dir)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
