@@ -1,19 +1,30 @@
 """Drive a full fine-tuning run with a frozen learning-rate policy and evaluate it on the real target.
 
 Examples:
-  python apply_policy.py --policy runs/r1/policy.pt --steps 500
-  python apply_policy.py --policy hand-tuned --epochs 2
-  python apply_policy.py --policy constant:1,1,1,1,1,1,1,1,10 --eval-every 50
+  python apply_policy.py --policy runs/r1/policy.pt                 # the policy's own run length
+  python apply_policy.py --policy runs/r1/policy.pt --steps 1000    # same decisions, longer windows
+  python apply_policy.py --policy hand-tuned --epochs 2 --eval-every 25
+  python apply_policy.py --policy constant:1,1,1,1,1,1,1,1,10 --steps 300
   python apply_policy.py --policy runs/r1/policy.pt --env VisDA-v0 --data-root /data/visda17 --amp
 
 --policy takes a policy.pt written by train_policy.py, or a baseline: random,
-hand-tuned (= small-backbone-large-classifier: backbone 0.1, classifier 1.0),
-large-everywhere, classifier-only, or constant:L1,…,LC (levels 0-10 per coordinate).
-A learned policy acts greedily (argmax) unless --sample is given.
+hand-tuned (the official train.py: backbone 0.1, classifier 1.0, with its warm-up and
+poly decay), small-backbone-large-classifier (the same levels, constant), large-everywhere,
+classifier-only, or constant:L1,…,LC (levels 0-10 per coordinate). A learned policy acts
+greedily (argmax) unless --sample is given.
+
+A learned policy runs in the env configuration it was trained in (recorded in policy.pt):
+η_base, λ, the reward batch, image size, SGD form, windows… Anything you set explicitly
+(--config, --set, --env, --data-root, --amp…) overrides it, and the tool prints each
+override. Its run makes the same number of decisions T it was trained with: --steps or
+--epochs lengthen the run by holding each decision for proportionally more SGD steps, so
+t/T and the observation mean what they meant in training. --decision-every-step asks for
+one decision per SGD step instead. A baseline decides at every SGD step.
 
 The run folder gets curve.csv and curve.png (target accuracy and mean per-class accuracy
-over training, and teacher agreement), steps.csv (every step's action, reward and losses),
-summary.json, and model.safetensors (the fine-tuned student).
+over training, and teacher agreement), steps.csv (every decision's action, reward and
+losses), summary.json (the env configuration used, the overrides, decisions and SGD steps),
+and model.safetensors (the fine-tuned student).
 """
 
 from __future__ import annotations
@@ -27,21 +38,52 @@ import time
 
 import torch
 
-from agents.config import apply_overrides, load_config, make_env, merge, run_cli
+from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
 from agents.loading import load_policy, read_policy_file
+from agents.policies import baseline_env_kwargs
 from agents.rollout import EVAL_KEYS, fine_tune
+
+# Not reported as overrides: evaluation never changes the trajectory, and the run length is
+# printed as "T decisions over N SGD steps".
+NOT_OVERRIDES = ("evaluate_target", "eval_every", "target_eval_size", "device",
+                 "episode_steps", "sgd_steps_per_action", "sgd_steps", "epochs")
+
+
+def eval_every_arg(value: str) -> int | str:
+    if value == "epoch":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of decisions or 'epoch', got {value!r}")
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {count}")
+    return count
+
+
+def positive(kind):
+    def parse(value: str):
+        number = kind(value)
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        return number
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="hand-tuned", help="policy.pt file or baseline name (default: hand-tuned)")
     p.add_argument("--env", help="env id (default: the policy's env, else SynDigits-v0)")
-    p.add_argument("--config", help="YAML config whose env section is used")
+    p.add_argument("--config", help="YAML config whose env section overrides the policy's settings")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="number of policy actions (default 500)")
-    length.add_argument("--epochs", type=float, help="length in passes over the synthetic training set")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate on the real target every N steps")
-    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (θ_n init and data order)")
+    length.add_argument("--steps", type=positive(int), help="SGD steps of the run (default: the policy's own run length)")
+    length.add_argument("--epochs", type=positive(float), help="length in passes over the synthetic training set")
+    p.add_argument("--decision-every-step", action="store_true",
+                   help="one decision per SGD step instead of the policy's T decisions over the run")
+    p.add_argument("--eval-every", type=eval_every_arg, default="epoch",
+                   help="evaluate on the real target every N decisions, or 'epoch' (default); always at the start and end")
+    p.add_argument("--tta-flip", action="store_true", help="average each target image's scores with its mirror image's")
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (θ_n init, data order) and the policy's sampling seed")
     p.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
     p.add_argument("--device", help="default: cuda if available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
@@ -49,8 +91,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="dataset root (VisDA-17) or SynDigits cache folder")
     p.add_argument("--out", help="run folder (default: runs/apply-<policy>-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry, e.g. --set env.kwargs.lam=0.05")
+                   help="override an env setting, e.g. --set env.kwargs.lam=0.05")
     return p.parse_args(argv)
+
+
+def resolve_env(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The env config to run: the policy's recorded one (or the defaults, for a baseline),
+    then the user's explicit settings on top. Returns the config and the overrides of the
+    policy's trajectory-relevant settings, as {key: (policy's value, new value)}."""
+    state = read_policy_file(args.policy) if os.path.isfile(args.policy) else None
+    recorded = dict(state.get("env_kwargs") or {}) if state else {}
+    env_id = (state or {}).get("env_id") or DEFAULTS["env"]["id"]
+    explicit: dict = {}
+    if args.config:
+        section = read_config_file(args.config).get("env", {})
+        env_id = section.get("id", env_id)
+        explicit.update(section.get("kwargs", {}))
+    env_id = args.env or env_id
+    user = apply_overrides({"env": {"id": env_id, "kwargs": {}}}, args.set)["env"]
+    env_id = user["id"]
+    explicit.update(user["kwargs"])
+    explicit.update(baseline_env_kwargs(args.policy))
+    if args.data_root:
+        explicit["data_root"] = args.data_root
+    if args.amp:
+        explicit["amp"] = True
+    if args.no_channels_last:
+        explicit["channels_last"] = False
+    if args.tta_flip:
+        explicit["tta_flip"] = True
+    if args.steps or args.epochs:
+        explicit.update(sgd_steps=args.steps, epochs=args.epochs)
+        if state is None:
+            explicit["episode_steps"] = None  # a baseline decides at every SGD step
+    if args.decision_every_step:
+        explicit.update(episode_steps=None, sgd_steps_per_action=1)
+        if not (args.steps or args.epochs or recorded.get("sgd_steps") or recorded.get("epochs")):
+            explicit["sgd_steps"] = recorded.get("episode_steps", 100) * recorded.get("sgd_steps_per_action", 1)
+    kwargs = {**recorded, **explicit, "evaluate_target": True, "eval_every": args.eval_every,
+              "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    changed = {k: (recorded[k], v) for k, v in explicit.items()
+               if k in recorded and recorded[k] != v and k not in NOT_OVERRIDES}
+    return {"id": env_id, "kwargs": kwargs}, changed
 
 
 def plot_curve(rows: list[dict], path: str, title: str) -> None:
@@ -60,10 +142,10 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["step"] for r in rows]
+    steps = [r["sgd_step"] for r in rows]
     for key, label in zip(EVAL_KEYS, ("target accuracy", "target mean per-class accuracy", "teacher agreement")):
         ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label=label)
-    ax.set(xlabel="training step", ylabel="fraction", ylim=(0, 1), title=title)
+    ax.set(xlabel="SGD step", ylabel="fraction", ylim=(0, 1), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -80,27 +162,17 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    env_id = args.env
-    if env_id is None and os.path.isfile(args.policy):
-        env_id = read_policy_file(args.policy).get("env_id")
-    if env_id:
-        config = merge(config, {"env": {"id": env_id}})
-    config = apply_overrides(config, args.set)
-    kwargs = config["env"].setdefault("kwargs", {})
-    kwargs.update(eval_every=args.eval_every, evaluate_target=True, channels_last=not args.no_channels_last, amp=args.amp)
-    kwargs["episode_steps"] = args.steps or 500
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    env = make_env(config, data_root=args.data_root, device=device)
+    env_config, changed = resolve_env(args)
+    for key, (old, new) in changed.items():
+        print(f"override: {key} = {new!r} (the policy was trained with {old!r})")
+    env = make_env({"env": env_config})
     u = env.unwrapped
-    if args.epochs:
-        source = u.task.source
-        u.T = max(1, round(args.epochs * (len(source) // source.batch_size) / u.k))
     policy = load_policy(args.policy, env, deterministic=not args.sample, seed=args.seed)
 
     name = os.path.splitext(os.path.basename(args.policy))[0] if os.path.isfile(args.policy) else args.policy.replace(":", "_").replace(",", "-")
     out = args.out or os.path.join("runs", f"apply-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
+    print(f"{u.T} decisions over {u.total_sgd_steps} SGD steps ({u.total_sgd_steps / u.task.steps_per_epoch:.2f} epochs)")
     start = time.perf_counter()
     try:
         history = fine_tune(env, policy, args.seed, progress=True, desc=f"fine-tuning with {args.policy}")
@@ -109,22 +181,25 @@ def run(args: argparse.Namespace) -> int:
         return 130
     seconds = time.perf_counter() - start
 
-    curve = [{k: r[k] for k in ("step", *EVAL_KEYS)} for r in history if "target_acc" in r]
+    curve = [{k: r[k] for k in ("step", "sgd_step", *EVAL_KEYS)} for r in history if "target_acc" in r]
     write_csv(curve, os.path.join(out, "curve.csv"))
     write_csv(history, os.path.join(out, "steps.csv"))
-    plot_curve(curve, os.path.join(out, "curve.png"), f"{config['env']['id']}: {args.policy}")
+    plot_curve(curve, os.path.join(out, "curve.png"), f"{env_config['id']}: {args.policy}")
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in u.student.state_dict().items()}, os.path.join(out, "model.safetensors"))
     final, best = curve[-1], max(curve, key=lambda r: r["target_mean_class_acc"])
-    summary = {"policy": args.policy, "env": config["env"]["id"], "steps": u.t, "seed": args.seed,
+    summary = {"policy": args.policy, "env": env_config["id"], "seed": args.seed, "decisions": u.T,
+               "decisions_made": u.t, "sgd_steps": u.total_sgd_steps, "sgd_steps_done": u.sgd_step,
                "diverged": bool(history[-1].get("diverged")), "seconds": round(seconds, 1),
-               "final": final, "best_mean_class": best, "env_kwargs": kwargs}
+               "final": final, "best_mean_class_oracle": best, "env_kwargs": u.config,
+               "overrides": {k: {"trained": old, "applied": new} for k, (old, new) in changed.items()}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
-    print(f"{u.t} steps in {seconds / 60:.1f} min on {device}; final target accuracy {final['target_acc']:.3f}, "
-          f"mean per-class {final['target_mean_class_acc']:.3f} (best {best['target_mean_class_acc']:.3f} at step "
-          f"{best['step']}), teacher agreement {final['teacher_agreement']:.3f}")
+    print(f"{u.sgd_step} SGD steps in {seconds / 60:.1f} min on {u.device}; final target accuracy "
+          f"{final['target_acc']:.3f}, mean per-class {final['target_mean_class_acc']:.3f} "
+          f"(oracle best {best['target_mean_class_acc']:.3f} at SGD step {best['sgd_step']}), "
+          f"teacher agreement {final['teacher_agreement']:.3f}")
     print(f"results in {out}/: curve.csv, curve.png, steps.csv, summary.json, model.safetensors")
     return 0
 

@@ -10,8 +10,11 @@ Examples:
 The run folder gets: policy.pt (the frozen policy: weights, observation normaliser and
 config, readable with torch.load(weights_only=True)), checkpoint.pt (to resume),
 config.yaml (the resolved config, seed included), episodes.csv and steps.csv (plottable
-logs) and tb/ (TensorBoard). Training episodes use seeds seed, seed+1, …; the real target
-set is never used unless the env config turns evaluation on, and then only for logging.
+logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its sampled actions
+and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
+with different seeds never share an episode. policy.pt records the env's whole configuration;
+apply_policy.py applies the policy in that same configuration. The real target set is never
+used unless the env config turns evaluation on, and then only for logging.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 from agents.config import apply_overrides, load_config, make_env, merge, run_cli
 from agents.loading import env_metadata, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
-from agents.rollout import EVAL_KEYS
+from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
 
 AGENTS = ("reinforce", "recurrent-ppo", "ppo", "a2c")
@@ -41,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--env", help="registered env id (default: SynDigits-v0, the embedded offline task)")
     p.add_argument("--agent", choices=AGENTS, help="learner (default: reinforce)")
     p.add_argument("--episodes", type=int, help="training episodes (fine-tuning runs) in total")
-    p.add_argument("--seed", type=int, help="seed of the first training episode and of the agent")
+    p.add_argument("--seed", type=int, help="seed of the agent (initial weights, sampled actions) and of its episodes")
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--out", help="run folder (default: runs/<env>-<agent>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -117,17 +120,17 @@ class EpisodeLog:
 
 
 def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: bool) -> list[float]:
-    trainer = ReinforceTrainer(env, ReinforceConfig(**config["agent"].get("reinforce", {})))
+    seed0 = config["train"]["seed"]
+    trainer = ReinforceTrainer(env, ReinforceConfig(**config["agent"].get("reinforce", {})), seed=seed0)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if resume:
         trainer.load_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True))
-    else:
-        torch.manual_seed(config["train"]["seed"])
-    total, seed0, returns = config["train"]["episodes"], config["train"]["seed"], []
+    total, returns = config["train"]["episodes"], []
     for episode in tqdm(range(trainer.episodes_done, total), initial=trainer.episodes_done, total=total, desc="policy episodes"):
         start = time.perf_counter()
-        result = trainer.run_episode(seed=seed0 + episode)
-        log.log(episode, seed0 + episode, result["return"], result["actions"], result["info"], time.perf_counter() - start)
+        seed = episode_seed(seed0, episode)
+        result = trainer.run_episode(seed=seed)
+        log.log(episode, seed, result["return"], result["actions"], result["info"], time.perf_counter() - start)
         save_policy(trainer.checkpoint(metadata), ckpt_path)  # every episode: an interruption loses at most one
         save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
         returns.append(result["return"])

@@ -29,8 +29,12 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def load_config(path: str | None) -> dict:
-    if path is None:
-        return copy.deepcopy(DEFAULTS)
+    """The file's config on top of ``DEFAULTS`` (just the defaults without a file)."""
+    return merge(DEFAULTS, read_config_file(path)) if path else copy.deepcopy(DEFAULTS)
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML config file as written, without the defaults."""
     if not os.path.isfile(path):
         raise UserInputError(f"config file not found: {path}")
     try:
@@ -40,7 +44,7 @@ def load_config(path: str | None) -> dict:
         raise UserInputError(f"cannot parse {path}: {str(exc).splitlines()[0]}")
     if not isinstance(data, dict):
         raise UserInputError(f"{path} must hold a mapping at the top level")
-    return merge(DEFAULTS, data)
+    return data
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:

@@ -13,11 +13,13 @@ from asg_env import UserInputError
 
 
 def env_metadata(env: gym.Env) -> dict:
-    """What a policy must match to drive an env: its observation and its coordinates."""
+    """What a policy must match to drive an env (its observation and its coordinates), and the
+    env's whole configuration, so the policy can be applied in the world it was trained in."""
     u = env.unwrapped
     return {
         "obs_names": list(u.obs_names), "coordinate_names": list(u.coordinate_names),
         "backbone": u.backbone_name, "env_id": env.spec.id if env.spec else None,
+        "env_kwargs": dict(getattr(u, "config", {})),
     }
 
 
@@ -44,10 +46,10 @@ def read_policy_file(path: str) -> dict:
 def check_compatible(state: dict, env: gym.Env, path: str) -> None:
     here = env_metadata(env)
     theirs = state.get("coordinate_names", [])
-    if len(theirs) != len(here["coordinate_names"]):
+    if theirs != here["coordinate_names"]:
         raise UserInputError(
-            f"{path} was trained for {len(theirs)} coordinates ({state.get('backbone')}); "
-            f"this env has {len(here['coordinate_names'])} ({here['backbone']})"
+            f"{path} was trained for {len(theirs)} coordinates of {state.get('backbone')} ({', '.join(theirs)}); "
+            f"this env has {len(here['coordinate_names'])} of {here['backbone']} ({', '.join(here['coordinate_names'])})"
         )
     if state.get("obs_names") != here["obs_names"]:
         raise UserInputError(
@@ -56,14 +58,15 @@ def check_compatible(state: dict, env: gym.Env, path: str) -> None:
 
 
 def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int | None = None) -> Policy:
-    """A baseline by name (``random``, ``hand-tuned``, ``constant:…``…) or a saved policy file."""
+    """A baseline by name (``random``, ``hand-tuned``, ``constant:…``…) or a saved policy file.
+    ``seed`` seeds whatever the policy draws at random (sampled actions, the random baseline)."""
     n = len(env.action_space.nvec)
     if spec in BASELINES or spec.startswith("constant:"):
         return make_baseline(spec, n, seed)
     state = read_policy_file(spec)
     check_compatible(state, env, spec)
     if state["agent"] == "reinforce":
-        return policy_from_state(state, deterministic)
+        return policy_from_state(state, deterministic, seed)
     from agents.sb3_agents import sb3_policy_from_state
 
-    return sb3_policy_from_state(state, env, deterministic)
+    return sb3_policy_from_state(state, env, deterministic, seed)

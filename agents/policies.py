@@ -59,13 +59,22 @@ def hand_tuned_levels(name: str, n_coordinates: int) -> list[int]:
         "small-backbone-large-classifier": [1] * backbone + [TOP],
         "classifier-only": [0] * backbone + [TOP],
     }
-    settings["hand-tuned"] = settings["small-backbone-large-classifier"]
+    settings["hand-tuned"] = settings["small-backbone-large-classifier"]  # with BASELINE_ENV_KWARGS' schedule
     if name not in settings:
         raise UserInputError(f"unknown setting {name!r}; choose one of {', '.join(settings)}")
     return settings[name]
 
 
 BASELINES = ("random", "hand-tuned", "large-everywhere", "small-backbone-large-classifier", "classifier-only")
+# "hand-tuned" is the official train.py: backbone 0.1 × η_base, classifier 1.0 × η_base, under its
+# per-step schedule (quadratic warm-up, poly decay 0.9). The env applies that schedule, so the
+# baseline carries it as env settings; "small-backbone-large-classifier" is the constant version.
+BASELINE_ENV_KWARGS: dict[str, dict] = {"hand-tuned": {"lr_schedule": "poly"}}
+
+
+def baseline_env_kwargs(spec: str) -> dict:
+    """The env settings a baseline needs besides its actions (none for most)."""
+    return dict(BASELINE_ENV_KWARGS.get(spec, {}))
 
 
 def make_baseline(spec: str, n_coordinates: int, seed: int | None = None) -> Policy:

@@ -91,11 +91,18 @@ class LSTMPolicy(nn.Module):
         return Categorical(logits=logits), (h, c)
 
 
+def sample(dist: Categorical, generator: torch.Generator) -> torch.Tensor:
+    """One level per coordinate, drawn from the policy's own generator, so the draws depend
+    only on the agent's seed and not on whatever else uses torch's global RNG."""
+    return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+
+
 class ReinforcePolicy:
     """A frozen LSTM policy behind the common ``reset()/act(obs)`` interface."""
 
-    def __init__(self, net: LSTMPolicy, deterministic: bool = True):
+    def __init__(self, net: LSTMPolicy, deterministic: bool = True, seed: int | None = None):
         self.net, self.deterministic = net.eval(), deterministic
+        self.generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.reset()
 
     def reset(self) -> None:
@@ -104,18 +111,21 @@ class ReinforcePolicy:
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
         dist, self.state = self.net(torch.as_tensor(obs, dtype=torch.float32), self.state)
-        action = dist.probs.argmax(-1) if self.deterministic else dist.sample()
+        action = dist.probs.argmax(-1) if self.deterministic else sample(dist, self.generator)
         return action.numpy()
 
 
 class ReinforceTrainer:
     """Algorithm 1: run the env with the LSTM policy; every U steps minimise Eq. 7."""
 
-    def __init__(self, env: gym.Env, config: ReinforceConfig | None = None):
+    def __init__(self, env: gym.Env, config: ReinforceConfig | None = None, seed: int = 0):
         self.env, self.cfg = env, config or ReinforceConfig()
         obs_dim = env.observation_space.shape[0]
         n_coordinates = len(env.action_space.nvec)
-        self.net = LSTMPolicy(obs_dim, n_coordinates, self.cfg.hidden_size)
+        with torch.random.fork_rng(devices=[]):  # the policy's initial weights, from its seed alone
+            torch.manual_seed(seed)
+            self.net = LSTMPolicy(obs_dim, n_coordinates, self.cfg.hidden_size)
+        self.generator = torch.Generator().manual_seed(seed)  # the sampled actions
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.cfg.optimizer]
         self.optimizer = opt(self.net.parameters(), lr=self.cfg.lr)
         self.baseline = torch.zeros(0)  # b_t per step t, grown on demand
@@ -157,7 +167,7 @@ class ReinforceTrainer:
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             self.net.obs_rms.update(obs_t)
             dist, state = self.net(obs_t, state)
-            action = dist.sample()
+            action = sample(dist, self.generator)
             obs, reward, terminated, truncated, info = self.env.step(action.numpy())
             done = terminated or truncated
             steps.append(t)
@@ -188,7 +198,7 @@ class ReinforceTrainer:
         return {
             "policy": self.policy_state(metadata), "optimizer": self.optimizer.state_dict(),
             "baseline": self.baseline, "reward_rms": self.reward_rms.state_dict(),
-            "episodes_done": self.episodes_done, "torch_rng": torch.get_rng_state(),
+            "episodes_done": self.episodes_done, "sampler_rng": self.generator.get_state(),
         }
 
     def load_checkpoint(self, ckpt: dict) -> None:
@@ -197,10 +207,10 @@ class ReinforceTrainer:
         self.baseline = ckpt["baseline"]
         self.reward_rms.load_state_dict(ckpt["reward_rms"])
         self.episodes_done = int(ckpt["episodes_done"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        self.generator.set_state(ckpt["sampler_rng"])
 
 
-def policy_from_state(state: dict, deterministic: bool = True) -> ReinforcePolicy:
+def policy_from_state(state: dict, deterministic: bool = True, seed: int | None = None) -> ReinforcePolicy:
     net = LSTMPolicy(state["obs_dim"], state["n_coordinates"], state["config"]["hidden_size"])
     net.load_state_dict(state["state_dict"])
-    return ReinforcePolicy(net, deterministic)
+    return ReinforcePolicy(net, deterministic, seed)

@@ -11,13 +11,20 @@ from agents.policies import Policy
 EVAL_KEYS = ("target_acc", "target_mean_class_acc", "teacher_agreement")
 
 
+def episode_seed(run_seed: int, episode: int) -> int:
+    """The env seed of ``episode`` in the run seeded ``run_seed``. Spawned from
+    ``numpy.random.SeedSequence(run_seed)``, so the episodes of runs with different seeds never
+    share a seed (``run_seed + episode`` would: run 0's episode 1 is run 1's episode 0)."""
+    return int(np.random.SeedSequence(run_seed, spawn_key=(episode,)).generate_state(1)[0])
+
+
 def fine_tune(env: gym.Env, policy: Policy, seed: int, progress: bool = False, desc: str = "fine-tuning") -> list[dict]:
     """One episode. Row 0 is the state after reset (target metrics if evaluation is on);
     row t holds step t's action, reward, losses, and target metrics when they were evaluated."""
     obs, info = env.reset(seed=seed)
     policy.reset()
     u = env.unwrapped
-    row = {"step": 0, "loss": info["loss"], "loss_xe": info["loss_xe"], "loss_kl": info["loss_kl"]}
+    row = {"step": 0, "sgd_step": 0, "loss": info["loss"], "loss_xe": info["loss_xe"], "loss_kl": info["loss_kl"]}
     if u.evaluate_target_enabled:
         row.update(u.evaluate_target())
     history = [row]
@@ -27,7 +34,7 @@ def fine_tune(env: gym.Env, policy: Policy, seed: int, progress: bool = False, d
             action = np.asarray(policy.act(obs))
             obs, reward, terminated, truncated, info = env.step(action)
             done = terminated or truncated
-            row = {"step": info["step"], "reward": reward, "loss": info["loss"], "loss_xe": info["loss_xe"],
+            row = {"step": info["step"], "sgd_step": info["sgd_step"], "reward": reward, "loss": info["loss"], "loss_xe": info["loss_xe"],
                    "loss_kl": info["loss_kl"], "diverged": info["diverged"]}
             row.update({f"action/{n}": int(a) for n, a in zip(u.coordinate_names, action)})
             row.update({k: info[k] for k in EVAL_KEYS if k in info})

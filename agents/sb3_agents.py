@@ -54,7 +54,7 @@ def sb3_policy_state(agent: str, model, metadata: dict) -> dict:
     }
 
 
-def sb3_policy_from_state(state: dict, env: gym.Env, deterministic: bool = True) -> SB3Policy:
-    model = make_sb3(state["agent"], env, seed=0, hyperparams={"policy_kwargs": state["policy_kwargs"]})
+def sb3_policy_from_state(state: dict, env: gym.Env, deterministic: bool = True, seed: int | None = None) -> SB3Policy:
+    model = make_sb3(state["agent"], env, seed=seed or 0, hyperparams={"policy_kwargs": state["policy_kwargs"]})
     model.policy.load_state_dict(state["state_dict"])
     return SB3Policy(model, deterministic)

@@ -1,8 +1,13 @@
 """Random vs hand-tuned vs learned learning-rate policies on SynDigits-v0 (ASG §3.3).
 
 Synthetic digits are trained on; the 5,000 real MNIST digits are only evaluated on. Every
-setting runs on the same evaluation seeds with the same budget, and the learned policies
-are trained first on disjoint seeds (1000, 1001, …), with the real target switched off.
+setting runs on the same evaluation seeds with the same budget of SGD steps, and the learned
+policies are trained first on disjoint seeds (spawned from 1000), with the real target
+switched off. Every run, training and evaluation alike, uses the same env configuration and
+so the same observation (held-out synthetic reward batch). A learned policy makes the T
+decisions it was trained with, each held for steps / T SGD steps; the baselines decide at
+every SGD step. "hand-tuned" is the official train.py schedule (backbone 0.1, classifier 1.0,
+warm-up and poly decay).
 
 Settings:
   * Figure 1/5, Table 2 rows 1-4: large LR everywhere, small backbone + large classifier
@@ -39,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asg_env  # noqa: E402,F401  (registers the ids)
 from agents.loading import env_metadata, load_policy, save_policy  # noqa: E402
 from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
-from agents.rollout import fine_tune  # noqa: E402
+from agents.policies import baseline_env_kwargs  # noqa: E402
+from agents.rollout import episode_seed, fine_tune  # noqa: E402
 
 PRESETS = {
     "full": dict(seeds=3, steps=300, eval_every=25, policy_episodes=30, policy_steps=100, target_eval_size=1000),
@@ -47,6 +53,7 @@ PRESETS = {
 }
 LAMBDAS = (0.01, 0.05, 0.1, 0.5, 1.0)
 POLICY_SEED_OFFSET = 1000  # policy-training seeds never overlap the evaluation seeds
+REWARD_BATCH = "heldout"  # one observation for policy training and for every evaluation run
 
 
 @dataclass
@@ -76,15 +83,14 @@ def train_policies(make_env, args, out: str) -> dict[str, tuple[str, float]]:
     """Learn REINFORCE and RecurrentPPO policies on synthetic data only. Returns path and seconds."""
     from agents.sb3_agents import make_sb3, sb3_policy_state
 
-    env = make_env(lam=0.1, episode_steps=args.policy_steps, reward_batch="heldout", evaluate_target=False)
+    env = make_env(lam=0.1, episode_steps=args.policy_steps, evaluate_target=False)
     meta = env_metadata(env)
     learned = {}
 
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    trainer = ReinforceTrainer(env, ReinforceConfig())
+    trainer = ReinforceTrainer(env, ReinforceConfig(), seed=args.seed)
     for ep in tqdm(range(args.policy_episodes), desc="training REINFORCE policy", leave=False):
-        trainer.run_episode(seed=POLICY_SEED_OFFSET + ep)
+        trainer.run_episode(seed=episode_seed(POLICY_SEED_OFFSET, ep))
     path = os.path.join(out, "policies", "reinforce.pt")
     save_policy(trainer.policy_state(meta), path)
     learned["reinforce"] = (path, time.perf_counter() - start)
@@ -157,7 +163,7 @@ def plot_curves(results: dict[str, list[list[dict]]], groups: dict[str, list[str
         colours: dict[str, str] = {}  # a setting and its "+ PG" twin share a colour
         for name in names:
             evals = [[r for r in h if "target_acc" in r] for h in results[name]]
-            steps = [r["step"] for r in evals[0]]
+            steps = [r["sgd_step"] for r in evals[0]]
             acc = np.array([[r["target_acc"] for r in e] for e in evals]) * 100
             mean, std = acc.mean(0), acc.std(0)
             base = name.removesuffix(" + PG") if group == "lr" else name
@@ -165,7 +171,7 @@ def plot_curves(results: dict[str, list[list[dict]]], groups: dict[str, list[str
             dashed = group == "lr" and not name.endswith(" + PG")
             ax.plot(steps, mean, label=name, color=colour, linestyle="--" if dashed else "-")
             ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.12)
-        ax.set(xlabel="training step", ylabel="real-target (MNIST) accuracy %", title=group)
+        ax.set(xlabel="SGD step", ylabel="real-target (MNIST) accuracy %", title=group)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -184,7 +190,7 @@ def plot_actions(results: dict[str, list[list[dict]]], names: list[str], coordin
     for ax, name in zip(axes[:, 0], names):
         levels = np.array([[[r[f"action/{c}"] for c in coordinates] for r in h[1:]] for h in results[name]]).mean(0).T
         im = ax.imshow(levels, aspect="auto", cmap="viridis", vmin=0, vmax=10, interpolation="nearest")
-        ax.set(yticks=range(len(coordinates)), yticklabels=coordinates, xlabel="training step", title=name)
+        ax.set(yticks=range(len(coordinates)), yticklabels=coordinates, xlabel="decision", title=name)
         ax.tick_params(axis="y", labelsize=7)
         fig.colorbar(im, ax=ax, label="level (scale ×10)")
     fig.tight_layout()
@@ -197,10 +203,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short runs that still cover every setting")
     p.add_argument("--out", default=None, help="output folder (default: runs/compare-<mode>)")
     p.add_argument("--seeds", type=int, help="evaluation seeds per setting (at least 3 for the reported tables)")
-    p.add_argument("--steps", type=int, help="fine-tuning steps per run")
-    p.add_argument("--eval-every", type=int, help="steps between real-target evaluations")
+    p.add_argument("--steps", type=int, help="SGD steps per fine-tuning run")
+    p.add_argument("--eval-every", type=int, help="SGD steps between real-target evaluations")
     p.add_argument("--policy-episodes", type=int, help="episodes to train each learned policy")
-    p.add_argument("--policy-steps", type=int, help="steps per policy-training episode")
+    p.add_argument("--policy-steps", type=int, help="decisions (= SGD steps) per policy-training episode")
     p.add_argument("--target-eval-size", type=int, help="real target images evaluated")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--source-size", type=int, default=10_000, help="rendered synthetic training images")
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
 
     def make_env(**kw) -> gym.Env:
         base = dict(batch_size=args.batch_size, source_size=args.source_size, target_eval_size=args.target_eval_size,
-                    lr_base=args.lr_base, data_root=args.data_root)
+                    lr_base=args.lr_base, data_root=args.data_root, reward_batch=REWARD_BATCH)
         return gym.make("SynDigits-v0", **{**base, **kw})
 
     learned = train_policies(make_env, args, out)
@@ -233,10 +239,17 @@ def main(argv=None) -> int:
     results: dict[str, list[list[dict]]] = {}
     eval_seeds = [args.seed + i for i in range(args.seeds)]
     bar = tqdm(total=len(all_settings) * len(eval_seeds), desc="fine-tuning runs")
-    env = None
-    for s in sorted(all_settings, key=lambda s: s.lam):  # one env per λ, reused across runs
-        if env is None or env.unwrapped.lam != s.lam:
-            env = make_env(lam=s.lam, episode_steps=args.steps, eval_every=args.eval_every, reward_batch="train")
+    envs: dict[tuple, gym.Env] = {}  # reused across seeds and settings with the same configuration
+    for s in all_settings:
+        if s.policy in learned:  # T decisions, as trained, over the run's SGD steps
+            kw = dict(episode_steps=args.policy_steps, eval_every=max(1, round(args.eval_every * args.policy_steps / args.steps)))
+        else:  # a decision at every SGD step
+            kw = dict(episode_steps=None, eval_every=args.eval_every, **baseline_env_kwargs(s.policy))
+        kw.update(lam=s.lam, sgd_steps=args.steps)
+        key = tuple(sorted(kw.items()))
+        if key not in envs:
+            envs[key] = make_env(**kw)
+        env = envs[key]
         spec = learned[s.policy][0] if s.policy in learned else s.policy
         results[s.name] = []
         for seed in eval_seeds:
@@ -249,7 +262,7 @@ def main(argv=None) -> int:
     groups = {g: [s.name for s in all_settings if g in s.groups] for g in ("lr", "policy", "lambda")}
     rows = [summarise(s.name, results[s.name]) for s in all_settings]
     with open(os.path.join(out, "curves.csv"), "w", newline="") as fh:
-        fields = ["setting", "seed", "step", "target_acc", "target_mean_class_acc", "teacher_agreement"]
+        fields = ["setting", "seed", "step", "sgd_step", "target_acc", "target_mean_class_acc", "teacher_agreement"]
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for name, runs in results.items():
@@ -262,7 +275,7 @@ def main(argv=None) -> int:
     header = (f"SynDigits-v0 → real MNIST, EfficientNet-Lite0, {mode} mode: {args.steps} steps × batch "
               f"{args.batch_size}, η_base {args.lr_base}, seeds {eval_seeds}, {args.target_eval_size} target images. "
               f"Policy training ({args.policy_episodes} episodes × {args.policy_steps} steps each, seeds "
-              f"{POLICY_SEED_OFFSET}+): REINFORCE {learned['reinforce'][1] / 60:.1f} min, RecurrentPPO "
+              f"spawned from {POLICY_SEED_OFFSET}): REINFORCE {learned['reinforce'][1] / 60:.1f} min, RecurrentPPO "
               f"{learned['recurrent-ppo'][1] / 60:.1f} min. Total wall time {total / 60:.1f} min.")
     print(write_tables(rows, groups, out, header))
     print(f"policy training took {policy_seconds / 60:.1f} min of {total / 60:.1f} min; results in {out}/")

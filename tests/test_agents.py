@@ -119,6 +119,38 @@ def test_policy_for_another_model_is_refused(tmp_path):
         load_policy(path, ToyLREnv())
 
 
+def test_policy_with_the_same_count_but_other_coordinates_is_refused(tmp_path):
+    """Coordinates are compared by name: a 3-coordinate policy of another model is refused."""
+    path = str(tmp_path / "other.pt")
+    save_policy(ReinforceTrainer(ToyLREnv()).policy_state({**META, "coordinate_names": ["conv1", "layer1", "fc"]}), path)
+    with pytest.raises(UserInputError, match="conv1, layer1, fc.*c0, c1, c2"):
+        load_policy(path, ToyLREnv())
+
+
+def test_seed_sets_the_policys_weights_and_samples_and_nothing_else():
+    def run(seed):
+        torch.manual_seed(123)  # the global RNG must not matter
+        trainer = ReinforceTrainer(ToyLREnv(), seed=seed)
+        weights = [p.detach().clone() for p in trainer.net.parameters()]
+        return weights, trainer.run_episode(seed=0)["actions"]
+
+    (w0, a0), (w0b, a0b), (w1, a1) = run(0), run(0), run(1)
+    assert all(torch.equal(a, b) for a, b in zip(w0, w0b)) and np.array_equal(a0, a0b)
+    assert not torch.equal(w0[0], w1[0]) and not np.array_equal(a0, a1)
+    net = LSTMPolicy(obs_dim=8, n_coordinates=3)
+    draws = [np.concatenate([ReinforcePolicy(net, deterministic=False, seed=s).act(np.zeros(8, np.float32))
+                             for _ in range(5)]) for s in (7, 7, 8)]
+    assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])
+
+
+def test_episode_seeds_of_different_runs_never_overlap():
+    from agents.rollout import episode_seed
+
+    runs = [{episode_seed(run, ep) for ep in range(200)} for run in range(5)]
+    assert all(len(r) == 200 for r in runs)
+    assert not set.intersection(*runs[:2]) and len(set.union(*runs)) == 1000
+
+
 def test_baselines():
     assert hand_tuned_levels("hand-tuned", 4) == [1, 1, 1, 10]
     assert hand_tuned_levels("large-everywhere", 3) == [10, 10, 10]

@@ -7,6 +7,7 @@ import torch
 
 import apply_policy
 import train_policy
+from agents.rollout import episode_seed
 
 TINY = ["--set", "env.kwargs.episode_steps=3", "--set", "env.kwargs.batch_size=8",
         "--set", "env.kwargs.source_size=160", "--set", "env.kwargs.target_eval_size=60"]
@@ -27,34 +28,68 @@ def test_train_then_resume_then_apply(tmp_path, cache_dir, capsys):
     # Resuming extends the same run instead of starting over.
     assert train_policy.main(["--out", out, "--resume", "--episodes", "2", "--data-root", cache_dir]) == 0
     episodes = _rows(os.path.join(out, "episodes.csv"))
-    assert [r["episode"] for r in episodes] == ["0", "1"] and [r["seed"] for r in episodes] == ["5", "6"]
+    assert [r["episode"] for r in episodes] == ["0", "1"]
+    assert [int(r["seed"]) for r in episodes] == [episode_seed(5, 0), episode_seed(5, 1)]
     assert len(_rows(os.path.join(out, "steps.csv"))) == 6
     assert all(r["target_acc"] == "" for r in episodes)  # policy training never looks at the target
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["episodes_done"] == 2
     assert "policy.pt" in capsys.readouterr().out
 
+    # Applied as trained: the policy's recorded env (T = 3 decisions, held-out reward batch...).
     applied = str(tmp_path / "applied")
-    args = ["--policy", os.path.join(out, "policy.pt"), "--steps", "4", "--eval-every", "2",
-            "--out", applied, "--data-root", cache_dir, *TINY[2:]]
+    args = ["--policy", os.path.join(out, "policy.pt"), "--eval-every", "2", "--out", applied, "--data-root", cache_dir]
     assert apply_policy.main(args) == 0
+    assert "override" not in capsys.readouterr().out
     curve = _rows(os.path.join(applied, "curve.csv"))
-    assert [int(r["step"]) for r in curve] == [0, 2, 4]
+    assert [int(r["step"]) for r in curve] == [0, 2, 3]
     assert all(0 <= float(r["target_mean_class_acc"]) <= 1 for r in curve)
     summary = json.load(open(os.path.join(applied, "summary.json")))
-    assert summary["steps"] == 4 and summary["final"]["step"] == 4
+    assert summary["decisions"] == summary["decisions_made"] == 3 and summary["sgd_steps"] == 3
+    trained = torch.load(os.path.join(out, "policy.pt"), weights_only=True)["env_kwargs"]
+    for key in ("reward_batch", "lam", "lr_base", "batch_size", "image_size", "source_size", "episode_steps"):
+        assert summary["env_kwargs"][key] == trained[key], key
+    assert trained["reward_batch"] == "heldout" and summary["overrides"] == {}
     for name in ("curve.png", "model.safetensors", "steps.csv"):
         assert os.path.getsize(os.path.join(applied, name)) > 0
+
+    # A longer run keeps the 3 decisions and holds each for longer; an explicit setting is an
+    # override, and the tool says so.
+    longer = str(tmp_path / "longer")
+    args = ["--policy", os.path.join(out, "policy.pt"), "--steps", "7", "--out", longer, "--data-root", cache_dir,
+            "--set", "env.kwargs.lam=0.05"]
+    assert apply_policy.main(args) == 0
+    assert "override: lam = 0.05 (the policy was trained with 0.1)" in capsys.readouterr().out
+    summary = json.load(open(os.path.join(longer, "summary.json")))
+    assert summary["decisions"] == 3 and summary["sgd_steps_done"] == 7
+    assert [int(r["sgd_step"]) for r in _rows(os.path.join(longer, "steps.csv"))] == [0, 3, 5, 7]
+    assert summary["overrides"] == {"lam": {"trained": 0.1, "applied": 0.05}}
+
+    every = str(tmp_path / "every")
+    args = ["--policy", os.path.join(out, "policy.pt"), "--steps", "5", "--decision-every-step", "--out", every,
+            "--data-root", cache_dir]
+    assert apply_policy.main(args) == 0
+    assert json.load(open(os.path.join(every, "summary.json")))["decisions"] == 5
 
 
 def test_apply_baseline_by_epochs(tmp_path, cache_dir):
     out = str(tmp_path / "apply")
-    # 152 training images / batch 8 = 19 steps per epoch.
+    # 160 training images / batch 8 = 20 steps per epoch.
     args = ["--policy", "classifier-only", "--epochs", "0.25", "--eval-every", "100", "--out", out,
             "--data-root", cache_dir, *TINY[2:]]
     assert apply_policy.main(args) == 0
     steps = _rows(os.path.join(out, "steps.csv"))
     assert len(steps) == 1 + 5
     assert all(r["action/conv_stem"] == "0" and r["action/new_head"] == "10" for r in steps[1:])
+
+
+def test_hand_tuned_is_the_official_schedule(tmp_path, cache_dir):
+    out = str(tmp_path / "hand")
+    args = ["--policy", "hand-tuned", "--steps", "3", "--out", out, "--data-root", cache_dir, *TINY[2:]]
+    assert apply_policy.main(args) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["env_kwargs"]["lr_schedule"] == "poly"
+    steps = _rows(os.path.join(out, "steps.csv"))
+    assert all(r["action/blocks.1"] == "1" and r["action/new_head"] == "10" for r in steps[1:])
 
 
 @pytest.mark.parametrize(
@@ -71,6 +106,15 @@ def test_apply_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypat
     assert apply_policy.main([*argv, "--out", str(tmp_path / "o"), "--data-root", cache_dir, *TINY[2:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_too_small_a_source_or_a_negative_count_is_refused(tmp_path, cache_dir, capsys):
+    argv = ["--policy", "hand-tuned", "--out", str(tmp_path / "o"), "--data-root", cache_dir, *TINY[2:]]
+    assert apply_policy.main([*argv, "--set", "env.kwargs.source_size=4"]) == 2
+    assert "smaller than one training batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        apply_policy.main([*argv, "--steps", "-3"])
+    assert exit_.value.code == 2 and "must be positive" in capsys.readouterr().err
 
 
 def test_policy_for_another_env_is_refused_by_the_cli(tmp_path, cache_dir, capsys):
