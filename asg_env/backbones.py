@@ -97,7 +97,8 @@ def efficientnet_lite0(weights: str | None = "imagenet") -> Backbone:
         model.load_state_dict(state)
     head = model.classifier
     model.reset_classifier(0)
-    return Backbone(features=model, imagenet_head=head, name="efficientnet_lite0", mean=TF_LITE_MEAN, std=TF_LITE_STD)
+    mean, std = input_normalisation("efficientnet_lite0")
+    return Backbone(features=model, imagenet_head=head, name="efficientnet_lite0", mean=mean, std=std)
 
 
 def _torchvision_state(builder: Callable[..., nn.Module], weights: str) -> dict[str, torch.Tensor]:
