@@ -83,7 +83,7 @@ class EpisodeLog:
 
         self.names = coordinate_names
         self.writer = SummaryWriter(os.path.join(out, "tb"))
-        ep_fields = ["episode", "seed", "return", "length", "final_loss", "final_loss_xe", "final_loss_kl",
+        ep_fields = ["episode", "seed", "return", "length", "final_loss", "final_loss_xe", "final_loss_guidance",
                      *EVAL_KEYS, *[f"mean_action/{n}" for n in coordinate_names], "seconds"]
         self.episodes = self._open(os.path.join(out, "episodes.csv"), ep_fields)
         self.steps = self._open(os.path.join(out, "steps.csv"), ["episode", "step", *[f"action/{n}" for n in coordinate_names]])
@@ -100,7 +100,7 @@ class EpisodeLog:
     def log(self, episode: int, seed: int, ep_return: float, actions: np.ndarray, info: dict, seconds: float) -> None:
         row = {"episode": episode, "seed": seed, "return": ep_return, "length": len(actions),
                "final_loss": info.get("loss"), "final_loss_xe": info.get("loss_xe"),
-               "final_loss_kl": info.get("loss_kl"), "seconds": round(seconds, 2),
+               "final_loss_guidance": info.get("loss_guidance"), "seconds": round(seconds, 2),
                **{k: info[k] for k in EVAL_KEYS if k in info},
                **{f"mean_action/{n}": float(m) for n, m in zip(self.names, actions.mean(0))}}
         self.episodes[1].writerow(row)

@@ -24,7 +24,7 @@ def fine_tune(env: gym.Env, policy: Policy, seed: int, progress: bool = False, d
     obs, info = env.reset(seed=seed)
     policy.reset()
     u = env.unwrapped
-    row = {"step": 0, "sgd_step": 0, "loss": info["loss"], "loss_xe": info["loss_xe"], "loss_kl": info["loss_kl"]}
+    row = {"step": 0, "sgd_step": 0, "loss": info["loss"], "loss_xe": info["loss_xe"], "loss_guidance": info["loss_guidance"]}
     if u.evaluate_target_enabled:
         row.update(u.evaluate_target())
     history = [row]
@@ -35,7 +35,7 @@ def fine_tune(env: gym.Env, policy: Policy, seed: int, progress: bool = False, d
             obs, reward, terminated, truncated, info = env.step(action)
             done = terminated or truncated
             row = {"step": info["step"], "sgd_step": info["sgd_step"], "reward": reward, "loss": info["loss"], "loss_xe": info["loss_xe"],
-                   "loss_kl": info["loss_kl"], "diverged": info["diverged"]}
+                   "loss_guidance": info["loss_guidance"], "diverged": info["diverged"]}
             row.update({f"action/{n}": int(a) for n, a in zip(u.coordinate_names, action)})
             row.update({k: info[k] for k in EVAL_KEYS if k in info})
             history.append(row)

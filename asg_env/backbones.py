@@ -27,14 +27,16 @@ TF_LITE_MEAN = TF_LITE_STD = (0.5, 0.5, 0.5)
 
 @dataclass
 class Backbone:
-    """A feature extractor, the ImageNet head it was trained with, and the input
-    normalisation its weights expect (images in [0, 1] → ``(x - mean) / std``)."""
+    """A feature extractor, the ImageNet head it was trained with, the input normalisation
+    its weights expect (images in [0, 1] → ``(x - mean) / std``) and the resolution they were
+    trained at."""
 
     features: nn.Module
     imagenet_head: nn.Linear
     name: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
 
     @property
     def feature_dim(self) -> int:

@@ -39,6 +39,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -47,7 +48,9 @@ from asg_env.backbones import build_backbone, input_normalisation
 from asg_env.coordinates import Coordinate, optimization_coordinates
 from asg_env.errors import UserInputError
 from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_factor
-from asg_env.proxy import HEADS, ProxyLoss, StudentNet, make_teacher, proxy_guidance_loss
+from asg_env.guidance import GUIDANCES, Guidance, make_guidance
+from asg_env.imagenet_photos import load_imagenet_photos
+from asg_env.proxy import HEADS, ProxyLoss, StudentNet, kl_to_teacher, make_teacher
 from asg_env.tasks import Task, TensorSource, default_cache_dir, make_syndigits_task, make_visda_task
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
@@ -81,7 +84,10 @@ class ASGEnv(gym.Env):
         epochs: the episode's length in passes over the source instead of ``sgd_steps``.
         window: ``"fixed"`` or ``"growing"`` (the official release's windows, which roughly
             double within each epoch; T then follows from ``sgd_steps``).
-        lam: λ, the weight of the proxy-guidance KL term; 0 disables it (no teacher pass).
+        lam: λ, the weight of the guidance term; 0 disables it (no teacher pass).
+        guidance: the term that keeps the student near its ImageNet self (see
+            :mod:`asg_env.guidance`): ``"kl"`` (proxy guidance, the paper's), ``"l2sp"``,
+            ``"feature_l2"``, ``"si"`` or ``"none"``. The observation's second loss is that term.
         lr_base: η_base. momentum, weight_decay: SGD settings shared by all coordinates.
         sgd: ``"official"`` (learning rate inside the momentum) or ``"torch"``; see
             :mod:`asg_env.optim`.
@@ -99,6 +105,8 @@ class ASGEnv(gym.Env):
         tta_flip: evaluate on the average of the sigmoid scores of each image and its
             horizontal flip (the official ``validate``).
         source_size: number of rendered SynDigits training images.
+        synthetic_eval_size: further rendered SynDigits images, never trained on, on which
+            evaluations report ``synthetic_acc`` (0: none).
         device: torch device. channels_last, amp: speed options (AMP only on CUDA, bf16).
         cache_teacher: cache the teacher's logits per source image when the source has no
             random augmentation (in memory for SynDigits, on disk for VisDA). Exact up to the
@@ -125,6 +133,7 @@ class ASGEnv(gym.Env):
         epochs: float | None = None,
         window: str = "fixed",
         lam: float = 0.1,
+        guidance: str = "kl",
         lr_base: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -140,6 +149,7 @@ class ASGEnv(gym.Env):
         target_eval_size: int = 1000,
         tta_flip: bool = False,
         source_size: int = 10_000,
+        synthetic_eval_size: int = 500,
         device: str = "cpu",
         channels_last: bool = True,
         amp: bool = False,
@@ -152,7 +162,8 @@ class ASGEnv(gym.Env):
         for name, value, choices in (("bn_stats", bn_stats, ("frozen", "train")),
                                      ("reward_batch", reward_batch, ("train", "heldout")),
                                      ("window", window, WINDOWS), ("sgd", sgd, SGD_FORMS),
-                                     ("lr_schedule", lr_schedule, LR_SCHEDULES), ("head", head, HEADS)):
+                                     ("lr_schedule", lr_schedule, LR_SCHEDULES), ("head", head, HEADS),
+                                     ("guidance", guidance, GUIDANCES)):
             _choice(name, value, choices)
         if any(v is not None and v < 1 for v in (episode_steps, sgd_steps_per_action, sgd_steps)):
             raise UserInputError("episode_steps, sgd_steps_per_action and sgd_steps must be at least 1")
@@ -175,13 +186,15 @@ class ASGEnv(gym.Env):
         mean, std = input_normalisation(backbone)
         if task == "syndigits":
             self.task: Task = make_syndigits_task(
-                image_size, batch_size, self.device, mean, std, data_root, source_size, target_eval_size
+                image_size, batch_size, self.device, mean, std, data_root, source_size, target_eval_size,
+                synthetic_eval_size=synthetic_eval_size,
             )
         elif task == "visda":
             self.task = make_visda_task(image_size, batch_size, self.device, mean, std, data_root, target_eval_size, num_workers)
         else:
             raise UserInputError(f"unknown task {task!r}; choose 'syndigits' or 'visda'")
         parts = build_backbone(backbone, weights)
+        self.mean, self.std, self.input_size = mean, std, parts.input_size
         self.backbone_name = parts.name
 
         if epochs is not None:
@@ -200,14 +213,20 @@ class ASGEnv(gym.Env):
         self._imagenet_state = {
             k: v.detach().clone() for k, v in self.student.state_dict().items() if not k.startswith("new_head.")
         }
-        self._teacher_heldout = self._teacher_logits(self.task.heldout[0]) if self.lam > 0 else None
-        self._teacher_target: torch.Tensor | None = None
-        self._teacher_cache = self._make_teacher_cache(weights) if self.lam > 0 and cache_teacher else None
+        self.student.eval()
+        active = self.lam > 0 and guidance != "none"
+        self.guidance: Guidance = make_guidance(guidance if active else "none", self.student,
+                                                self.task.heldout[0] if guidance == "si" else None)
+        self.guidance_name = self.guidance.name
+        needs_teacher = self.guidance.teacher_output is not None
+        self._teacher_heldout = self._teacher_out(self.task.heldout[0]) if needs_teacher else None
+        self._teacher_cache = self._make_teacher_cache(weights) if needs_teacher and cache_teacher else None
+        self._target_reference: dict | None = None  # the teacher's target / ImageNet-photo predictions
 
         C = len(self.coordinates)
         self.last_action = np.full(C, N_LEVELS - 1, dtype=np.int64)
         self.coordinate_names = [c.name for c in self.coordinates]
-        self.obs_names = ["loss_xe", "loss_kl", "progress", "head_weight_mean", "head_weight_std"] + [
+        self.obs_names = ["loss_xe", "loss_guidance", "progress", "head_weight_mean", "head_weight_std"] + [
             f"last_action/{n}" for n in self.coordinate_names
         ]
         self._obs_high = np.array([_LOSS_MAX, _LOSS_MAX, 1.0, _STAT_MAX, _STAT_MAX] + [1.0] * C, np.float32)
@@ -260,7 +279,7 @@ class ASGEnv(gym.Env):
             self.optimizer.step()
             self.sgd_step += 1
             self._pending = self._train_losses()  # forward of the next batch with the new θ
-            step_losses = torch.stack([self._pending.xe, self._pending.kl, self._pending.total]).detach()
+            step_losses = torch.stack([self._pending.xe, self._pending.guidance, self._pending.total]).detach()
             sums = step_losses if sums is None else sums + step_losses
         self.t += 1
         if self.reward_batch == "train":
@@ -289,37 +308,65 @@ class ASGEnv(gym.Env):
 
     # ------------------------------------------------------------------------- evaluation
     def evaluate_target(self) -> dict[str, float]:
-        """Accuracy on the real target set, and top-1 agreement of the student's ImageNet
-        head with the teacher there (how much ImageNet knowledge is kept).
+        """What the paper measures, without touching the training trajectory.
 
-        Runs in eval mode under ``inference_mode``: it changes neither the weights nor the
-        BatchNorm statistics, so evaluating never alters the training trajectory. With
-        ``tta_flip``, each image's sigmoid scores are averaged with its mirror image's.
+        * ``target_acc``, ``target_mean_class_acc``: the new head θ_n on the real target set
+          (with ``tta_flip``, each image's sigmoid scores averaged with its mirror image's).
+        * ``target_kl``: KL(teacher ‖ θ_o) on the real target images, the continuous measure of
+          how much of the ImageNet model survives; ``teacher_agreement`` is its top-1 cousin.
+        * ``imagenet_top1`` (θ_o) and ``imagenet_teacher_top1``: top-1 on the 20 real ImageNet
+          validation photos of the ``foolbox`` wheel at the backbone's native resolution, the
+          embedded stand-in for Table 2's ImageNet column (absent without ``foolbox``).
+        * ``synthetic_acc``: θ_n on held-out synthetic images, where the task has them.
+
+        Runs in eval mode under ``inference_mode``, so neither the weights nor the BatchNorm
+        statistics change. The teacher's outputs are computed once and kept.
         """
         was_training = self.student.training
         self.student.eval()
-        preds, labels, imagenet_preds, teacher_preds = [], [], [], []
+        first = self._target_reference is None
+        ref = self._target_reference if not first else {"target": [], "photos": None}
+        preds, labels, kls, agree = [], [], [], []
         with torch.inference_mode(), self._autocast():
-            for x, y in self.task.target.batches():
+            for i, (x, y) in enumerate(self.task.target.batches()):
                 x = x.contiguous(memory_format=self.memory_format)
-                new, old = self.student(x)
+                features = self.student.features(x)
+                new, old = self.student.new_head(features), self.student.imagenet_head(features)
                 if self.tta_flip:
                     new = (new.float().sigmoid() + self.student(x.flip(3))[0].float().sigmoid()) / 2
+                if first:
+                    ref["target"].append(self.teacher(x).float())
+                teacher = ref["target"][i]
                 preds.append(new.argmax(1))
-                imagenet_preds.append(old.argmax(1))
                 labels.append(y)
-                if self._teacher_target is None:  # the teacher is frozen: predict once
-                    teacher_preds.append(self.teacher(x).argmax(1))
+                kls.append(kl_to_teacher(old, teacher) * len(y))
+                agree.append((old.argmax(1) == teacher.argmax(1)).sum())
+            preds, labels = torch.cat(preds), torch.cat(labels)
+            k = self.task.num_classes
+            out = {
+                "target_acc": multiclass_accuracy(preds, labels, k, average="micro"),
+                "target_mean_class_acc": multiclass_accuracy(preds, labels, k, average="macro"),
+                "target_kl": torch.stack(kls).sum() / len(labels),
+                "teacher_agreement": torch.stack(agree).sum() / len(labels),
+            }
+            if self.task.source_eval is not None:
+                sx, sy = zip(*[(self.student(x.contiguous(memory_format=self.memory_format))[0].argmax(1), y)
+                               for x, y in self.task.source_eval.batches()])
+                out["synthetic_acc"] = multiclass_accuracy(torch.cat(sx), torch.cat(sy), k, average="micro")
+            photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device) if first else ref["photos"]
+            if photos is not None:
+                x, y = photos
+                x = x.contiguous(memory_format=self.memory_format)
+                if first:
+                    ref["photos"] = photos
+                    ref["imagenet_teacher_top1"] = (self.teacher(x).argmax(1) == y).float().mean()
+                out["imagenet_top1"] = (self.student(x)[1].argmax(1) == y).float().mean()
+                out["imagenet_teacher_top1"] = ref["imagenet_teacher_top1"]
+        self._target_reference = ref
         self.student.train(was_training)
-        if self._teacher_target is None:
-            self._teacher_target = torch.cat(teacher_preds)
-        preds, labels = torch.cat(preds), torch.cat(labels)
-        k = self.task.num_classes
-        return {
-            "target_acc": float(multiclass_accuracy(preds, labels, k, average="micro")),
-            "target_mean_class_acc": float(multiclass_accuracy(preds, labels, k, average="macro")),
-            "teacher_agreement": float((torch.cat(imagenet_preds) == self._teacher_target).float().mean()),
-        }
+        keys = list(out)
+        return dict(zip(keys, torch.stack([torch.as_tensor(out[k_], dtype=torch.float32, device=self.device)
+                                           for k_ in keys]).tolist()))
 
     # ---------------------------------------------------------------------------- helpers
     def _autocast(self):
@@ -327,33 +374,37 @@ class ASGEnv(gym.Env):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _teacher_out(self, x: torch.Tensor) -> torch.Tensor:
+        """What the guidance compares the student with: the teacher's logits or features."""
         with torch.inference_mode(), self._autocast():
-            logits = self.teacher(x.contiguous(memory_format=self.memory_format))
-        return logits.clone()  # a normal tensor: inference tensors cannot be saved for backward
+            x = x.contiguous(memory_format=self.memory_format)
+            out = self.teacher[0](x) if self.guidance.teacher_output == "features" else self.teacher(x)
+        return out.clone()  # a normal tensor: inference tensors cannot be saved for backward
 
     def _make_teacher_cache(self, weights) -> MemoryTeacherCache | DiskTeacherCache | None:
-        num_logits = self.student.imagenet_head.out_features
+        width = self.student.imagenet_head.out_features if self.guidance.teacher_output == "logits" else self.student.imagenet_head.in_features
         if isinstance(self.task.source, TensorSource):
-            return MemoryTeacherCache(len(self.task.source), num_logits, self.device)
+            return MemoryTeacherCache(len(self.task.source), width, self.device)
         if self.task.cached_images is None:
             return None
-        key = f"{self.task.teacher_cache_key}-{self.backbone_name}-{weights}"
-        return DiskTeacherCache.open_or_build(default_cache_dir(), key, self.task.cached_images, self._teacher_logits,
-                                              num_logits, self.device, num_workers=self.task.source.loader.num_workers)
+        key = f"{self.task.teacher_cache_key}-{self.backbone_name}-{weights}-{self.guidance.teacher_output}"
+        return DiskTeacherCache.open_or_build(default_cache_dir(), key, self.task.cached_images, self._teacher_out,
+                                              width, self.device, num_workers=self.task.source.loader.num_workers)
 
     def _losses_on(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None) -> ProxyLoss:
         with self._autocast():
-            new, old = self.student(x)
-        return proxy_guidance_loss(new, y, old, teacher, self.lam)
+            features = self.student.features(x)
+            xe = F.cross_entropy(self.student.new_head(features).float(), y)
+            term = self.guidance(self.student, features, teacher)
+        return ProxyLoss(xe + self.lam * term, xe, term)
 
     def _train_losses(self) -> ProxyLoss:
         x, y, index = self.task.source.next()
         x = x.contiguous(memory_format=self.memory_format)
         teacher = None
-        if self.lam > 0:
+        if self.guidance.teacher_output is not None:
             cached = self._teacher_cache is not None and index is not None
-            teacher = self._teacher_cache(x, index, self._teacher_logits) if cached else self._teacher_logits(x)
+            teacher = self._teacher_cache(x, index, self._teacher_out) if cached else self._teacher_out(x)
         return self._losses_on(x, y, teacher)
 
     def _heldout_losses(self) -> ProxyLoss:
@@ -377,12 +428,12 @@ class ASGEnv(gym.Env):
     def _read(self, losses: ProxyLoss) -> dict[str, float]:
         """The losses and θ_n's weight statistics as floats, in one host-device transfer."""
         w = self.student.classifier.weight.detach()
-        values = torch.stack([losses.total.detach(), losses.xe.detach(), losses.kl.detach(), w.mean(), w.std()])
-        return dict(zip(("loss", "loss_xe", "loss_kl", "head_weight_mean", "head_weight_std"), values.tolist()))
+        values = torch.stack([losses.total.detach(), losses.xe.detach(), losses.guidance.detach(), w.mean(), w.std()])
+        return dict(zip(("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std"), values.tolist()))
 
     def _observation(self, values: dict[str, float]) -> np.ndarray:
         obs = np.concatenate([
-            [values["loss_xe"], values["loss_kl"], self.t / self.T, values["head_weight_mean"], values["head_weight_std"]],
+            [values["loss_xe"], values["loss_guidance"], self.t / self.T, values["head_weight_mean"], values["head_weight_std"]],
             self.last_action / (N_LEVELS - 1),
         ]).astype(np.float32)
         return np.clip(obs, self._obs_low, self._obs_high)
@@ -393,7 +444,7 @@ class ASGEnv(gym.Env):
             "sgd_step": self.sgd_step,
             "loss": values["loss"],
             "loss_xe": values["loss_xe"],
-            "loss_kl": values["loss_kl"],
+            "loss_guidance": values["loss_guidance"],
             "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
             "diverged": self.diverged,
         }

@@ -63,9 +63,11 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 
 
 class ProxyLoss(NamedTuple):
+    """``total = xe + λ · guidance`` (see :mod:`asg_env.guidance` for the guidance terms)."""
+
     total: torch.Tensor
     xe: torch.Tensor
-    kl: torch.Tensor
+    guidance: torch.Tensor
 
 
 def proxy_guidance_loss(

@@ -139,6 +139,7 @@ class Task:
     target: TensorSource | LoaderSource
     teacher_cache_key: str | None = None
     cached_images: Dataset | None = None
+    source_eval: TensorSource | None = None  # held-out synthetic images, for evaluation only
 
     @property
     def steps_per_epoch(self) -> int:
@@ -165,17 +166,24 @@ def make_syndigits_task(
     source_size: int = 10_000,
     target_eval_size: int = 1_000,
     render_seed: int = 0,
+    synthetic_eval_size: int = 0,
 ) -> Task:
-    """Rendered digits (source) and a fixed class-shuffled subset of real MNIST (target)."""
+    """Rendered digits (source, then the held-out batch, then ``synthetic_eval_size`` images
+    for evaluation) and a fixed class-shuffled subset of real MNIST (target)."""
     if source_size < batch_size:
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
-    images, labels = load_syndigits(data_root or default_cache_dir(), source_size + batch_size, image_size, render_seed)
-    heldout = TensorSource(images[-batch_size:], labels[-batch_size:], batch_size, device, mean, std).all()
-    source = TensorSource(images[:-batch_size], labels[:-batch_size], batch_size, device, mean, std)
+    if synthetic_eval_size < 0:
+        raise UserInputError(f"synthetic_eval_size must be 0 or more, not {synthetic_eval_size}")
+    n = source_size + batch_size
+    images, labels = load_syndigits(data_root or default_cache_dir(), n + synthetic_eval_size, image_size, render_seed)
+    heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
+    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std)
+    source_eval = (TensorSource(images[n:], labels[n:], batch_size, device, mean, std)
+                   if synthetic_eval_size else None)
     tx, ty = _mnist(image_size)
     keep = np.random.default_rng(0).permutation(len(ty))[: min(target_eval_size, len(ty))]
     target = TensorSource(tx[keep], ty[keep], batch_size, device, mean, std)
-    return Task("SynDigits", 10, source, heldout, target)
+    return Task("SynDigits", 10, source, heldout, target, source_eval=source_eval)
 
 
 def make_visda_task(

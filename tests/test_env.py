@@ -36,12 +36,12 @@ def test_spaces_and_named_observation(env):
     assert env.action_space == gym.spaces.MultiDiscrete([N_LEVELS] * C)
     assert env.observation_space.shape == (5 + C,)
     assert np.all(np.isfinite(env.observation_space.low)) and np.all(np.isfinite(env.observation_space.high))
-    assert u.obs_names[:5] == ["loss_xe", "loss_kl", "progress", "head_weight_mean", "head_weight_std"]
+    assert u.obs_names[:5] == ["loss_xe", "loss_guidance", "progress", "head_weight_mean", "head_weight_std"]
     assert len(u.obs_names) == 5 + C
     obs, info = env.reset(seed=0)
     w = u.student.new_head.weight
     assert obs[0] == pytest.approx(info["loss_xe"], rel=1e-5)
-    assert obs[1] == pytest.approx(info["loss_kl"], rel=1e-5)
+    assert obs[1] == pytest.approx(info["loss_guidance"], rel=1e-5)
     assert obs[3] == pytest.approx(w.mean().item(), abs=1e-6)
     assert obs[4] == pytest.approx(w.std().item(), rel=1e-5)
 
@@ -64,7 +64,7 @@ def test_reward_is_the_loss_decrease(env):
         _, reward, _, _, info = env.step(env.action_space.sample())
         assert type(reward) is float
         assert reward == pytest.approx(prev - info["loss"], rel=1e-6)
-        assert info["loss"] == pytest.approx(info["loss_xe"] + env.unwrapped.lam * info["loss_kl"], rel=1e-5)
+        assert info["loss"] == pytest.approx(info["loss_xe"] + env.unwrapped.lam * info["loss_guidance"], rel=1e-5)
         prev = info["loss"]
 
 
@@ -212,7 +212,7 @@ def test_a_window_holds_the_action_and_averages_the_losses(tiny_env_kwargs):
         losses = [proxy_guidance_loss(*u.student(x)[:1], y, u.student(x)[1], u.teacher(x), u.lam)
                   for x, y, _ in (u.task.source.next() for _ in range(3))]
     assert obs[0] == pytest.approx(np.mean([l.xe.item() for l in losses]), rel=1e-5)
-    assert info["loss_kl"] == pytest.approx(np.mean([l.kl.item() for l in losses]), abs=1e-6)
+    assert info["loss_guidance"] == pytest.approx(np.mean([l.guidance.item() for l in losses]), abs=1e-6)
 
 
 def test_a_longer_run_keeps_T_decisions_with_longer_windows(tiny_env_kwargs):
@@ -310,7 +310,7 @@ def test_student_equals_teacher_at_reset(backbone, tiny_env_kwargs):
         env = gym.make("SynDigits-v0", backbone=backbone, weights=weights, reward_batch=reward_batch,
                        evaluate_target=False, **tiny_env_kwargs)
         obs, info = env.reset(seed=0)
-        assert info["loss_kl"] <= 1e-6 and obs[1] <= 1e-6, (backbone, reward_batch, info["loss_kl"])
+        assert info["loss_guidance"] <= 1e-6 and obs[1] <= 1e-6, (backbone, reward_batch, info["loss_guidance"])
         env.close()
 
 

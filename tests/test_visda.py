@@ -124,7 +124,7 @@ def test_official_recipe_fixed_transforms_and_a_disk_cache_of_teacher_logits(vis
     runs = []
     for e in (env, _visda(visda_root, cache_teacher=False)):
         obs, info = e.reset(seed=1)
-        trace = [info["loss_kl"]]
+        trace = [info["loss_guidance"]]
         for _ in range(3):
             obs, reward, *_ = e.step(action)
             trace.append(reward)

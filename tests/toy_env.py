@@ -15,7 +15,7 @@ class ToyLREnv(gym.Env):
         self.best, self.T, self.noise = np.array(best), episode_steps, noise
         C = len(best)
         self.coordinate_names = [f"c{i}" for i in range(C)]
-        self.obs_names = ["loss_xe", "loss_kl", "progress", "head_weight_mean", "head_weight_std"] + [
+        self.obs_names = ["loss_xe", "loss_guidance", "progress", "head_weight_mean", "head_weight_std"] + [
             f"last_action/{n}" for n in self.coordinate_names]
         self.backbone_name = "toy"
         self.observation_space = gym.spaces.Box(-10, 10, (5 + C,), np.float32)
@@ -33,5 +33,5 @@ class ToyLREnv(gym.Env):
     def step(self, action):
         self.t += 1
         reward = -float(np.abs(np.asarray(action) - self.best).mean()) / 10 + self.noise * self.np_random.normal()
-        info = {"loss": 1.0, "loss_xe": 1.0, "loss_kl": 0.0, "step": self.t}
+        info = {"loss": 1.0, "loss_xe": 1.0, "loss_guidance": 0.0, "step": self.t}
         return self._obs(np.asarray(action)), reward, self.t >= self.T, False, info
