@@ -8,7 +8,8 @@ from tqdm.auto import tqdm
 
 from agents.policies import Policy
 
-EVAL_KEYS = ("target_acc", "target_mean_class_acc", "teacher_agreement")
+EVAL_KEYS = ("target_acc", "target_mean_class_acc", "target_kl", "teacher_agreement", "synthetic_acc",
+             "imagenet_top1", "imagenet_teacher_top1")
 
 
 def episode_seed(run_seed: int, episode: int) -> int:
