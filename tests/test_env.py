@@ -158,6 +158,33 @@ def test_teacher_agreement_is_perfect_before_any_update(tiny_env_kwargs):
     assert u.evaluate_target()["teacher_agreement"] == 1.0
 
 
+def test_evaluation_measures_imagenet_retention_and_synthetic_accuracy_by_hand(tiny_env_kwargs):
+    from asg_env.imagenet_photos import load_imagenet_photos
+
+    env = gym.make("SynDigits-v0", synthetic_eval_size=40, **tiny_env_kwargs)
+    u = env.unwrapped
+    env.reset(seed=0)
+    before = u.evaluate_target()
+    assert before["target_kl"] == pytest.approx(0.0, abs=1e-6) and before["teacher_agreement"] == 1.0
+    assert before["imagenet_top1"] == before["imagenet_teacher_top1"] >= 0.8  # Lite0 on the 20 photos, at 224 px
+    for _ in range(3):
+        env.step(np.full(len(u.coordinates), 10))
+    after = u.evaluate_target()
+    with torch.no_grad():
+        kls = []
+        for x, _ in u.task.target.batches():
+            p_t, log_p_s = u.teacher(x).softmax(1), u.student(x)[1].log_softmax(1)
+            kls.append((p_t * (p_t.log() - log_p_s)).sum(1))
+        synthetic = torch.cat([u.student(x)[0].argmax(1) == y for x, y in u.task.source_eval.batches()])
+        photos, labels = load_imagenet_photos(224, u.mean, u.std, u.device)
+        top1 = (u.student(photos)[1].argmax(1) == labels).float().mean()
+    assert len(synthetic) == 40
+    assert after["target_kl"] == pytest.approx(torch.cat(kls).mean().item(), rel=1e-4) and after["target_kl"] > 0
+    assert after["synthetic_acc"] == pytest.approx(synthetic.float().mean().item())
+    assert after["imagenet_top1"] == pytest.approx(top1.item())
+    assert after["imagenet_teacher_top1"] == before["imagenet_teacher_top1"]
+
+
 def test_target_never_reaches_training_observation_or_reward(tiny_env_kwargs):
     """Poisoning the real target set changes nothing but the evaluation numbers, and
     evaluating (even every step) does not perturb the training trajectory."""
