@@ -107,6 +107,8 @@ class ASGEnv(gym.Env):
         source_size: number of rendered SynDigits training images.
         synthetic_eval_size: further rendered SynDigits images, never trained on, on which
             evaluations report ``synthetic_acc`` (0: none).
+        imagenet_photos: how many of the 20 ImageNet photos evaluations classify with θ_o
+            (``imagenet_top1``; 0: none). They run at the backbone's native resolution.
         device: torch device. channels_last, amp: speed options (AMP only on CUDA, bf16).
         cache_teacher: cache the teacher's logits per source image when the source has no
             random augmentation (in memory for SynDigits, on disk for VisDA). Exact up to the
@@ -150,6 +152,7 @@ class ASGEnv(gym.Env):
         tta_flip: bool = False,
         source_size: int = 10_000,
         synthetic_eval_size: int = 500,
+        imagenet_photos: int = 20,
         device: str = "cpu",
         channels_last: bool = True,
         amp: bool = False,
@@ -195,6 +198,9 @@ class ASGEnv(gym.Env):
             raise UserInputError(f"unknown task {task!r}; choose 'syndigits' or 'visda'")
         parts = build_backbone(backbone, weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
+        if imagenet_photos < 0:
+            raise UserInputError(f"imagenet_photos must be 0-20, not {imagenet_photos}")
+        self.imagenet_photos = int(imagenet_photos)
         self.backbone_name = parts.name
 
         if epochs is not None:
@@ -353,7 +359,10 @@ class ASGEnv(gym.Env):
                 sx, sy = zip(*[(self.student(x.contiguous(memory_format=self.memory_format))[0].argmax(1), y)
                                for x, y in self.task.source_eval.batches()])
                 out["synthetic_acc"] = multiclass_accuracy(torch.cat(sx), torch.cat(sy), k, average="micro")
-            photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device) if first else ref["photos"]
+            photos = ref["photos"]
+            if first and self.imagenet_photos:
+                photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device)
+                photos = None if photos is None else (photos[0][: self.imagenet_photos], photos[1][: self.imagenet_photos])
             if photos is not None:
                 x, y = photos
                 x = x.contiguous(memory_format=self.memory_format)

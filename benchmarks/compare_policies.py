@@ -1,285 +1,336 @@
-"""Random vs hand-tuned vs learned learning-rate policies on SynDigits-v0 (ASG §3.3).
+"""The paper's tables on the embedded task: SynDigits-v0 → real MNIST, EfficientNet-Lite0.
 
-Synthetic digits are trained on; the 5,000 real MNIST digits are only evaluated on. Every
-setting runs on the same evaluation seeds with the same budget of SGD steps, and the learned
-policies are trained first on disjoint seeds (spawned from 1000), with the real target
-switched off. Every run, training and evaluation alike, uses the same env configuration and
-so the same observation (held-out synthetic reward batch). A learned policy makes the T
-decisions it was trained with, each held for steps / T SGD steps; the baselines decide at
-every SGD step. "hand-tuned" is the official train.py schedule (backbone 0.1, classifier 1.0,
-warm-up and poly decay).
+SynDigits-v0's defaults (image size, η_base, source size) and the run length come from
+``benchmarks/grid_syndigits.py``, whose rule used only runs without guidance on seeds 0-2.
+Everything here runs on fresh seeds (100, 101, …) that played no part in that choice.
+Synthetic images are trained on; the real digits are only evaluated on.
 
-Settings:
-  * Figure 1/5, Table 2 rows 1-4: large LR everywhere, small backbone + large classifier
-    (the hand-tuned setting), classifier only; each with and without proxy guidance (PG).
-  * Figure 6: random, hand-tuned and learned policies (LSTM REINFORCE, RecurrentPPO), all
-    with PG (λ = 0.1).
-  * Table 1: λ ∈ {0.01, 0.05, 0.1, 0.5, 1} on the hand-tuned setting.
+Every run uses one env configuration: T = 32 decisions, each held for an even share of the
+run's SGD steps, the held-out synthetic reward batch, evaluation every half epoch. Learned
+policies are trained in that configuration, with the real target switched off, on seeds
+spawned from 1000.
 
-Outputs in --out: results.md and results.csv (final and best target accuracy, the best being an
-"oracle" column picked with target labels; overall and
-mean per-class, and teacher agreement, as mean ± std over seeds), curves.csv, curves.png
-(target accuracy over training with a ±1 std band), actions.png (learned policies' actions
-per coordinate over training, Figure 8), and the learned policies in policies/.
+Tables (``results.md``):
+  * Table 2 / Fig. 1, 5: large LR and small-backbone LR, each without and with proxy guidance
+    (PG, λ = 0.1); FC only (the paper's "Oracle on ImageNet", row 5); the comparison
+    regularisers at the small-backbone LR, all at weight 0.1 (feature L2 as in ROAD, L2-SP,
+    SI with Fisher importance; see asg_env/guidance.py); ASG = the REINFORCE policy + PG.
+  * Table 1: λ ∈ {0.01, 0.05, 0.1, 0.5, 1} at the small-backbone LR.
+  * Fig. 6: random vs the best fixed setting vs learned (REINFORCE, RecurrentPPO), all + PG.
+    "Best fixed" is chosen among the named fixed settings + PG by the synthetic held-out
+    cross-entropy at the end of the run, never by the target.
+Headline columns are end-of-run values; "best … (oracle)" is the best point of each target
+curve, picked with target labels. Each row: mean ± std over seeds and a 95 % Student-t CI.
 
-    python benchmarks/compare_policies.py --quick     # about 8 minutes on 2 CPU cores
-    python benchmarks/compare_policies.py             # full: about 42 minutes on 2 CPU cores
+Outputs in --out: results.jsonl (one line per run with its curve: a rerun skips finished runs
+and trained policies), results.md, curves.png (Fig. 1/5: real target, synthetic held-out,
+ImageNet retention), policies.png (Fig. 6), actions.png (Fig. 8) and policies/.
+
+    python benchmarks/compare_policies.py --quick     # about 13 minutes on 2 CPU cores
+    python benchmarks/compare_policies.py             # full: about 75 minutes, resumable
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
-import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import asg_env  # noqa: E402,F401  (registers the ids)
 from agents.loading import env_metadata, load_policy, save_policy  # noqa: E402
-from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
 from agents.policies import baseline_env_kwargs  # noqa: E402
+from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
 from agents.rollout import episode_seed, fine_tune  # noqa: E402
 
 PRESETS = {
-    "full": dict(seeds=3, steps=300, eval_every=25, policy_episodes=30, policy_steps=100, target_eval_size=1000),
-    "quick": dict(seeds=3, steps=60, eval_every=20, policy_episodes=8, policy_steps=60, target_eval_size=500),
+    "full": dict(seeds=3, epochs=4.0, policy_episodes=12, target_eval_size=500),
+    "quick": dict(seeds=3, epochs=1.0, policy_episodes=3, target_eval_size=300),
 }
-LAMBDAS = (0.01, 0.05, 0.1, 0.5, 1.0)
+DECISIONS = 32
+FIRST_SEED = 100  # the grid that chose the defaults used seeds 0-2
 POLICY_SEED_OFFSET = 1000  # policy-training seeds never overlap the evaluation seeds
-REWARD_BATCH = "heldout"  # one observation for policy training and for every evaluation run
+REWARD_BATCH = "heldout"
+PG = 0.1
+LAMBDAS = (0.01, 0.05, 0.1, 0.5, 1.0)
+LEARNED = ("reinforce", "recurrent-ppo")
+FIXED = ("large-everywhere", "small-backbone-large-classifier", "classifier-only", "hand-tuned")
 
 
 @dataclass
 class Setting:
     name: str
-    policy: str  # a baseline name, or "reinforce" / "recurrent-ppo" for the learned ones
-    lam: float
-    groups: tuple[str, ...]  # which comparisons (figures/tables) it belongs to
+    policy: str  # a baseline, or one of LEARNED
+    lam: float = 0.0
+    guidance: str = "none"
+    groups: tuple[str, ...] = ()
+    env: dict = field(default_factory=dict)
+
+    def env_kwargs(self) -> dict:
+        extra = {} if self.policy in LEARNED else baseline_env_kwargs(self.policy)
+        return {"lam": self.lam, "guidance": self.guidance, **extra, **self.env}
 
 
 def settings() -> list[Setting]:
-    out = []
-    for label, policy in (("large LR", "large-everywhere"), ("small backbone + large FC", "hand-tuned"),
-                          ("FC only", "classifier-only")):
-        out.append(Setting(label, policy, 0.0, ("lr",)))
-        extra = ("policy", "lambda") if policy == "hand-tuned" else ()
-        out.append(Setting(f"{label} + PG", policy, 0.1, ("lr", *extra)))
-    out += [Setting("random + PG", "random", 0.1, ("policy",)),
-            Setting("REINFORCE (learned) + PG", "reinforce", 0.1, ("policy",)),
-            Setting("RecurrentPPO (learned) + PG", "recurrent-ppo", 0.1, ("policy",))]
-    out += [Setting(f"small backbone + large FC, λ={lam:g}", "hand-tuned", lam, ("lambda",))
-            for lam in LAMBDAS if lam != 0.1]
+    small = "small-backbone-large-classifier"
+    out = [
+        Setting("1. large LR", "large-everywhere", groups=("table2",)),
+        Setting("2. large LR + PG", "large-everywhere", PG, "kl", ("table2", "fixed")),
+        Setting("3. small backbone + large FC", small, groups=("table2",)),
+        Setting("4. small backbone + large FC + PG", small, PG, "kl", ("table2", "fixed", "lambda")),
+        Setting("5. FC only (oracle on ImageNet)", "classifier-only", groups=("table2", "fixed")),
+        Setting("6. small backbone + feature L2 (ROAD)", small, PG, "feature_l2", ("table2",)),
+        Setting("7. small backbone + L2-SP", small, PG, "l2sp", ("table2",)),
+        Setting("8. small backbone + SI (Fisher Ω)", small, PG, "si", ("table2",)),
+        Setting("9. ASG: REINFORCE policy + PG", "reinforce", PG, "kl", ("table2", "policy")),
+        Setting("hand-tuned (official poly schedule) + PG", "hand-tuned", PG, "kl", ("fixed",)),
+        Setting("random + PG", "random", PG, "kl", ("policy",)),
+        Setting("RecurrentPPO policy + PG", "recurrent-ppo", PG, "kl", ("policy",)),
+    ]
+    out += [Setting(f"small backbone + large FC + PG, λ = {lam:g}", small, lam, "kl", ("lambda",))
+            for lam in LAMBDAS if lam != PG]
     return out
 
 
-def train_policies(make_env, args, out: str) -> dict[str, tuple[str, float]]:
-    """Learn REINFORCE and RecurrentPPO policies on synthetic data only. Returns path and seconds."""
+def mean_ci(values) -> tuple[float, float, float]:
+    """Mean, sample std and the half-width of the 95 % Student-t confidence interval."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), 0.0, float("nan")
+    std = float(v.std(ddof=1))
+    return float(v.mean()), std, float(stats.t.ppf(0.975, len(v) - 1) * std / np.sqrt(len(v)))
+
+
+def train_policies(make_env, args, out: str) -> dict[str, str]:
+    """Learn REINFORCE and RecurrentPPO policies on synthetic data only (kept across reruns)."""
     from agents.sb3_agents import make_sb3, sb3_policy_state
 
-    env = make_env(lam=0.1, episode_steps=args.policy_steps, evaluate_target=False)
+    paths = {a: os.path.join(out, "policies", f"{a.replace('-', '_')}.pt") for a in LEARNED}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    env = make_env(lam=PG, guidance="kl", evaluate_target=False)
     meta = env_metadata(env)
-    learned = {}
-
-    start = time.perf_counter()
-    trainer = ReinforceTrainer(env, ReinforceConfig(), seed=args.seed)
-    for ep in tqdm(range(args.policy_episodes), desc="training REINFORCE policy", leave=False):
-        trainer.run_episode(seed=episode_seed(POLICY_SEED_OFFSET, ep))
-    path = os.path.join(out, "policies", "reinforce.pt")
-    save_policy(trainer.policy_state(meta), path)
-    learned["reinforce"] = (path, time.perf_counter() - start)
-
-    start = time.perf_counter()
-    env.reset(seed=POLICY_SEED_OFFSET)
-    model = make_sb3("recurrent-ppo", env, seed=POLICY_SEED_OFFSET, hyperparams={
-        "n_steps": args.policy_steps, "batch_size": max(2, args.policy_steps // 2), "n_epochs": 4,
-        "ent_coef": 0.01, "policy_kwargs": {"lstm_hidden_size": 20}})
-    model.learn(total_timesteps=args.policy_episodes * args.policy_steps)
-    path = os.path.join(out, "policies", "recurrent_ppo.pt")
-    save_policy(sb3_policy_state("recurrent-ppo", model, meta), path)
-    learned["recurrent-ppo"] = (path, time.perf_counter() - start)
+    if not os.path.isfile(paths["reinforce"]):
+        trainer = ReinforceTrainer(env, ReinforceConfig(), seed=args.seed)
+        for ep in tqdm(range(args.policy_episodes), desc="training REINFORCE", leave=False):
+            trainer.run_episode(seed=episode_seed(POLICY_SEED_OFFSET, ep))
+        save_policy(trainer.policy_state(meta), paths["reinforce"])
+    if not os.path.isfile(paths["recurrent-ppo"]):
+        env.reset(seed=POLICY_SEED_OFFSET)
+        model = make_sb3("recurrent-ppo", env, seed=POLICY_SEED_OFFSET, hyperparams={
+            "n_steps": args.decisions, "batch_size": max(2, args.decisions // 2), "n_epochs": 4, "ent_coef": 0.01,
+            "policy_kwargs": {"lstm_hidden_size": 20}})
+        model.learn(total_timesteps=args.policy_episodes * args.decisions, progress_bar=False)
+        save_policy(sb3_policy_state("recurrent-ppo", model, meta), paths["recurrent-ppo"])
     env.close()
-    return learned
+    return paths
 
 
-def mean_std(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def summarise(name: str, runs: list[list[dict]]) -> dict:
-    """Final and best target accuracy (mean ± std over seeds) from each seed's eval rows."""
-    row = {"setting": name, "seeds": len(runs)}
-    evals = [[r for r in h if "target_acc" in r] for h in runs]
-    for key, short in (("target_acc", "acc"), ("target_mean_class_acc", "mean_class_acc")):
-        row[f"final_{short}"], row[f"final_{short}_std"] = mean_std([e[-1][key] for e in evals])
-        row[f"best_{short}"], row[f"best_{short}_std"] = mean_std([max(r[key] for r in e if r["step"] > 0) for e in evals])
-    row["teacher_agreement"], row["teacher_agreement_std"] = mean_std([e[-1]["teacher_agreement"] for e in evals])
-    row["diverged"] = sum(bool(h[-1].get("diverged")) for h in runs)
+def summarise(setting: Setting, runs: list[dict]) -> dict:
+    row = {"setting": setting.name, "seeds": len(runs), "diverged": sum(r["diverged"] for r in runs)}
+    finals = [r["curve"][-1] for r in runs]
+    for key in ("target_mean_class_acc", "target_acc", "imagenet_top1", "target_kl", "teacher_agreement",
+                "synthetic_acc"):
+        row[key], row[f"{key}_std"], row[f"{key}_ci"] = mean_ci([f.get(key, np.nan) for f in finals])
+    row["heldout_xe"], row["heldout_xe_std"], row["heldout_xe_ci"] = mean_ci([r["final_heldout_xe"] for r in runs])
+    best = [max(c["target_mean_class_acc"] for c in r["curve"][1:]) for r in runs]
+    row["best_mean_class_acc_oracle"], row["best_mean_class_acc_oracle_std"], _ = mean_ci(best)
+    row["imagenet_teacher_top1"] = float(np.mean([f.get("imagenet_teacher_top1", np.nan) for f in finals]))
     return row
 
 
-def write_tables(rows: list[dict], groups: dict[str, list[str]], out: str, header: str) -> str:
-    with open(os.path.join(out, "results.csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    by_name = {r["setting"]: r for r in rows}
-    pct = lambda r, k: f"{100 * r[k]:.1f} ± {100 * r[k + '_std']:.1f}"  # noqa: E731
+def write_tables(rows: dict[str, dict], groups: dict[str, list[str]], best_fixed: str, header: str, out: str) -> str:
+    pct = lambda r, k: f"{100 * r[k]:.1f} ± {100 * r[k + '_std']:.1f} [±{100 * r[k + '_ci']:.1f}]"  # noqa: E731
+    titles = {
+        "table2": "Table 2 / Fig. 1, 5: learning rates, proxy guidance and the comparison regularisers",
+        "lambda": "Table 1: λ of the proxy guidance at the small-backbone LR",
+        "fixed": "Candidates for the best fixed setting (all + PG; picked by synthetic held-out cross-entropy)",
+        "policy": "Fig. 6: random vs best fixed vs learned policies, all + PG (λ = 0.1)",
+    }
     lines = [header, ""]
-    titles = {"lr": "Learning-rate settings with and without proxy guidance (Fig. 1/5, Table 2 rows 1-4)",
-              "policy": "Policies, all with proxy guidance λ = 0.1 (Fig. 6)",
-              "lambda": "λ sweep on the hand-tuned setting (Table 1)"}
     for group, names in groups.items():
         lines += [f"### {titles[group]}", "",
-                  "| setting | final acc % | final mean-class acc % | best acc % (oracle) | best mean-class acc % (oracle) | teacher agreement % |",
-                  "|---|---|---|---|---|---|"]
+                  "| setting | real-target mean-class acc % | ImageNet top-1 of θ_o % (20 photos) | KL(teacher ‖ θ_o) on target | "
+                  "synthetic held-out acc % | synthetic held-out XE | best mean-class acc % (oracle) |",
+                  "|---|---|---|---|---|---|---|"]
         for n in names:
-            r = by_name[n]
-            lines.append(f"| {n}{' (diverged ×%d)' % r['diverged'] if r['diverged'] else ''} | {pct(r, 'final_acc')} | "
-                         f"{pct(r, 'final_mean_class_acc')} | {pct(r, 'best_acc')} | {pct(r, 'best_mean_class_acc')} | "
-                         f"{pct(r, 'teacher_agreement')} |")
+            r = rows[n]
+            label = n + (f" (diverged ×{r['diverged']})" if r["diverged"] else "") + (" ← best fixed" if n == best_fixed else "")
+            lines.append(f"| {label} | {pct(r, 'target_mean_class_acc')} | {pct(r, 'imagenet_top1')} | "
+                         f"{r['target_kl']:.3f} ± {r['target_kl_std']:.3f} | {pct(r, 'synthetic_acc')} | "
+                         f"{r['heldout_xe']:.3f} ± {r['heldout_xe_std']:.3f} | "
+                         f"{100 * r['best_mean_class_acc_oracle']:.1f} ± {100 * r['best_mean_class_acc_oracle_std']:.1f} |")
         lines.append("")
+    lines.append("Mean ± std over seeds [95 % Student-t CI half-width]. The teacher's ImageNet top-1 on the 20 photos is "
+                 f"{100 * next(iter(rows.values()))['imagenet_teacher_top1']:.0f} %.")
     text = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(text)
+        fh.write(text + "\n")
     return text
 
 
-def plot_curves(results: dict[str, list[list[dict]]], groups: dict[str, list[str]], path: str) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
-    for ax, (group, names) in zip(axes[0], groups.items()):
-        colours: dict[str, str] = {}  # a setting and its "+ PG" twin share a colour
-        for name in names:
-            evals = [[r for r in h if "target_acc" in r] for h in results[name]]
-            steps = [r["sgd_step"] for r in evals[0]]
-            acc = np.array([[r["target_acc"] for r in e] for e in evals]) * 100
-            mean, std = acc.mean(0), acc.std(0)
-            base = name.removesuffix(" + PG") if group == "lr" else name
-            colour = colours.setdefault(base, f"C{len(colours)}")
-            dashed = group == "lr" and not name.endswith(" + PG")
-            ax.plot(steps, mean, label=name, color=colour, linestyle="--" if dashed else "-")
-            ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.12)
-        ax.set(xlabel="SGD step", ylabel="real-target (MNIST) accuracy %", title=group)
+    return plt
+
+
+def _band(ax, runs: list[dict], key: str, label: str, **style) -> None:
+    steps = [c["sgd_step"] for c in runs[0]["curve"]]
+    values = np.array([[c.get(key, np.nan) for c in r["curve"]] for r in runs if len(r["curve"]) == len(steps)])
+    scale = 1 if key == "target_kl" else 100
+    mean, std = values.mean(0) * scale, values.std(0) * scale
+    line, = ax.plot(steps, mean, label=label, **style)
+    ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+
+
+def plot_curves(results: dict[str, list[dict]], names: list[str], path: str) -> None:
+    """Fig. 1/5 with the retention the paper reports in Table 2, over training (mean ± std)."""
+    plt = _plt()
+    panels = (("target_mean_class_acc", "real target: mean per-class acc %"), ("synthetic_acc", "synthetic held-out acc %"),
+              ("imagenet_top1", "ImageNet top-1 of θ_o % (20 photos)"), ("target_kl", "KL(teacher ‖ θ_o) on the real target"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for i, name in enumerate(names):
+            _band(ax, results[name], key, name, color=f"C{i}", linestyle="-" if "PG" in name or i >= 5 else "--")
+        ax.set(xlabel="SGD step", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_actions(results: dict[str, list[list[dict]]], names: list[str], coordinates: list[str], path: str) -> None:
-    """Figure 8: the level each learned policy picks per coordinate over training (mean over seeds)."""
-    import matplotlib
+def plot_policies(results: dict[str, list[dict]], names: list[str], path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in names:
+        _band(ax, results[name], "target_mean_class_acc", name)
+    ax.set(xlabel="SGD step", ylabel="real-target mean per-class acc %", title="Fig. 6 analogue (all + PG)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_actions(results: dict[str, list[dict]], names: list[str], coordinates: list[str], path: str) -> None:
+    """Fig. 8: the level each learned policy picks per coordinate over training (mean over seeds)."""
+    plt = _plt()
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.6 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
-        levels = np.array([[[r[f"action/{c}"] for c in coordinates] for r in h[1:]] for h in results[name]]).mean(0).T
+        levels = np.array([r["actions"] for r in results[name]]).mean(0).T
         im = ax.imshow(levels, aspect="auto", cmap="viridis", vmin=0, vmax=10, interpolation="nearest")
         ax.set(yticks=range(len(coordinates)), yticklabels=coordinates, xlabel="decision", title=name)
         ax.tick_params(axis="y", labelsize=7)
         fig.colorbar(im, ax=ax, label="level (scale ×10)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short runs that still cover every setting")
-    p.add_argument("--out", default=None, help="output folder (default: runs/compare-<mode>)")
+    p.add_argument("--quick", action="store_true", help="one-epoch runs and briefly trained policies; every setting")
+    p.add_argument("--out", help="output folder (default: docs/results, or runs/compare-quick with --quick)")
     p.add_argument("--seeds", type=int, help="evaluation seeds per setting (at least 3 for the reported tables)")
-    p.add_argument("--steps", type=int, help="SGD steps per fine-tuning run")
-    p.add_argument("--eval-every", type=int, help="SGD steps between real-target evaluations")
+    p.add_argument("--epochs", type=float, help="run length in passes over the synthetic source")
     p.add_argument("--policy-episodes", type=int, help="episodes to train each learned policy")
-    p.add_argument("--policy-steps", type=int, help="decisions (= SGD steps) per policy-training episode")
+    p.add_argument("--decisions", type=int, default=DECISIONS, help="T, decisions per run (every setting)")
     p.add_argument("--target-eval-size", type=int, help="real target images evaluated")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--source-size", type=int, default=10_000, help="rendered synthetic training images")
-    p.add_argument("--lr-base", type=float, default=0.02, help="η_base for every setting")
-    p.add_argument("--seed", type=int, default=0, help="first evaluation seed; the policy agents' seed too")
+    p.add_argument("--seed", type=int, default=FIRST_SEED, help="first evaluation seed; the policy agents' seed too")
+    p.add_argument("--env-kwargs", default="{}", help="JSON overrides of SynDigits-v0's defaults (e.g. for tests)")
     p.add_argument("--data-root", help="SynDigits cache folder")
     args = p.parse_args(argv)
     for key, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if min(args.seeds, args.policy_episodes, args.decisions) < 1 or args.epochs <= 0:
+        p.error("--seeds, --policy-episodes and --decisions must be at least 1, and --epochs positive")
+    try:
+        args.env_kwargs = json.loads(args.env_kwargs)
+    except json.JSONDecodeError as exc:
+        p.error(f"--env-kwargs is not JSON: {exc}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
-    out = args.out or os.path.join("runs", f"compare-{mode}")
+    out = args.out or ("runs/compare-quick" if args.quick else os.path.join("docs", "results"))
     os.makedirs(os.path.join(out, "policies"), exist_ok=True)
     start = time.perf_counter()
+    half_epochs = max(1, round(2 * args.epochs))
 
     def make_env(**kw) -> gym.Env:
-        base = dict(batch_size=args.batch_size, source_size=args.source_size, target_eval_size=args.target_eval_size,
-                    lr_base=args.lr_base, data_root=args.data_root, reward_batch=REWARD_BATCH)
+        base = dict(episode_steps=args.decisions, epochs=args.epochs, eval_every=max(1, args.decisions // half_epochs),
+                    target_eval_size=args.target_eval_size, reward_batch=REWARD_BATCH, data_root=args.data_root,
+                    **args.env_kwargs)
         return gym.make("SynDigits-v0", **{**base, **kw})
 
-    learned = train_policies(make_env, args, out)
-    policy_seconds = sum(s for _, s in learned.values())
+    path = os.path.join(out, "results.jsonl")
+    done: dict[str, dict] = {}
+    if os.path.isfile(path):
+        with open(path) as fh:
+            done = {r["key"]: r for r in map(json.loads, filter(str.strip, fh))}
+    policies = train_policies(make_env, args, out)
 
     all_settings = settings()
-    results: dict[str, list[list[dict]]] = {}
-    eval_seeds = [args.seed + i for i in range(args.seeds)]
-    bar = tqdm(total=len(all_settings) * len(eval_seeds), desc="fine-tuning runs")
-    envs: dict[tuple, gym.Env] = {}  # reused across seeds and settings with the same configuration
-    for s in all_settings:
-        if s.policy in learned:  # T decisions, as trained, over the run's SGD steps
-            kw = dict(episode_steps=args.policy_steps, eval_every=max(1, round(args.eval_every * args.policy_steps / args.steps)))
-        else:  # a decision at every SGD step
-            kw = dict(episode_steps=None, eval_every=args.eval_every, **baseline_env_kwargs(s.policy))
-        kw.update(lam=s.lam, sgd_steps=args.steps)
-        key = tuple(sorted(kw.items()))
-        if key not in envs:
-            envs[key] = make_env(**kw)
-        env = envs[key]
-        spec = learned[s.policy][0] if s.policy in learned else s.policy
-        results[s.name] = []
-        for seed in eval_seeds:
-            policy = load_policy(spec, env, deterministic=True, seed=seed)
-            results[s.name].append(fine_tune(env, policy, seed))
-            bar.update(1)
-    bar.close()
-    coordinates = env_metadata(env)["coordinate_names"]
+    seeds = [args.seed + i for i in range(args.seeds)]
+    cells = [(s, seed) for s in all_settings for seed in seeds]
+    envs: dict[str, gym.Env] = {}
+    for s, seed in tqdm(cells, desc="fine-tuning runs (cells)"):
+        key = f"{s.name} | seed {seed}"
+        if key in done:
+            continue
+        kw = s.env_kwargs()
+        env_key = json.dumps(kw, sort_keys=True)
+        if env_key not in envs:
+            envs[env_key] = make_env(**kw)
+        env = envs[env_key]
+        policy = load_policy(policies.get(s.policy, s.policy), env, deterministic=True, seed=seed)
+        history = fine_tune(env, policy, seed)
+        u = env.unwrapped
+        line = {"key": key, "setting": s.name, "seed": seed, "diverged": bool(history[-1].get("diverged")),
+                "final_heldout_xe": history[-1]["loss_xe"], "env_kwargs": {k: v for k, v in u.config.items()},
+                "curve": [{k: v for k, v in r.items() if not k.startswith("action/")} for r in history if "target_acc" in r],
+                "actions": [[r[f"action/{c}"] for c in u.coordinate_names] for r in history[1:]]}
+        with open(path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        done[key] = line
+    coordinates = env_metadata(next(iter(envs.values())) if envs else make_env())["coordinate_names"]
 
-    groups = {g: [s.name for s in all_settings if g in s.groups] for g in ("lr", "policy", "lambda")}
-    rows = [summarise(s.name, results[s.name]) for s in all_settings]
-    with open(os.path.join(out, "curves.csv"), "w", newline="") as fh:
-        fields = ["setting", "seed", "step", "sgd_step", "target_acc", "target_mean_class_acc", "teacher_agreement"]
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for name, runs in results.items():
-            for seed, history in zip(eval_seeds, runs):
-                writer.writerows({"setting": name, "seed": seed, **r} for r in history if "target_acc" in r)
-    plot_curves(results, groups, os.path.join(out, "curves.png"))
-    plot_actions(results, ["REINFORCE (learned) + PG", "RecurrentPPO (learned) + PG"], coordinates,
+    results = {s.name: [done[f"{s.name} | seed {seed}"] for seed in seeds] for s in all_settings}
+    rows = {s.name: summarise(s, results[s.name]) for s in all_settings}
+    groups = {g: [s.name for s in all_settings if g in s.groups] for g in ("table2", "lambda", "fixed", "policy")}
+    best_fixed = min(groups["fixed"], key=lambda n: rows[n]["heldout_xe"])
+    groups["policy"] = ["random + PG", best_fixed, "9. ASG: REINFORCE policy + PG", "RecurrentPPO policy + PG"]
+    groups["lambda"] = sorted(groups["lambda"], key=lambda n: next(s.lam for s in all_settings if s.name == n))
+    plot_curves(results, groups["table2"][:8], os.path.join(out, "curves.png"))
+    plot_policies(results, groups["policy"], os.path.join(out, "policies.png"))
+    plot_actions(results, ["9. ASG: REINFORCE policy + PG", "RecurrentPPO policy + PG"], coordinates,
                  os.path.join(out, "actions.png"))
+    u = next(iter(envs.values())).unwrapped if envs else make_env().unwrapped
     total = time.perf_counter() - start
-    header = (f"SynDigits-v0 → real MNIST, EfficientNet-Lite0, {mode} mode: {args.steps} steps × batch "
-              f"{args.batch_size}, η_base {args.lr_base}, seeds {eval_seeds}, {args.target_eval_size} target images. "
-              f"Policy training ({args.policy_episodes} episodes × {args.policy_steps} steps each, seeds "
-              f"spawned from {POLICY_SEED_OFFSET}): REINFORCE {learned['reinforce'][1] / 60:.1f} min, RecurrentPPO "
-              f"{learned['recurrent-ppo'][1] / 60:.1f} min. Total wall time {total / 60:.1f} min.")
-    print(write_tables(rows, groups, out, header))
-    print(f"policy training took {policy_seconds / 60:.1f} min of {total / 60:.1f} min; results in {out}/")
+    header = (f"SynDigits-v0 → real MNIST, EfficientNet-Lite0, {mode} mode: {u.total_sgd_steps} SGD steps "
+              f"({args.epochs:g} epochs of {len(u.task.source)} images, batch {u.task.source.batch_size}, "
+              f"{u.config['image_size']} px), η_base {u.lr_base:g}, T = {u.T} decisions, seeds {seeds}, "
+              f"{args.target_eval_size} real target images. Policies trained for {args.policy_episodes} episodes on "
+              f"seeds spawned from {POLICY_SEED_OFFSET}. Wall time of this invocation {total / 60:.1f} min.")
+    print(write_tables(rows, groups, best_fixed, header, out))
+    print(f"results in {out}/")
     return 0
 
 

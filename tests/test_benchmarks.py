@@ -1,8 +1,6 @@
-import csv
 import importlib.util
-import math
+import json
 import os
-
 import sys
 
 import pytest
@@ -18,40 +16,47 @@ def _load(name):
 
 
 @pytest.mark.slow
-def test_compare_policies_writes_well_formed_tables_and_plots(tmp_path, cache_dir):
+def test_compare_policies_writes_tables_plots_and_resumes(tmp_path, cache_dir, monkeypatch):
     compare = _load("compare_policies")
     out = tmp_path / "cmp"
-    argv = ["--out", str(out), "--seeds", "2", "--steps", "4", "--eval-every", "2", "--policy-episodes", "1",
-            "--policy-steps", "4", "--source-size", "160", "--target-eval-size", "60", "--batch-size", "8",
-            "--data-root", cache_dir]
+    tiny = '{"source_size": 160, "batch_size": 8, "image_size": 32, "synthetic_eval_size": 40, "imagenet_photos": 4}'
+    argv = ["--out", str(out), "--seeds", "2", "--epochs", "0.5", "--decisions", "2", "--policy-episodes", "1",
+            "--target-eval-size", "60", "--env-kwargs", tiny, "--data-root", cache_dir]
     assert compare.main(argv) == 0
 
-    with open(out / "results.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    names = {r["setting"] for r in rows}
-    assert len(rows) == len(compare.settings()) == 13
-    assert {"large LR", "large LR + PG", "FC only + PG", "random + PG", "REINFORCE (learned) + PG",
-            "RecurrentPPO (learned) + PG", "small backbone + large FC, λ=0.01"} <= names
-    for r in rows:
-        assert r["seeds"] == "2"
-        for key in ("final_acc", "final_mean_class_acc", "best_acc", "best_mean_class_acc", "teacher_agreement"):
-            value, std = float(r[key]), float(r[f"{key}_std"])
-            assert 0 <= value <= 1 and math.isfinite(std) and std >= 0
+    with open(out / "results.jsonl") as fh:
+        lines = [json.loads(line) for line in fh]
+    assert len(lines) == len(compare.settings()) * 2 == 32
+    by_key = {r["key"]: r for r in lines}
+    for r in lines:
+        assert [c["sgd_step"] for c in r["curve"]] == [0, 10]  # half an epoch of 20 SGD steps
+        assert len(r["actions"]) == 2 and r["env_kwargs"]["reward_batch"] == compare.REWARD_BATCH
+        for c in r["curve"]:
+            for key in ("target_mean_class_acc", "imagenet_top1", "synthetic_acc", "teacher_agreement"):
+                assert 0 <= c[key] <= 1
+    # Each row's guidance reached the env, and PG is exactly 0 at reset for every setting.
+    assert by_key["7. small backbone + L2-SP | seed 100"]["env_kwargs"]["guidance"] == "l2sp"
+    assert by_key["1. large LR | seed 100"]["env_kwargs"]["lam"] == 0.0
+    assert all(r["curve"][0]["target_kl"] < 1e-6 for r in lines)
 
     table = (out / "results.md").read_text()
-    assert table.count("| REINFORCE (learned) + PG |") == 1 and "±" in table
-    with open(out / "curves.csv") as fh:
-        curve = list(csv.DictReader(fh))
-    assert {int(r["sgd_step"]) for r in curve} == {0, 2, 4} and len(curve) == 13 * 2 * 3
-    # The table's "final" is the mean over seeds of each run's last evaluation in the curves.
-    for r in rows:
-        last = [float(c["target_acc"]) for c in curve if c["setting"] == r["setting"] and c["sgd_step"] == "4"]
-        assert len(last) == 2 and float(r["final_acc"]) == pytest.approx(sum(last) / 2)
-    # Learned policies were trained and evaluated with the same observation (reward batch).
-    import torch
-
-    state = torch.load(out / "policies" / "reinforce.pt", weights_only=True)
-    assert state["env_kwargs"]["reward_batch"] == compare.REWARD_BATCH
-    for name in ("curves.png", "actions.png"):
+    assert table.count("| 9. ASG: REINFORCE policy + PG |") == 2  # Table 2 row 9 and Fig. 6
+    assert "← best fixed" in table and "(oracle)" in table and "[±" in table
+    # The table's headline is the mean over seeds of each run's last evaluation.
+    row = next(line for line in table.splitlines() if line.startswith("| 1. large LR |"))
+    finals = [by_key[f"1. large LR | seed {s}"]["curve"][-1]["target_mean_class_acc"] for s in (100, 101)]
+    assert row.split("|")[2].strip().startswith(f"{100 * sum(finals) / 2:.1f} ±")
+    for name in ("curves.png", "policies.png", "actions.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "policies" / "reinforce.pt").is_file() and (out / "policies" / "recurrent_ppo.pt").is_file()
+
+    # Resumable: a rerun skips every finished run and the trained policies.
+    before = {p: p.stat().st_mtime for p in (out / "policies").iterdir()}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run or a trained policy was redone")
+
+    monkeypatch.setattr(compare, "fine_tune", must_not_run)
+    monkeypatch.setattr(compare, "ReinforceTrainer", must_not_run)
+    assert compare.main(argv) == 0
+    assert sum(1 for _ in open(out / "results.jsonl")) == 32
+    assert {p: p.stat().st_mtime for p in (out / "policies").iterdir()} == before
