@@ -143,8 +143,12 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["sgd_step"] for r in rows]
-    for key, label in zip(EVAL_KEYS, ("target accuracy", "target mean per-class accuracy", "teacher agreement")):
-        ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label=label)
+    labels = {"target_acc": "real target accuracy", "target_mean_class_acc": "real target mean per-class accuracy",
+              "synthetic_acc": "synthetic held-out accuracy", "imagenet_top1": "ImageNet top-1 of θ_o (photos)",
+              "teacher_agreement": "agreement with the teacher on the target"}
+    for key, label in labels.items():
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label=label)
     ax.set(xlabel="SGD step", ylabel="fraction", ylim=(0, 1), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -181,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     seconds = time.perf_counter() - start
 
-    curve = [{k: r[k] for k in ("step", "sgd_step", *EVAL_KEYS)} for r in history if "target_acc" in r]
+    curve = [{k: r[k] for k in ("step", "sgd_step", *EVAL_KEYS) if k in r} for r in history if "target_acc" in r]
     write_csv(curve, os.path.join(out, "curve.csv"))
     write_csv(history, os.path.join(out, "steps.csv"))
     plot_curve(curve, os.path.join(out, "curve.png"), f"{env_config['id']}: {args.policy}")
@@ -199,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{u.sgd_step} SGD steps in {seconds / 60:.1f} min on {u.device}; final target accuracy "
           f"{final['target_acc']:.3f}, mean per-class {final['target_mean_class_acc']:.3f} "
           f"(oracle best {best['target_mean_class_acc']:.3f} at SGD step {best['sgd_step']}), "
-          f"teacher agreement {final['teacher_agreement']:.3f}")
+          f"KL(teacher ‖ θ_o) on the target {final['target_kl']:.3f}"
+          + (f", ImageNet top-1 of θ_o {final['imagenet_top1']:.2f} (teacher {final['imagenet_teacher_top1']:.2f})"
+             if "imagenet_top1" in final else ""))
     print(f"results in {out}/: curve.csv, curve.png, steps.csv, summary.json, model.safetensors")
     return 0
 
