@@ -60,3 +60,26 @@ def test_compare_policies_writes_tables_plots_and_resumes(tmp_path, cache_dir, m
     assert compare.main(argv) == 0
     assert sum(1 for _ in open(out / "results.jsonl")) == 32
     assert {p: p.stat().st_mtime for p in (out / "policies").iterdir()} == before
+
+
+def _cell(size, epochs, washout, synthetic_delta=0.0, diverged=False, retention_loss=0.0, kl=0.0):
+    return {"image_size": size, "lr_base": 1e-3, "epochs": epochs, "diverged": diverged, "washout": washout,
+            "synthetic_at_peak": 0.9, "synthetic_final": 0.9 + synthetic_delta, "retention_loss": retention_loss,
+            "target_kl": kl, "qualifies": not diverged and synthetic_delta >= 0}
+
+
+def test_grid_rule_picks_the_largest_washout_that_qualifies_and_breaks_ties_by_cost():
+    grid = _load("grid_syndigits")
+    cells = [_cell(32, 4, 0.10, synthetic_delta=-0.05),  # real accuracy fell, but so did synthetic: no
+             _cell(64, 4, 0.12, diverged=True),  # diverged: no
+             _cell(64, 4, 0.06), _cell(64, 2, 0.055), _cell(32, 1, 0.01)]
+    chosen, why = grid.choose(cells)
+    assert (chosen["image_size"], chosen["epochs"]) == (64, 2) and "washout" in why  # within 1 point: cheaper
+
+
+def test_grid_rule_falls_back_to_retention_loss_without_a_clear_washout():
+    grid = _load("grid_syndigits")
+    cells = [_cell(32, 4, 0.01, retention_loss=0.30), _cell(64, 4, 0.015, retention_loss=0.55, kl=3.0),
+             _cell(64, 2, 0.0, retention_loss=0.20)]
+    chosen, why = grid.choose(cells)
+    assert (chosen["image_size"], chosen["epochs"]) == (64, 4) and "retention" in why
