@@ -13,7 +13,13 @@ from asg_env.errors import UserInputError
 
 __all__ = ["ASGEnv", "N_LEVELS", "UserInputError"]
 
-register(id="SynDigits-v0", entry_point="asg_env.env:ASGEnv", kwargs={"task": "syndigits"})
+# SynDigits-v0's size, η_base and source size were chosen by benchmarks/grid_syndigits.py's rule
+# (docs/grid/grid.md), from runs without guidance only.
+register(
+    id="SynDigits-v0",
+    entry_point="asg_env.env:ASGEnv",
+    kwargs={"task": "syndigits", "image_size": 64, "lr_base": 3e-3, "source_size": 2000},
+)
 register(
     id="VisDA-v0",
     entry_point="asg_env.env:ASGEnv",

@@ -53,7 +53,7 @@ from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
 from agents.rollout import episode_seed, fine_tune  # noqa: E402
 
 PRESETS = {
-    "full": dict(seeds=3, epochs=4.0, policy_episodes=12, target_eval_size=500),
+    "full": dict(seeds=5, epochs=2.0, policy_episodes=16, target_eval_size=500),
     "quick": dict(seeds=3, epochs=1.0, policy_episodes=3, target_eval_size=300),
 }
 DECISIONS = 32
