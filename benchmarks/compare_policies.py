@@ -6,7 +6,8 @@ Everything here runs on fresh seeds (100, 101, …) that played no part in that 
 Synthetic images are trained on; the real digits are only evaluated on.
 
 Every run uses one env configuration: T = 32 decisions, each held for an even share of the
-run's SGD steps, the held-out synthetic reward batch, evaluation every half epoch. Learned
+run's SGD steps, the held-out synthetic reward batch, evaluation every half epoch (every epoch
+with --quick). Learned
 policies are trained in that configuration, with the real target switched off, on seeds
 spawned from 1000.
 
@@ -27,7 +28,7 @@ and trained policies), results.md, curves.png (Fig. 1/5: real target, synthetic 
 ImageNet retention), policies.png (Fig. 6), actions.png (Fig. 8) and policies/.
 
     python benchmarks/compare_policies.py --quick     # about 13 minutes on 2 CPU cores
-    python benchmarks/compare_policies.py             # full: about 75 minutes, resumable
+    python benchmarks/compare_policies.py             # full, 5 seeds: about 60 minutes, resumable
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
 from agents.rollout import episode_seed, fine_tune  # noqa: E402
 
 PRESETS = {
-    "full": dict(seeds=5, epochs=2.0, policy_episodes=16, target_eval_size=500),
-    "quick": dict(seeds=3, epochs=1.0, policy_episodes=3, target_eval_size=300),
+    "full": dict(seeds=5, epochs=2.0, policy_episodes=16, target_eval_size=500, evals_per_epoch=2),
+    "quick": dict(seeds=3, epochs=1.0, policy_episodes=3, target_eval_size=300, evals_per_epoch=1),
 }
 DECISIONS = 32
 FIRST_SEED = 100  # the grid that chose the defaults used seeds 0-2
@@ -250,6 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy-episodes", type=int, help="episodes to train each learned policy")
     p.add_argument("--decisions", type=int, default=DECISIONS, help="T, decisions per run (every setting)")
     p.add_argument("--target-eval-size", type=int, help="real target images evaluated")
+    p.add_argument("--evals-per-epoch", type=int, help="evaluations per pass over the source (plus one at the start)")
     p.add_argument("--seed", type=int, default=FIRST_SEED, help="first evaluation seed; the policy agents' seed too")
     p.add_argument("--env-kwargs", default="{}", help="JSON overrides of SynDigits-v0's defaults (e.g. for tests)")
     p.add_argument("--data-root", help="SynDigits cache folder")
@@ -257,8 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if min(args.seeds, args.policy_episodes, args.decisions) < 1 or args.epochs <= 0:
-        p.error("--seeds, --policy-episodes and --decisions must be at least 1, and --epochs positive")
+    if min(args.seeds, args.policy_episodes, args.decisions, args.evals_per_epoch) < 1 or args.epochs <= 0:
+        p.error("--seeds, --policy-episodes, --decisions and --evals-per-epoch must be at least 1, and --epochs positive")
     try:
         args.env_kwargs = json.loads(args.env_kwargs)
     except json.JSONDecodeError as exc:
@@ -272,10 +274,10 @@ def main(argv=None) -> int:
     out = args.out or ("runs/compare-quick" if args.quick else os.path.join("docs", "results"))
     os.makedirs(os.path.join(out, "policies"), exist_ok=True)
     start = time.perf_counter()
-    half_epochs = max(1, round(2 * args.epochs))
+    evaluations = max(1, round(args.evals_per_epoch * args.epochs))
 
     def make_env(**kw) -> gym.Env:
-        base = dict(episode_steps=args.decisions, epochs=args.epochs, eval_every=max(1, args.decisions // half_epochs),
+        base = dict(episode_steps=args.decisions, epochs=args.epochs, eval_every=max(1, args.decisions // evaluations),
                     target_eval_size=args.target_eval_size, reward_batch=REWARD_BATCH, data_root=args.data_root,
                     **args.env_kwargs)
         return gym.make("SynDigits-v0", **{**base, **kw})
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
 
     all_settings = settings()
     seeds = [args.seed + i for i in range(args.seeds)]
-    cells = [(s, seed) for s in all_settings for seed in seeds]
+    cells = [(s, seed) for seed in seeds for s in all_settings]  # seed-major: an interrupted run is balanced
     envs: dict[str, gym.Env] = {}
     for s, seed in tqdm(cells, desc="fine-tuning runs (cells)"):
         key = f"{s.name} | seed {seed}"

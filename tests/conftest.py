@@ -23,5 +23,5 @@ def tiny_env_kwargs(cache_dir):
     """SynDigits-v0 at a size that steps in tens of milliseconds."""
     return dict(
         data_root=cache_dir, source_size=160, target_eval_size=60, batch_size=8,
-        image_size=32, episode_steps=4, lr_base=0.02,
+        image_size=32, episode_steps=4, lr_base=0.02, synthetic_eval_size=40, imagenet_photos=4,
     )

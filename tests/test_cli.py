@@ -10,7 +10,9 @@ import train_policy
 from agents.rollout import episode_seed
 
 TINY = ["--set", "env.kwargs.episode_steps=3", "--set", "env.kwargs.batch_size=8",
-        "--set", "env.kwargs.source_size=160", "--set", "env.kwargs.target_eval_size=60"]
+        "--set", "env.kwargs.source_size=160", "--set", "env.kwargs.target_eval_size=60",
+        "--set", "env.kwargs.image_size=32", "--set", "env.kwargs.synthetic_eval_size=40",
+        "--set", "env.kwargs.imagenet_photos=4"]
 
 
 def _rows(path):

@@ -161,7 +161,7 @@ def test_teacher_agreement_is_perfect_before_any_update(tiny_env_kwargs):
 def test_evaluation_measures_imagenet_retention_and_synthetic_accuracy_by_hand(tiny_env_kwargs):
     from asg_env.imagenet_photos import load_imagenet_photos
 
-    env = gym.make("SynDigits-v0", synthetic_eval_size=40, **tiny_env_kwargs)
+    env = gym.make("SynDigits-v0", **{**tiny_env_kwargs, "imagenet_photos": 20})
     u = env.unwrapped
     env.reset(seed=0)
     before = u.evaluate_target()

@@ -102,7 +102,7 @@ def test_env_reports_the_chosen_term_as_the_second_loss(name, tiny_env_kwargs):
     reference = [p.detach().clone() for p in u.student.features.parameters()]
     obs, _, _, _, info = env.step(np.full(u.action_space.shape, 10))
     if name == "l2sp":
-        by_hand = 0.5 * sum(float(((p - p0) ** 2).sum()) for p, p0 in zip(u.student.features.parameters(), reference))
+        by_hand = 0.5 * sum(float(((p.detach() - p0) ** 2).sum()) for p, p0 in zip(u.student.features.parameters(), reference))
         assert info["loss_guidance"] == pytest.approx(by_hand, rel=1e-4) and by_hand > 0
     if name == "none":
         assert info["loss_guidance"] == 0.0 and u._teacher_cache is None and u._teacher_heldout is None
