@@ -28,7 +28,7 @@ and trained policies), results.md, curves.png (Fig. 1/5: real target, synthetic 
 ImageNet retention), policies.png (Fig. 6), actions.png (Fig. 8) and policies/.
 
     python benchmarks/compare_policies.py --quick     # about 13 minutes on 2 CPU cores
-    python benchmarks/compare_policies.py             # full, 5 seeds: about 60 minutes, resumable
+    python benchmarks/compare_policies.py             # full, 5 seeds: about 50 minutes, resumable
 """
 
 from __future__ import annotations
