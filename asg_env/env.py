@@ -199,7 +199,7 @@ class ASGEnv(gym.Env):
         parts = build_backbone(backbone, weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
         if imagenet_photos < 0:
-            raise UserInputError(f"imagenet_photos must be 0-20, not {imagenet_photos}")
+            raise UserInputError(f"imagenet_photos must be 0 or more (20 at most are used), not {imagenet_photos}")
         self.imagenet_photos = int(imagenet_photos)
         self.backbone_name = parts.name
 
@@ -223,7 +223,6 @@ class ASGEnv(gym.Env):
         active = self.lam > 0 and guidance != "none"
         self.guidance: Guidance = make_guidance(guidance if active else "none", self.student,
                                                 self.task.heldout[0] if guidance == "si" else None)
-        self.guidance_name = self.guidance.name
         needs_teacher = self.guidance.teacher_output is not None
         self._teacher_heldout = self._teacher_out(self.task.heldout[0]) if needs_teacher else None
         self._teacher_cache = self._make_teacher_cache(weights) if needs_teacher and cache_teacher else None

@@ -27,7 +27,7 @@ Outputs in --out: results.jsonl (one line per run with its curve: a rerun skips 
 and trained policies), results.md, curves.png (Fig. 1/5: real target, synthetic held-out,
 ImageNet retention), policies.png (Fig. 6), actions.png (Fig. 8) and policies/.
 
-    python benchmarks/compare_policies.py --quick     # about 13 minutes on 2 CPU cores
+    python benchmarks/compare_policies.py --quick     # about 12 minutes on 2 CPU cores
     python benchmarks/compare_policies.py             # full, 5 seeds: about 50 minutes, resumable
 """
 
