@@ -312,7 +312,8 @@ def main(argv=None) -> int:
         with open(path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
         done[key] = line
-    coordinates = env_metadata(next(iter(envs.values())) if envs else make_env())["coordinate_names"]
+    any_env = next(iter(envs.values())) if envs else make_env()  # a rerun that skipped every run builds one
+    coordinates = env_metadata(any_env)["coordinate_names"]
 
     results = {s.name: [done[f"{s.name} | seed {seed}"] for seed in seeds] for s in all_settings}
     rows = {s.name: summarise(s, results[s.name]) for s in all_settings}
@@ -324,7 +325,7 @@ def main(argv=None) -> int:
     plot_policies(results, groups["policy"], os.path.join(out, "policies.png"))
     plot_actions(results, ["9. ASG: REINFORCE policy + PG", "RecurrentPPO policy + PG"], coordinates,
                  os.path.join(out, "actions.png"))
-    u = next(iter(envs.values())).unwrapped if envs else make_env().unwrapped
+    u = any_env.unwrapped
     total = time.perf_counter() - start
     header = (f"SynDigits-v0 → real MNIST, EfficientNet-Lite0, {mode} mode: {u.total_sgd_steps} SGD steps "
               f"({args.epochs:g} epochs of {len(u.task.source)} images, batch {u.task.source.batch_size}, "
