@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     name = os.path.splitext(os.path.basename(args.policy))[0] if os.path.isfile(args.policy) else args.policy.replace(":", "_").replace(",", "-")
     out = args.out or os.path.join("runs", f"apply-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
-    print(f"{u.T} decisions over {u.total_sgd_steps} SGD steps ({u.total_sgd_steps / u.task.steps_per_epoch:.2f} epochs)")
+    print(f"{u.T} decisions over {u.trainer.total_sgd_steps} SGD steps ({u.trainer.total_sgd_steps / u.trainer.task.steps_per_epoch:.2f} epochs)")
     start = time.perf_counter()
     try:
         history = fine_tune(env, policy, args.seed, progress=True, desc=f"fine-tuning with {args.policy}")
@@ -191,16 +191,16 @@ def run(args: argparse.Namespace) -> int:
     plot_curve(curve, os.path.join(out, "curve.png"), f"{env_config['id']}: {args.policy}")
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in u.student.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in u.trainer.student.state_dict().items()}, os.path.join(out, "model.safetensors"))
     final, best = curve[-1], max(curve, key=lambda r: r["target_mean_class_acc"])
     summary = {"policy": args.policy, "env": env_config["id"], "seed": args.seed, "decisions": u.T,
-               "decisions_made": u.t, "sgd_steps": u.total_sgd_steps, "sgd_steps_done": u.sgd_step,
+               "decisions_made": u.trainer.t, "sgd_steps": u.trainer.total_sgd_steps, "sgd_steps_done": u.trainer.sgd_step,
                "diverged": bool(history[-1].get("diverged")), "seconds": round(seconds, 1),
                "final": final, "best_mean_class_oracle": best, "env_kwargs": u.config,
                "overrides": {k: {"trained": old, "applied": new} for k, (old, new) in changed.items()}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
-    print(f"{u.sgd_step} SGD steps in {seconds / 60:.1f} min on {u.device}; final target accuracy "
+    print(f"{u.trainer.sgd_step} SGD steps in {seconds / 60:.1f} min on {u.trainer.device}; final target accuracy "
           f"{final['target_acc']:.3f}, mean per-class {final['target_mean_class_acc']:.3f} "
           f"(oracle best {best['target_mean_class_acc']:.3f} at SGD step {best['sgd_step']}), "
           f"KL(teacher ‖ θ_o) on the target {final['target_kl']:.3f}"

@@ -27,12 +27,58 @@ Stats = tuple[float, float, float]
 
 
 class TrainBatch(NamedTuple):
-    """A training batch. ``index`` names the source images when they are fixed tensors
-    (no random augmentation), which lets the frozen teacher's outputs be cached per image."""
+    """A training batch. When the source images are fixed (no random augmentation), ``index``
+    (on the CPU) names them, and ``key`` is the same index on the batch's device, which lets
+    the frozen teacher's outputs be cached per image without waiting for the device."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+
+
+class EpochOrder:
+    """The order in which a source is drawn: each epoch a fresh ``randperm`` from a seeded
+    generator, cut into global batches of ``batch_size`` (the partial tail is dropped). Under
+    torchrun, rank ``r`` of ``w`` takes the ``r``-th of ``w`` equal slices of every global
+    batch, so the ranks together train on exactly the batches one process would.
+
+    Its state (the generator and the rest of the current epoch) is what a checkpoint needs to
+    continue the same order.
+    """
+
+    def __init__(self, size: int, batch_size: int, shard: tuple[int, int] = (0, 1)):
+        self.size, self.batch_size = size, min(batch_size, size)
+        self.rank, self.world_size = shard
+        self.generator = torch.Generator()
+        self.reset(0)
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self._generator_state = self.generator.get_state()
+        self._rest = torch.empty(0, dtype=torch.long)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self.size // self.batch_size)
+
+    def next(self) -> tuple[torch.Tensor, bool]:
+        """This rank's indices of the next global batch, and whether a new epoch began."""
+        new_epoch = len(self._rest) < self.batch_size
+        if new_epoch:
+            self._rest = torch.randperm(self.size, generator=self.generator)
+            self._generator_state = self.generator.get_state()
+        batch, self._rest = self._rest[: self.batch_size], self._rest[self.batch_size :]
+        per_rank = self.batch_size // self.world_size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank], new_epoch
+
+    def state_dict(self) -> dict:
+        return {"generator": self._generator_state, "rest": self._rest}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._generator_state = self.generator.get_state()
+        self._rest = state["rest"].clone()
 
 
 class TensorSource:
@@ -40,17 +86,22 @@ class TensorSource:
     backbone's ``mean``/``std`` (given for images in [0, 1])."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-                 mean: Stats, std: Stats):
+                 mean: Stats, std: Stats, shard: tuple[int, int] = (0, 1)):
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.from_numpy(labels).to(device)
-        self.batch_size = min(batch_size, len(self.labels))
+        self.order = EpochOrder(len(self.labels), batch_size, shard)
+        self.batch_size = self.order.batch_size
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.reset(0)
 
     def reset(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order = torch.empty(0, dtype=torch.long)
+        self.order.reset(seed)
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
@@ -59,14 +110,14 @@ class TensorSource:
         return len(self.labels)
 
     def next(self) -> TrainBatch:
-        if len(self._order) < self.batch_size:  # new epoch; the partial tail is dropped
-            self._order = torch.randperm(len(self.labels), generator=self.generator)
-        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-        idx = idx.to(self.images.device)
-        return TrainBatch(self.normalise(self.images[idx]), self.labels[idx], idx)
+        idx, _ = self.order.next()
+        key = idx.to(self.images.device, non_blocking=True)
+        return TrainBatch(self.normalise(self.images[key]), self.labels[key], idx, key)
 
-    def batches(self, batch_size: int = 256) -> Iterator[Batch]:
-        for start in range(0, len(self.labels), batch_size):
+    def batches(self, batch_size: int = 256, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """Every image once, in order; with ``shard=(r, w)`` only batches ``r, r + w, …``."""
+        rank, world = shard
+        for start in range(rank * batch_size, len(self.labels), world * batch_size):
             yield self.normalise(self.images[start : start + batch_size]), self.labels[start : start + batch_size]
 
     def all(self) -> Batch:
@@ -87,37 +138,83 @@ class Indexed(Dataset):
         return x, y, index
 
 
-class LoaderSource:
-    """Shuffled minibatches from a map-style dataset through a seeded DataLoader. The dataset
-    gives ``(x, y)``, or ``(x, y, index)`` when its images are fixed (see :class:`Indexed`)."""
+class _EpochBatches:
+    """The batch sampler of a :class:`LoaderSource`: each ``iter`` is one epoch of an
+    :class:`EpochOrder`'s permutation, starting ``skip`` batches in (to resume mid-epoch).
+    It records the generator state its epoch was drawn from, since a DataLoader's workers
+    prefetch ahead of the batches actually consumed."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int):
-        self.dataset, self.device, self.batch_size = dataset, device, batch_size
-        self.generator = torch.Generator()
-        self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-            generator=self.generator, pin_memory=device.type == "cuda",
-        )
+    def __init__(self, order: EpochOrder):
+        self.order, self.skip, self.epoch_state = order, 0, order.generator.get_state()
+
+    def __iter__(self):
+        order = self.order
+        self.epoch_state = order.generator.get_state()
+        perm = torch.randperm(order.size, generator=order.generator)
+        skip, self.skip = self.skip, 0
+        per_rank = order.batch_size // order.world_size
+        for b in range(skip, order.batches_per_epoch):
+            batch = perm[b * order.batch_size : (b + 1) * order.batch_size]
+            yield batch[order.rank * per_rank : (order.rank + 1) * per_rank].tolist()
+
+    def __len__(self) -> int:
+        return self.order.batches_per_epoch
+
+
+class LoaderSource:
+    """Shuffled minibatches from a map-style dataset through a DataLoader with persistent
+    workers, in the order of an :class:`EpochOrder`. The dataset gives ``(x, y)``, or
+    ``(x, y, index)`` when its images are fixed (see :class:`Indexed`)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int,
+                 shard: tuple[int, int] = (0, 1)):
+        self.dataset, self.device, self.num_workers = dataset, device, num_workers
+        self.order = EpochOrder(len(dataset), batch_size, shard)
+        self.batch_size = self.order.batch_size
+        self.sampler = _EpochBatches(self.order)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
         self.reset(0)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def reset(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-        self._it = None  # workers start on the first batch, not here
+        self.order.reset(seed)
+        self.sampler.epoch_state, self.sampler.skip = self.order.generator.get_state(), 0
+        self._it, self.consumed = None, 0  # workers start on the first batch, not here
+
+    def state_dict(self) -> dict:
+        """The generator state the current epoch is drawn from and the batches consumed."""
+        return {"generator": self.sampler.epoch_state, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.generator.set_state(state["generator"])
+        self.consumed = int(state["consumed"])
+        if self.consumed >= self.order.batches_per_epoch:  # that epoch was finished: start the next
+            torch.randperm(self.order.size, generator=self.order.generator)
+            self.consumed = 0
+        self.sampler.epoch_state, self.sampler.skip = self.order.generator.get_state(), self.consumed
+        self._it = None
 
     def next(self) -> TrainBatch:
         batch = None if self._it is None else next(self._it, None)
         if batch is None:  # first call, or the epoch ran out
+            self.consumed = self.sampler.skip
             self._it = iter(self.loader)
             batch = next(self._it)
+        self.consumed += 1
         x, y, *index = batch
-        index = index[0].to(self.device) if index else None
-        return TrainBatch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), index)
+        index = index[0] if index else None
+        key = None if index is None else index.to(self.device, non_blocking=True)
+        return TrainBatch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), index, key)
 
-    def batches(self, batch_size: int = 64) -> Iterator[Batch]:
-        loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=self.loader.num_workers)
+    def batches(self, batch_size: int = 64, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """Every image once, in order; with ``shard=(r, w)`` only batches ``r, r + w, …``."""
+        rank, world = shard
+        mine = [i for i in range(len(self.dataset)) if (i // batch_size) % world == rank]
+        dataset = self.dataset if world == 1 else Subset(self.dataset, mine)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers)
         for x, y, *_ in loader:
             yield x.to(self.device), y.to(self.device)
 
@@ -167,6 +264,7 @@ def make_syndigits_task(
     target_eval_size: int = 1_000,
     render_seed: int = 0,
     synthetic_eval_size: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Task:
     """Rendered digits (source, then the held-out batch, then ``synthetic_eval_size`` images
     for evaluation) and a fixed class-shuffled subset of real MNIST (target)."""
@@ -177,7 +275,7 @@ def make_syndigits_task(
     n = source_size + batch_size
     images, labels = load_syndigits(data_root or default_cache_dir(), n + synthetic_eval_size, image_size, render_seed)
     heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
-    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std)
+    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std, shard)
     source_eval = (TensorSource(images[n:], labels[n:], batch_size, device, mean, std)
                    if synthetic_eval_size else None)
     tx, ty = _mnist(image_size)
@@ -195,6 +293,7 @@ def make_visda_task(
     data_root: str | None = None,
     target_eval_size: int = 0,
     num_workers: int = 2,
+    shard: tuple[int, int] = (0, 1),
 ) -> Task:
     """VisDA-17 train (synthetic) and validation (real) splits, preprocessed as the official
     ``train.py`` does for both: ``Resize(size)``, ``CenterCrop(size)``, no random augmentation.
@@ -220,7 +319,7 @@ def make_visda_task(
         keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
         target = Subset(target, keep.tolist())
     indexed = Indexed(train)
-    source = LoaderSource(Subset(indexed, train_idx), batch_size, device, num_workers)
+    source = LoaderSource(Subset(indexed, train_idx), batch_size, device, num_workers, shard)
     key = f"visda17-train-{train.fingerprint()}-size{image_size}-mean{mean}-std{std}"
     return Task("VisDA-17", len(VISDA_CLASSES), source, heldout, LoaderSource(target, batch_size, device, num_workers),
                 teacher_cache_key=key, cached_images=indexed)

@@ -27,45 +27,58 @@ Teacher = Callable[[torch.Tensor], torch.Tensor]
 
 
 class MemoryTeacherCache:
-    """Teacher logits for ``size`` in-memory images, computed the first time each is seen."""
+    """Teacher outputs for ``size`` in-memory images, computed the first time each is seen.
 
-    def __init__(self, size: int, num_logits: int, device: torch.device):
-        self.logits = torch.empty(size, num_logits, device=device)
-        self.known = torch.zeros(size, dtype=torch.bool, device=device)
+    Which images are known is kept on the CPU, so a lookup never waits for the device: a batch
+    with any unknown image runs the teacher on the whole batch (only during the first epoch).
+    """
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, teacher: Teacher) -> torch.Tensor:
-        missing = ~self.known[index]
-        if missing.any():
-            self.logits[index[missing]] = teacher(x[missing]).float()
-            self.known[index[missing]] = True
-        return self.logits[index]
+    def __init__(self, size: int, width: int, device: torch.device):
+        self.logits = torch.empty(size, width, device=device)
+        self.known = torch.zeros(size, dtype=torch.bool)
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, key: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+        if not bool(self.known[index].all()):
+            self.logits[key] = teacher(x).float()
+            self.known[index] = True
+        return self.logits[key]
+
+    def state_dict(self) -> dict:
+        return {"logits": self.logits, "known": self.known}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.logits.copy_(state["logits"])
+        self.known.copy_(state["known"])
 
 
 class DiskTeacherCache:
-    """Teacher logits for every image of a dataset of ``(x, y, index)``, in an fp16 file."""
+    """Teacher outputs for every image of a dataset of ``(x, y, index)``, in an fp16 file."""
 
     def __init__(self, path: str, device: torch.device):
         self.array = np.load(path, mmap_mode="r")
         self.device = device
 
-    @classmethod
-    def open_or_build(cls, cache_dir: str, key: str, dataset: Dataset, teacher: Teacher, num_logits: int,
-                      device: torch.device, batch_size: int = 64, num_workers: int = 2) -> "DiskTeacherCache":
-        """Open the cache for ``key``, building it first if it does not exist yet."""
+    @staticmethod
+    def path_for(cache_dir: str, key: str) -> str:
         name = hashlib.sha1(key.encode()).hexdigest()[:20]
-        path = os.path.join(cache_dir, "teacher-logits", f"{name}.npy")
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp.npy"
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(dataset), num_logits))
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-            for x, _, index in tqdm(loader, desc="caching teacher logits", leave=False):
-                out[index.numpy()] = teacher(x.to(device)).float().cpu().numpy().astype(np.float16)
-            out.flush()
-            del out
-            os.replace(tmp, path)  # atomic: an interrupted build never leaves half a cache
-        return cls(path, device)
+        return os.path.join(cache_dir, "teacher-logits", f"{name}.npy")
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, teacher: Teacher) -> torch.Tensor:
-        logits = torch.from_numpy(self.array[index.cpu().numpy()].astype(np.float32))
-        return logits.to(self.device, non_blocking=True)
+    @staticmethod
+    def build(path: str, dataset: Dataset, teacher: Teacher, width: int, device: torch.device,
+              batch_size: int = 64, num_workers: int = 2) -> None:
+        """Write the cache file at ``path`` unless it exists."""
+        if os.path.isfile(path):
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(dataset), width))
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        for x, _, index in tqdm(loader, desc="caching teacher outputs", leave=False):
+            out[index.numpy()] = teacher(x.to(device)).float().cpu().numpy().astype(np.float16)
+        out.flush()
+        del out
+        os.replace(tmp, path)  # atomic: an interrupted build never leaves half a cache
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, key: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+        logits = torch.from_numpy(self.array[index.numpy()].astype(np.float32))
+        return logits.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else logits

@@ -35,22 +35,22 @@ from asg_env.proxy import proxy_guidance_loss
 
 def plain_loop(env: asg_env.ASGEnv, steps: int) -> None:
     """The fine-tuning step with no env around it: batch, teacher, forward, loss, SGD."""
-    source, fmt = env.task.source, env.memory_format
+    source, fmt = env.trainer.task.source, env.trainer.memory_format
     for _ in range(steps):
-        x, y, _ = source.next()
+        x, y, *_ = source.next()
         x = x.contiguous(memory_format=fmt)
         with torch.inference_mode():
-            teacher = env.teacher(x)
-        new, old = env.student(x)
-        loss = proxy_guidance_loss(new, y, old, teacher.clone(), env.lam)
-        env.optimizer.zero_grad(set_to_none=True)
+            teacher = env.trainer.teacher(x)
+        new, old = env.trainer.student(x)
+        loss = proxy_guidance_loss(new, y, old, teacher.clone(), env.trainer.lam)
+        env.trainer.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
-        env.optimizer.step()
+        env.trainer.optimizer.step()
         loss.total.item()
 
 
 def env_loop(env: asg_env.ASGEnv, steps: int) -> None:
-    action = np.full(len(env.coordinates), 10)
+    action = np.full(len(env.trainer.coordinates), 10)
     for _ in range(steps):
         env.step(action)
 
@@ -80,7 +80,7 @@ def seconds_per_step(runs: dict, steps: int, repeats: int, warmup: int | None = 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for name, (env, fn) in runs.items():  # warm-up: by default one epoch, which fills any teacher cache
         env.reset(seed=0)
-        fn(env, warmup if warmup is not None else 3 + env.task.steps_per_epoch)
+        fn(env, warmup if warmup is not None else 3 + env.trainer.task.steps_per_epoch)
     for _ in range(repeats):
         for name, (env, fn) in runs.items():
             env.reset(seed=0)

@@ -327,9 +327,9 @@ def main(argv=None) -> int:
                  os.path.join(out, "actions.png"))
     u = any_env.unwrapped
     total = time.perf_counter() - start
-    header = (f"SynDigits-v0 → real MNIST, EfficientNet-Lite0, {mode} mode: {u.total_sgd_steps} SGD steps "
-              f"({args.epochs:g} epochs of {len(u.task.source)} images, batch {u.task.source.batch_size}, "
-              f"{u.config['image_size']} px), η_base {u.lr_base:g}, T = {u.T} decisions, seeds {seeds}, "
+    header = (f"SynDigits-v0 → real MNIST, EfficientNet-Lite0, {mode} mode: {u.trainer.total_sgd_steps} SGD steps "
+              f"({args.epochs:g} epochs of {len(u.trainer.task.source)} images, batch {u.trainer.task.source.batch_size}, "
+              f"{u.config['image_size']} px), η_base {u.trainer.lr_base:g}, T = {u.T} decisions, seeds {seeds}, "
               f"{args.target_eval_size} real target images. Policies trained for {args.policy_episodes} episodes on "
               f"seeds spawned from {POLICY_SEED_OFFSET}. Wall time of this invocation {total / 60:.1f} min.")
     print(write_tables(rows, groups, best_fixed, header, out))

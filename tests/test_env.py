@@ -32,14 +32,14 @@ def test_passes_gymnasium_and_sb3_checkers(env):
 
 def test_spaces_and_named_observation(env):
     u = env.unwrapped
-    C = len(u.coordinates)
+    C = len(u.trainer.coordinates)
     assert env.action_space == gym.spaces.MultiDiscrete([N_LEVELS] * C)
     assert env.observation_space.shape == (5 + C,)
     assert np.all(np.isfinite(env.observation_space.low)) and np.all(np.isfinite(env.observation_space.high))
     assert u.obs_names[:5] == ["loss_xe", "loss_guidance", "progress", "head_weight_mean", "head_weight_std"]
     assert len(u.obs_names) == 5 + C
     obs, info = env.reset(seed=0)
-    w = u.student.new_head.weight
+    w = u.trainer.student.new_head.weight
     assert obs[0] == pytest.approx(info["loss_xe"], rel=1e-5)
     assert obs[1] == pytest.approx(info["loss_guidance"], rel=1e-5)
     assert obs[3] == pytest.approx(w.mean().item(), abs=1e-6)
@@ -48,10 +48,10 @@ def test_spaces_and_named_observation(env):
 
 def test_action_sets_layerwise_learning_rates_and_is_observed(env):
     env.reset(seed=0)
-    C = len(env.unwrapped.coordinates)
+    C = len(env.unwrapped.trainer.coordinates)
     action = np.arange(C) % N_LEVELS
     obs, reward, terminated, truncated, info = env.step(action)
-    lr_base = env.unwrapped.lr_base
+    lr_base = env.unwrapped.trainer.lr_base
     assert list(info["lr"].values()) == pytest.approx(list(action / 10 * lr_base))
     assert np.allclose(obs[5:], action / 10)
     assert obs[2] == pytest.approx(1 / env.unwrapped.T)
@@ -64,7 +64,7 @@ def test_reward_is_the_loss_decrease(env):
         _, reward, _, _, info = env.step(env.action_space.sample())
         assert type(reward) is float
         assert reward == pytest.approx(prev - info["loss"], rel=1e-6)
-        assert info["loss"] == pytest.approx(info["loss_xe"] + env.unwrapped.lam * info["loss_guidance"], rel=1e-5)
+        assert info["loss"] == pytest.approx(info["loss_xe"] + env.unwrapped.trainer.lam * info["loss_guidance"], rel=1e-5)
         prev = info["loss"]
 
 
@@ -76,7 +76,7 @@ def test_episode_ends_after_T_actions(env):
 
 
 def test_same_seed_same_trajectory_different_seed_different(env):
-    actions = [np.full(len(env.unwrapped.coordinates), k) for k in (10, 3, 7)]
+    actions = [np.full(len(env.unwrapped.trainer.coordinates), k) for k in (10, 3, 7)]
     a = _rollout(env, 123, actions)
     b = _rollout(env, 123, actions)
     c = _rollout(env, 124, actions)
@@ -87,26 +87,26 @@ def test_same_seed_same_trajectory_different_seed_different(env):
 def test_reset_restores_imagenet_weights_from_memory(env):
     u = env.unwrapped
     env.reset(seed=0)
-    conv0 = u.student.features.conv_stem.weight.detach().clone()
-    bn0 = u.student.features.bn1.running_mean.clone()
+    conv0 = u.trainer.student.features.conv_stem.weight.detach().clone()
+    bn0 = u.trainer.student.features.bn1.running_mean.clone()
     for _ in range(3):
-        env.step(np.full(len(u.coordinates), 10))
-    assert not torch.equal(conv0, u.student.features.conv_stem.weight)
+        env.step(np.full(len(u.trainer.coordinates), 10))
+    assert not torch.equal(conv0, u.trainer.student.features.conv_stem.weight)
     env.reset(seed=0)
-    assert torch.equal(conv0, u.student.features.conv_stem.weight)
-    assert torch.equal(bn0, u.student.features.bn1.running_mean)
+    assert torch.equal(conv0, u.trainer.student.features.conv_stem.weight)
+    assert torch.equal(bn0, u.trainer.student.features.bn1.running_mean)
 
 
 def test_zero_scale_freezes_a_coordinate(env):
     u = env.unwrapped
     env.reset(seed=0)
-    before = [p.detach().clone() for p in u.coordinates[0].params]
-    action = np.full(len(u.coordinates), 10)
+    before = [p.detach().clone() for p in u.trainer.coordinates[0].params]
+    action = np.full(len(u.trainer.coordinates), 10)
     action[0] = 0
     env.step(action)
-    assert all(torch.equal(b, p) for b, p in zip(before, u.coordinates[0].params))
-    name = next(n for n, p in u.student.named_parameters() if p is u.coordinates[1].params[0])
-    assert not torch.equal(u.coordinates[1].params[0], u._imagenet_state[name])
+    assert all(torch.equal(b, p) for b, p in zip(before, u.trainer.coordinates[0].params))
+    name = next(n for n, p in u.trainer.student.named_parameters() if p is u.trainer.coordinates[1].params[0])
+    assert not torch.equal(u.trainer.coordinates[1].params[0], u.trainer._imagenet_state[name])
 
 
 def test_heldout_reward_uses_one_fixed_batch(tiny_env_kwargs):
@@ -114,10 +114,10 @@ def test_heldout_reward_uses_one_fixed_batch(tiny_env_kwargs):
     u = env.unwrapped
     _, info = env.reset(seed=0)
     # The reward batch is the fixed held-out one: re-measuring it gives the same loss.
-    assert u._heldout_losses().total.item() == pytest.approx(info["loss"], rel=1e-6)
+    assert u.trainer._heldout_losses()[0].item() == pytest.approx(info["loss"], rel=1e-6)
     # With every scale at 0 nothing moves, not even BatchNorm statistics (eval mode), so the
     # fixed batch's loss, and the reward, stay exactly the same.
-    _, reward, *_ = env.step(np.zeros(len(u.coordinates), dtype=np.int64))
+    _, reward, *_ = env.step(np.zeros(len(u.trainer.coordinates), dtype=np.int64))
     assert reward == 0.0
 
 
@@ -126,7 +126,7 @@ def test_divergence_ends_episode_with_penalty_and_flag(tiny_env_kwargs):
     env = gym.make("SynDigits-v0", evaluate_target=False, divergence_penalty=-7.0, **kwargs)
     env.reset(seed=0)
     for _ in range(20):
-        obs, reward, terminated, truncated, info = env.step(np.full(len(env.unwrapped.coordinates), 10))
+        obs, reward, terminated, truncated, info = env.step(np.full(len(env.unwrapped.trainer.coordinates), 10))
         if info["diverged"]:
             break
     assert info["diverged"] and terminated and reward == -7.0
@@ -136,7 +136,7 @@ def test_divergence_ends_episode_with_penalty_and_flag(tiny_env_kwargs):
 def test_invalid_action_is_a_clear_error(env):
     env.reset(seed=0)
     with pytest.raises(UserInputError, match="outside"):
-        env.step(np.full(len(env.unwrapped.coordinates), N_LEVELS))
+        env.step(np.full(len(env.unwrapped.trainer.coordinates), N_LEVELS))
 
 
 def test_target_metrics_every_eval_every_and_at_the_end(tiny_env_kwargs):
@@ -154,7 +154,7 @@ def test_target_metrics_every_eval_every_and_at_the_end(tiny_env_kwargs):
 def test_teacher_agreement_is_perfect_before_any_update(tiny_env_kwargs):
     env = gym.make("SynDigits-v0", **tiny_env_kwargs)
     u = env.unwrapped
-    u.student.load_state_dict(u._imagenet_state, strict=False)  # before reset's first forward
+    u.trainer.student.load_state_dict(u.trainer._imagenet_state, strict=False)  # before reset's first forward
     assert u.evaluate_target()["teacher_agreement"] == 1.0
 
 
@@ -168,16 +168,16 @@ def test_evaluation_measures_imagenet_retention_and_synthetic_accuracy_by_hand(t
     assert before["target_kl"] == pytest.approx(0.0, abs=1e-6) and before["teacher_agreement"] == 1.0
     assert before["imagenet_top1"] == before["imagenet_teacher_top1"] >= 0.8  # Lite0 on the 20 photos, at 224 px
     for _ in range(3):
-        env.step(np.full(len(u.coordinates), 10))
+        env.step(np.full(len(u.trainer.coordinates), 10))
     after = u.evaluate_target()
     with torch.no_grad():
         kls = []
-        for x, _ in u.task.target.batches():
-            p_t, log_p_s = u.teacher(x).softmax(1), u.student(x)[1].log_softmax(1)
+        for x, _ in u.trainer.task.target.batches():
+            p_t, log_p_s = u.trainer.teacher(x).softmax(1), u.trainer.student(x)[1].log_softmax(1)
             kls.append((p_t * (p_t.log() - log_p_s)).sum(1))
-        synthetic = torch.cat([u.student(x)[0].argmax(1) == y for x, y in u.task.source_eval.batches()])
-        photos, labels = load_imagenet_photos(224, u.mean, u.std, u.device)
-        top1 = (u.student(photos)[1].argmax(1) == labels).float().mean()
+        synthetic = torch.cat([u.trainer.student(x)[0].argmax(1) == y for x, y in u.trainer.task.source_eval.batches()])
+        photos, labels = load_imagenet_photos(224, u.trainer.mean, u.trainer.std, u.trainer.device)
+        top1 = (u.trainer.student(photos)[1].argmax(1) == labels).float().mean()
     assert len(synthetic) == 40
     assert after["target_kl"] == pytest.approx(torch.cat(kls).mean().item(), rel=1e-4) and after["target_kl"] > 0
     assert after["synthetic_acc"] == pytest.approx(synthetic.float().mean().item())
@@ -198,11 +198,11 @@ def test_target_never_reaches_training_observation_or_reward(tiny_env_kwargs):
     env, evaluated = run(eval_every=1)
     assert np.array_equal(reference, evaluated)
 
-    env.unwrapped.task.target.images.fill_(0)
-    env.unwrapped.task.target.labels.fill_(3)
+    env.unwrapped.trainer.task.target.images.fill_(0)
+    env.unwrapped.trainer.task.target.labels.fill_(3)
     assert np.array_equal(reference, _rollout(env, 7, actions))
-    source = env.unwrapped.task.source
-    assert source.images.data_ptr() != env.unwrapped.task.target.images.data_ptr()
+    source = env.unwrapped.trainer.task.source
+    assert source.images.data_ptr() != env.unwrapped.trainer.task.target.images.data_ptr()
 
 
 def test_unknown_task_and_bad_reward_batch_are_clear_errors(tiny_env_kwargs):
@@ -217,10 +217,10 @@ def test_unknown_task_and_bad_reward_batch_are_clear_errors(tiny_env_kwargs):
 def test_inputs_are_normalised_as_the_backbones_weights_expect(tiny_env_kwargs):
     white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     lite = gym.make("SynDigits-v0", evaluate_target=False, **tiny_env_kwargs).unwrapped
-    assert torch.allclose(lite.task.source.normalise(white), torch.ones(1))  # (1 - 0.5) / 0.5
+    assert torch.allclose(lite.trainer.task.source.normalise(white), torch.ones(1))  # (1 - 0.5) / 0.5
     resnet = gym.make("SynDigits-v0", backbone="resnet50", weights=None, evaluate_target=False, **tiny_env_kwargs).unwrapped
     expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
-    assert torch.allclose(resnet.task.source.normalise(white)[0, :, 0, 0], expected)
+    assert torch.allclose(resnet.trainer.task.source.normalise(white)[0, :, 0, 0], expected)
 
 
 def test_a_window_holds_the_action_and_averages_the_losses(tiny_env_kwargs):
@@ -232,12 +232,12 @@ def test_a_window_holds_the_action_and_averages_the_losses(tiny_env_kwargs):
                    **{**tiny_env_kwargs, "lr_base": 0.0})  # nothing moves: the losses are the batches'
     u = env.unwrapped
     env.reset(seed=4)
-    obs, _, _, _, info = env.step(np.full(len(u.coordinates), 10))
+    obs, _, _, _, info = env.step(np.full(len(u.trainer.coordinates), 10))
     assert info["sgd_step"] == 3 and info["step"] == 1 and obs[2] == pytest.approx(1 / u.T)
     env.reset(seed=4)  # the same data order again; reset has drawn L_0's batch, the window's three follow
     with torch.no_grad():
-        losses = [proxy_guidance_loss(*u.student(x)[:1], y, u.student(x)[1], u.teacher(x), u.lam)
-                  for x, y, _ in (u.task.source.next() for _ in range(3))]
+        losses = [proxy_guidance_loss(*u.trainer.student(x)[:1], y, u.trainer.student(x)[1], u.trainer.teacher(x), u.trainer.lam)
+                  for x, y, *_ in (u.trainer.task.source.next() for _ in range(3))]
     assert obs[0] == pytest.approx(np.mean([l.xe.item() for l in losses]), rel=1e-5)
     assert info["loss_guidance"] == pytest.approx(np.mean([l.guidance.item() for l in losses]), abs=1e-6)
 
@@ -245,15 +245,15 @@ def test_a_window_holds_the_action_and_averages_the_losses(tiny_env_kwargs):
 def test_a_longer_run_keeps_T_decisions_with_longer_windows(tiny_env_kwargs):
     env = gym.make("SynDigits-v0", evaluate_target=False, sgd_steps=10, **tiny_env_kwargs)  # T = 4
     u = env.unwrapped
-    assert u.windows == [3, 3, 2, 2] and u.T == 4
+    assert u.trainer.windows == [3, 3, 2, 2] and u.T == 4
     env.reset(seed=0)
     done, progress = False, []
     while not done:
-        obs, _, done, _, info = env.step(np.full(len(u.coordinates), 10))
+        obs, _, done, _, info = env.step(np.full(len(u.trainer.coordinates), 10))
         progress.append(float(obs[2]))
     assert info["sgd_step"] == 10 and progress == pytest.approx([0.25, 0.5, 0.75, 1.0])
     every_step = gym.make("SynDigits-v0", evaluate_target=False, **{**tiny_env_kwargs, "episode_steps": None}, sgd_steps=10)
-    assert every_step.unwrapped.windows == [1] * 10
+    assert every_step.unwrapped.trainer.windows == [1] * 10
 
 
 def test_growing_windows_follow_the_official_release():
@@ -270,19 +270,19 @@ def test_poly_schedule_scales_every_rate(tiny_env_kwargs):
     env = gym.make("SynDigits-v0", evaluate_target=False, lr_schedule="poly", warmup_steps=2, **tiny_env_kwargs)
     u = env.unwrapped
     env.reset(seed=0)
-    action = np.array([1] * (len(u.coordinates) - 1) + [10])
+    action = np.array([1] * (len(u.trainer.coordinates) - 1) + [10])
     for t in range(u.T):
         *_, info = env.step(action)
         lrs = list(info["lr"].values())
-        factor = poly_factor(t, u.total_sgd_steps, warmup_steps=2)
-        assert lrs == pytest.approx(list(action / 10 * u.lr_base * factor))
+        factor = poly_factor(t, u.trainer.total_sgd_steps, warmup_steps=2)
+        assert lrs == pytest.approx(list(action / 10 * u.trainer.lr_base * factor))
     assert poly_factor(0, 100) == pytest.approx(0.01) and poly_factor(900, 1000) == pytest.approx(0.2**0.9)
 
 
 def test_eval_every_epoch_evaluates_once_per_pass_over_the_source(tiny_env_kwargs):
     # 160 training images / batch 8 = 20 SGD steps per epoch; windows of 5 steps.
     env = gym.make("SynDigits-v0", eval_every="epoch", sgd_steps_per_action=5, **{**tiny_env_kwargs, "episode_steps": 8})
-    assert env.unwrapped.task.steps_per_epoch == 20
+    assert env.unwrapped.trainer.task.steps_per_epoch == 20
     env.reset(seed=0)
     evaluated = [t for t in range(1, 9) if "target_acc" in env.step(env.action_space.sample())[4]]
     assert evaluated == [4, 8]  # SGD steps 20 (epoch 1 done) and 40 (epoch 2 done, and the end)
@@ -292,9 +292,9 @@ def test_tta_flip_averages_the_sigmoid_scores_of_each_image_and_its_mirror(tiny_
     env = gym.make("SynDigits-v0", tta_flip=True, **tiny_env_kwargs)
     u = env.unwrapped
     env.reset(seed=0)
-    env.step(np.full(len(u.coordinates), 10))
+    env.step(np.full(len(u.trainer.coordinates), 10))
     with torch.no_grad():
-        scores = [(u.student(x)[0].sigmoid() + u.student(x.flip(3))[0].sigmoid(), y) for x, y in u.task.target.batches()]
+        scores = [(u.trainer.student(x)[0].sigmoid() + u.trainer.student(x.flip(3))[0].sigmoid(), y) for x, y in u.trainer.task.target.batches()]
     preds, labels = torch.cat([s.argmax(1) for s, _ in scores]), torch.cat([y for _, y in scores])
     assert u.evaluate_target()["target_acc"] == pytest.approx((preds == labels).float().mean().item())
 
@@ -304,12 +304,12 @@ def test_default_protocol_keeps_imagenet_batchnorm_statistics(env):
     ImageNet statistics while its affine parameters train."""
     u = env.unwrapped
     env.reset(seed=0)
-    norms = [m for m in u.student.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [m for m in u.trainer.student.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_var.clone() for m in norms]
-    env.step(np.full(len(u.coordinates), 10))
-    assert not u.student.training
+    env.step(np.full(len(u.trainer.coordinates), 10))
+    assert not u.trainer.student.training
     assert all(torch.equal(a.running_var, b) for a, b in zip(norms, before))
-    assert not torch.equal(norms[0].weight, u._imagenet_state["features.bn1.weight"])
+    assert not torch.equal(norms[0].weight, u.trainer._imagenet_state["features.bn1.weight"])
 
 
 def test_train_mode_statistics_do_not_depend_on_the_action(tiny_env_kwargs):
@@ -318,13 +318,13 @@ def test_train_mode_statistics_do_not_depend_on_the_action(tiny_env_kwargs):
     env = gym.make("SynDigits-v0", evaluate_target=False, bn_stats="train", **tiny_env_kwargs)
     u = env.unwrapped
     env.reset(seed=0)
-    bn = u.student.features.blocks[1][0].bn1  # inside coordinate 2, "blocks.1"
-    assert any(p is bn.weight for p in u.coordinates[2].params)
+    bn = u.trainer.student.features.blocks[1][0].bn1  # inside coordinate 2, "blocks.1"
+    assert any(p is bn.weight for p in u.trainer.coordinates[2].params)
     stats, weight = bn.running_mean.clone(), bn.weight.detach().clone()
-    action = np.full(len(u.coordinates), 10)
+    action = np.full(len(u.trainer.coordinates), 10)
     action[2] = 0
     env.step(action)
-    assert u.student.training and bn.training
+    assert u.trainer.student.training and bn.training
     assert torch.equal(bn.weight, weight) and not torch.equal(bn.running_mean, stats)
 
 
@@ -348,5 +348,5 @@ def test_teacher_cache_gives_the_same_trajectory_as_running_the_teacher(tiny_env
         env = gym.make("SynDigits-v0", evaluate_target=False, cache_teacher=cache, **tiny_env_kwargs)
         _rollout(env, 3, actions)  # first episode fills the cache
         runs.append(_rollout(env, 3, actions))
-    assert env.unwrapped._teacher_cache is None  # the uncached env never built one
+    assert env.unwrapped.trainer._teacher_cache is None  # the uncached env never built one
     assert np.allclose(runs[0], runs[1], rtol=1e-4, atol=1e-5)

@@ -99,13 +99,13 @@ def test_env_reports_the_chosen_term_as_the_second_loss(name, tiny_env_kwargs):
     u = env.unwrapped
     obs, info = env.reset(seed=0)
     assert info["loss_guidance"] == 0.0 and obs[1] == 0.0  # every term is 0 at the ImageNet weights
-    reference = [p.detach().clone() for p in u.student.features.parameters()]
+    reference = [p.detach().clone() for p in u.trainer.student.features.parameters()]
     obs, _, _, _, info = env.step(np.full(u.action_space.shape, 10))
     if name == "l2sp":
-        by_hand = 0.5 * sum(float(((p.detach() - p0) ** 2).sum()) for p, p0 in zip(u.student.features.parameters(), reference))
+        by_hand = 0.5 * sum(float(((p.detach() - p0) ** 2).sum()) for p, p0 in zip(u.trainer.student.features.parameters(), reference))
         assert info["loss_guidance"] == pytest.approx(by_hand, rel=1e-4) and by_hand > 0
     if name == "none":
-        assert info["loss_guidance"] == 0.0 and u._teacher_cache is None and u._teacher_heldout is None
+        assert info["loss_guidance"] == 0.0 and u.trainer._teacher_cache is None and u.trainer._teacher_heldout is None
     assert obs[1] == pytest.approx(info["loss_guidance"], rel=1e-5, abs=1e-12)
     assert info["loss"] == pytest.approx(info["loss_xe"] + 0.5 * info["loss_guidance"], rel=1e-5)
 

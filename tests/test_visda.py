@@ -38,7 +38,7 @@ def test_visda_env_runs_on_the_fake_tree(visda_root):
         batch_size=4, episode_steps=2, num_workers=0,
     )
     u = env.unwrapped
-    assert u.task.num_classes == 12 and u.action_space.shape == (9,)
+    assert u.trainer.task.num_classes == 12 and u.action_space.shape == (9,)
     env.reset(seed=0)
     for _ in range(2):
         obs, reward, terminated, _, info = env.step(env.action_space.sample())
@@ -106,19 +106,19 @@ def test_official_recipe_fixed_transforms_and_a_disk_cache_of_teacher_logits(vis
     cache_dir = str(tmp_path / "cache")
     monkeypatch.setenv("ASG_CACHE", cache_dir)
     env = _visda(visda_root)
-    x1, _, _ = env.task.cached_images[3]
-    x2, _, _ = env.task.cached_images[3]
+    x1, _, _ = env.trainer.task.cached_images[3]
+    x2, _, _ = env.trainer.task.cached_images[3]
     assert torch.equal(x1, x2) and x1.shape == (3, 32, 32)
     files = glob.glob(os.path.join(cache_dir, "teacher-logits", "*.npy"))
     assert len(files) == 1
     cached = np.load(files[0], mmap_mode="r")
     assert cached.dtype == np.float16 and cached.shape == (24, 1000)
     with torch.inference_mode():
-        direct = env.teacher(x1[None])[0]
+        direct = env.trainer.teacher(x1[None])[0]
     assert torch.allclose(torch.from_numpy(cached[3].astype(np.float32)), direct, atol=2e-2)
     mtime = os.path.getmtime(files[0])
     again = _visda(visda_root)  # the same images: the cache is opened, not rebuilt
-    assert os.path.getmtime(files[0]) == mtime and isinstance(again._teacher_cache, type(env._teacher_cache))
+    assert os.path.getmtime(files[0]) == mtime and isinstance(again.trainer._teacher_cache, type(env.trainer._teacher_cache))
 
     action = np.full(9, 10)
     runs = []
@@ -135,9 +135,9 @@ def test_official_recipe_fixed_transforms_and_a_disk_cache_of_teacher_logits(vis
 
 def test_official_two_layer_head_is_an_option(visda_root):
     env = _visda(visda_root, head="mlp")
-    head = env.student.new_head
+    head = env.trainer.student.new_head
     assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [512, 12]
-    assert env.coordinates[-1].name == "new_head" and len(env.coordinates[-1].params) == 4
+    assert env.trainer.coordinates[-1].name == "new_head" and len(env.trainer.coordinates[-1].params) == 4
     obs, _ = env.reset(seed=0)
     assert obs[4] == pytest.approx(head[2].weight.std().item(), rel=1e-5)  # θ_n stats: the last layer
-    assert _visda(visda_root).student.new_head.out_features == 12  # the paper's single layer by default
+    assert _visda(visda_root).trainer.student.new_head.out_features == 12  # the paper's single layer by default

@@ -1,0 +1,487 @@
+"""Proxy-guided syn→real fine-tuning with one learning rate per optimization coordinate: the
+part of ASG that a policy drives, without the Gymnasium wrapper.
+
+A run is ``T`` decisions. Decision t holds per-coordinate learning-rate scales
+``a_c ∈ [0, 1]`` for ``windows[t]`` SGD steps with ``lr_c = a_c · lr_base`` (momentum 0.9,
+weight decay 5e-4) on ``L = L_XE + λ · guidance``. :class:`~asg_env.env.ASGEnv` wraps a
+:class:`Trainer` into observations and rewards; ``apply_policy.py`` drives one directly.
+
+Every decision reads the losses and θ_n's weight statistics in one host–device transfer
+(:meth:`Trainer.step` returns them as floats); nothing else in a window waits for the device.
+
+The protocol follows the official release: the whole model stays in eval mode, so BatchNorm
+normalises with the ImageNet statistics while its affine parameters train; at reset the
+student's ImageNet head therefore equals the teacher and the guidance term is 0. SGD puts the
+learning rate inside the momentum (``sgd="official"``, see :mod:`asg_env.optim`).
+
+Under ``torchrun`` (``torch.distributed`` initialised before the trainer is built) the
+student is wrapped in DistributedDataParallel and each global batch of ``batch_size`` images
+is split evenly over the ranks, in the order a single process would draw it; the losses that
+a decision reads are averaged over the ranks, so every rank sees the same numbers, and
+evaluation is sharded and reduced with torchmetrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from asg_env.backbones import build_backbone, input_normalisation
+from asg_env.coordinates import Coordinate, optimization_coordinates
+from asg_env.errors import UserInputError
+from asg_env.guidance import GUIDANCES, Guidance, make_guidance
+from asg_env.imagenet_photos import load_imagenet_photos
+from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_factor
+from asg_env.proxy import HEADS, StudentNet, kl_to_teacher, make_teacher
+from asg_env.tasks import Task, TensorSource, default_cache_dir, make_syndigits_task, make_visda_task
+from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
+
+LR_SCHEDULES = ("constant", "poly")
+VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UserInputError(f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+
+
+def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
+    """The θ_n-initialisation and data-order seeds of one run, drawn from ``rng`` (the env's
+    ``np_random``), so a run seeded ``s`` is the same whether an env or a driver starts it."""
+    head_seed, data_seed = (int(s) for s in rng.integers(2**31 - 1, size=2))
+    return head_seed, data_seed
+
+
+class Objective(nn.Module):
+    """``[L, L_XE, guidance]`` on one batch, as a module so that DDP can wrap its forward."""
+
+    def __init__(self, student: StudentNet, guidance: Guidance, lam: float):
+        super().__init__()
+        self.student, self.guidance, self.lam = student, guidance, lam
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        features = self.student.features(x)
+        xe = F.cross_entropy(self.student.new_head(features).float(), y)
+        term = self.guidance(self.student, features, teacher)
+        return torch.stack([xe + self.lam * term, xe, term])
+
+
+class Trainer:
+    """One fine-tuning run of an ImageNet model on synthetic images, decision by decision.
+
+    Args:
+        task: ``"syndigits"`` (embedded, offline) or ``"visda"`` (VisDA-17 from ``data_root``).
+        backbone: ``efficientnet_lite0``, ``resnet50``, ``resnet101`` or ``vgg16``. Inputs are
+            normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
+            ImageNet mean/std for torchvision models).
+        weights: ``"imagenet"`` (for torchvision models: ``IMAGENET1K_V1``, the paper's), a
+            torchvision weight name, a file path, or ``None`` for an explicitly random backbone.
+        data_root: dataset root (VisDA-17; falls back to ``$ASG_DATA``) or the SynDigits cache.
+        episode_steps: T, the number of decisions (``window="fixed"``); ``None`` for one
+            decision per SGD step.
+        sgd_steps_per_action: SGD steps each decision holds its action for; with
+            ``window="growing"``, the shortest window (the official ``_min_iter``, 10).
+        sgd_steps: total SGD steps of the run. With ``window="fixed"`` they are split evenly
+            over the T decisions; by default T × ``sgd_steps_per_action``.
+        epochs: the run's length in passes over the source instead of ``sgd_steps``.
+        window: ``"fixed"`` or ``"growing"`` (the official release's windows, which roughly
+            double within each epoch; T then follows from ``sgd_steps``).
+        lam: λ, the weight of the guidance term; 0 disables it (no teacher pass).
+        guidance: the term that keeps the student near its ImageNet self (see
+            :mod:`asg_env.guidance`): ``"kl"`` (proxy guidance, the paper's), ``"l2sp"``,
+            ``"feature_l2"``, ``"si"`` or ``"none"``.
+        lr_base: η_base. momentum, weight_decay: SGD settings shared by all coordinates.
+        sgd: ``"official"`` (learning rate inside the momentum) or ``"torch"``.
+        lr_schedule: ``"constant"`` (the action alone sets the rate, as in ``l2o_train.py``)
+            or ``"poly"``: the official ``train.py`` schedule (quadratic warm-up over
+            ``warmup_steps``, poly decay 0.9) multiplies every rate.
+        batch_size: the global training batch (split over the ranks under torchrun).
+        image_size: square input size.
+        head: θ_n: ``"linear"`` (the paper's) or ``"mlp"`` (the official 2048→512→classes).
+        reward_batch: which losses a decision reads: ``"train"`` (the mean over the window of
+            the training losses measured after each SGD step, on the next training batch, the
+            paper's and free) or ``"heldout"`` (one fixed held-out synthetic batch after the
+            window: less noisy, one extra forward pass per decision).
+        eval_every: evaluate every this many decisions, or ``"epoch"`` at the first decision
+            that ends in each new epoch (0: only at the end); see :attr:`evaluation_due`.
+        target_eval_size: evaluate on this many target images (0: all of them).
+        tta_flip: evaluate on the average of the sigmoid scores of each image and its
+            horizontal flip (the official ``validate``).
+        source_size: number of rendered SynDigits training images.
+        synthetic_eval_size: further rendered SynDigits images, never trained on, on which
+            evaluations report ``synthetic_acc`` (0: none).
+        imagenet_photos: how many of the 20 ImageNet photos evaluations classify with θ_o.
+        device: torch device. channels_last, amp: speed options (AMP only on CUDA: bf16
+            autocast, losses and rewards in fp32).
+        cache_teacher: cache the teacher's outputs per source image when the source has no
+            random augmentation (in memory for SynDigits, on disk for VisDA).
+        num_workers: DataLoader workers for file-based tasks (persistent across epochs).
+        bn_stats: ``"frozen"`` (the official protocol: eval mode, ImageNet statistics, affine
+            parameters train) or ``"train"`` (batch statistics, running statistics updated).
+    """
+
+    def __init__(
+        self,
+        task: str = "syndigits",
+        backbone: str = "efficientnet_lite0",
+        weights: str | None = "imagenet",
+        data_root: str | None = None,
+        episode_steps: int | None = 100,
+        sgd_steps_per_action: int = 1,
+        sgd_steps: int | None = None,
+        epochs: float | None = None,
+        window: str = "fixed",
+        lam: float = 0.1,
+        guidance: str = "kl",
+        lr_base: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        sgd: str = "official",
+        lr_schedule: str = "constant",
+        warmup_steps: int = 100,
+        batch_size: int = 32,
+        image_size: int = 32,
+        head: str = "linear",
+        reward_batch: str = "train",
+        eval_every: int | str = 0,
+        target_eval_size: int = 1000,
+        tta_flip: bool = False,
+        source_size: int = 10_000,
+        synthetic_eval_size: int = 500,
+        imagenet_photos: int = 20,
+        device: str = "cpu",
+        channels_last: bool = True,
+        amp: bool = False,
+        cache_teacher: bool = True,
+        num_workers: int = 2,
+        bn_stats: str = "frozen",
+    ):
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        for name, value, choices in (("bn_stats", bn_stats, ("frozen", "train")),
+                                     ("reward_batch", reward_batch, ("train", "heldout")),
+                                     ("window", window, WINDOWS), ("sgd", sgd, SGD_FORMS),
+                                     ("lr_schedule", lr_schedule, LR_SCHEDULES), ("head", head, HEADS),
+                                     ("guidance", guidance, GUIDANCES)):
+            _choice(name, value, choices)
+        if any(v is not None and v < 1 for v in (episode_steps, sgd_steps_per_action, sgd_steps)):
+            raise UserInputError("episode_steps, sgd_steps_per_action and sgd_steps must be at least 1")
+        if sgd_steps is not None and epochs is not None:
+            raise UserInputError("give sgd_steps or epochs, not both")
+        if epochs is not None and not epochs > 0:
+            raise UserInputError(f"epochs must be positive, not {epochs}")
+        if eval_every != "epoch" and not (isinstance(eval_every, int) and eval_every >= 0):
+            raise UserInputError(f"eval_every must be a count of decisions (0: at the end) or 'epoch', not {eval_every!r}")
+        if imagenet_photos < 0:
+            raise UserInputError(f"imagenet_photos must be 0 or more (20 at most are used), not {imagenet_photos}")
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if batch_size % self.world_size:
+            raise UserInputError(f"batch_size={batch_size} does not split evenly over {self.world_size} processes")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.bn_stats, self.sgd, self.lr_schedule, self.warmup_steps = bn_stats, sgd, lr_schedule, int(warmup_steps)
+        self.lam, self.lr_base = float(lam), float(lr_base)
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.reward_batch, self.eval_every, self.tta_flip = reward_batch, eval_every, bool(tta_flip)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.amp = bool(amp) and self.device.type == "cuda"
+
+        mean, std = input_normalisation(backbone)
+        shard = (self.rank, self.world_size)
+        if task == "syndigits":
+            self.task: Task = make_syndigits_task(
+                image_size, batch_size, self.device, mean, std, data_root, source_size, target_eval_size,
+                synthetic_eval_size=synthetic_eval_size, shard=shard,
+            )
+        elif task == "visda":
+            self.task = make_visda_task(image_size, batch_size, self.device, mean, std, data_root, target_eval_size,
+                                        num_workers, shard=shard)
+        else:
+            raise UserInputError(f"unknown task {task!r}; choose 'syndigits' or 'visda'")
+        parts = build_backbone(backbone, weights)
+        self.mean, self.std, self.input_size = mean, std, parts.input_size
+        self.imagenet_photos = int(imagenet_photos)
+        self.backbone_name = parts.name
+
+        if epochs is not None:
+            sgd_steps = max(1, round(epochs * self.task.steps_per_epoch))
+        if episode_steps is None and sgd_steps is None:
+            raise UserInputError("episode_steps=None (a decision per SGD step) needs sgd_steps or epochs")
+        if window == "fixed" and None not in (sgd_steps, episode_steps) and sgd_steps < episode_steps:
+            raise UserInputError(f"{sgd_steps} SGD steps cannot hold episode_steps={episode_steps} decisions")
+        self.windows = action_windows(window, episode_steps, int(sgd_steps_per_action), sgd_steps,
+                                      self.task.steps_per_epoch)
+        self.T, self.total_sgd_steps = len(self.windows), sum(self.windows)
+        self.teacher = make_teacher(parts).to(self.device, memory_format=self.memory_format)
+        self.student = StudentNet(parts, self.task.num_classes, head).to(self.device, memory_format=self.memory_format)
+        self.coordinates: list[Coordinate] = optimization_coordinates(self.student.features, self.student.new_head)
+        self.coordinate_names = [c.name for c in self.coordinates]
+        # ImageNet weights kept in memory: reset() restores them without touching the disk.
+        self._imagenet_state = {
+            k: v.detach().clone() for k, v in self.student.state_dict().items() if not k.startswith("new_head.")
+        }
+        self.student.eval()
+        active = self.lam > 0 and guidance != "none"
+        self.guidance: Guidance = make_guidance(guidance if active else "none", self.student,
+                                                self.task.heldout[0] if guidance == "si" else None)
+        self.objective = Objective(self.student, self.guidance, self.lam)
+        self._train_objective: nn.Module = self.objective
+        if self.world_size > 1:
+            self._train_objective = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=bn_stats == "train",
+            )
+        needs_teacher = self.guidance.teacher_output is not None
+        self._teacher_heldout = self._teacher_out(self.task.heldout[0]) if needs_teacher else None
+        self._teacher_cache = self._make_teacher_cache(weights) if needs_teacher and cache_teacher else None
+        self._target_reference: dict | None = None  # the teacher's target / ImageNet-photo predictions
+        self.t = self.sgd_step = 0
+        self.evaluation_due = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.task.steps_per_epoch
+
+    # ----------------------------------------------------------------------------- the run
+    def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
+        """Start a run from the ImageNet weights: a fresh θ_n from ``head_seed``, a fresh SGD,
+        and the data order of ``data_seed``. Returns L_0 (Algorithm 1, line 2) as floats."""
+        torch.manual_seed(head_seed)  # only stochastic layers (VGG's dropout, bn_stats="train") draw from it
+        self.student.load_state_dict(self._imagenet_state, strict=False)
+        self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
+        self.optimizer = make_sgd(
+            self.sgd, [{"params": c.params, "lr": self.lr_base, "name": c.name} for c in self.coordinates],
+            lr=self.lr_base, momentum=self.momentum, weight_decay=self.weight_decay,
+        )
+        self.task.source.reset(data_seed)
+        self.t = self.sgd_step = 0
+        self.evaluation_due = False
+        self.student.train(self.bn_stats == "train")
+        self._pending = self._train_losses()
+        return self._read(self._pending if self.reward_batch == "train" else self._heldout_losses())
+
+    def step(self, scales) -> dict[str, float]:
+        """Hold learning-rate ``scales`` (one per coordinate, in [0, 1]) for the next window of
+        SGD steps. Returns the decision's losses and θ_n's statistics; ``finite`` is False when
+        any loss of the window was not finite. Sets :attr:`evaluation_due`."""
+        if self.t >= self.T:
+            raise RuntimeError(f"the run is over: all {self.T} decisions were made")
+        window = self.windows[self.t]
+        epoch_before = self.sgd_step // self.steps_per_epoch
+        sums = None
+        for _ in range(window):
+            factor = poly_factor(self.sgd_step, self.total_sgd_steps, self.warmup_steps) if self.lr_schedule == "poly" else 1.0
+            for group, scale in zip(self.optimizer.param_groups, scales):
+                group["lr"] = float(scale) * self.lr_base * factor
+            self.optimizer.zero_grad(set_to_none=True)
+            self._pending[0].backward()
+            self.optimizer.step()
+            self.sgd_step += 1
+            self._pending = self._train_losses()  # forward of the next batch with the new θ
+            losses = self._pending.detach()
+            sums = losses if sums is None else sums + losses
+        self.t += 1
+        values = self._read(sums / window if self.reward_batch == "train" else self._heldout_losses(), check=sums[0])
+        if self.eval_every == "epoch":
+            due = self.sgd_step // self.steps_per_epoch > epoch_before
+        else:
+            due = bool(self.eval_every) and self.t % self.eval_every == 0
+        self.evaluation_due = self.t >= self.T or due
+        return values
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    # ------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """What the paper measures, without touching the training trajectory.
+
+        * ``target_acc``, ``target_mean_class_acc``: the new head θ_n on the real target set
+          (with ``tta_flip``, each image's sigmoid scores averaged with its mirror image's).
+        * ``target_kl``: KL(teacher ‖ θ_o) on the real target images, the continuous measure of
+          how much of the ImageNet model survives; ``teacher_agreement`` is its top-1 cousin.
+        * ``imagenet_top1`` (θ_o) and ``imagenet_teacher_top1``: top-1 on the 20 real ImageNet
+          validation photos of the ``foolbox`` wheel at the backbone's native resolution.
+        * ``synthetic_acc``: θ_n on held-out synthetic images, where the task has them.
+
+        Runs in eval mode under ``inference_mode``, so neither the weights nor the BatchNorm
+        statistics change. Under torchrun each rank evaluates its share of the target batches
+        and torchmetrics reduces them. The teacher's outputs are computed once and kept.
+        """
+        was_training = self.student.training
+        self.student.eval()
+        first = self._target_reference is None
+        ref = self._target_reference if not first else {"target": {}, "photos": None}
+        k = self.task.num_classes
+        metrics = {"target_acc": MulticlassAccuracy(k, average="micro"),
+                   "target_mean_class_acc": MulticlassAccuracy(k, average="macro"),
+                   "target_kl": MeanMetric(), "teacher_agreement": MeanMetric()}
+        if self.task.source_eval is not None:
+            metrics["synthetic_acc"] = MulticlassAccuracy(k, average="micro")
+        for m in metrics.values():
+            m.to(self.device)
+        shard = (self.rank, self.world_size)
+        with torch.inference_mode(), self._autocast():
+            for i, (x, y) in enumerate(self.task.target.batches(shard=shard)):
+                x = x.contiguous(memory_format=self.memory_format)
+                features = self.student.features(x)
+                new, old = self.student.new_head(features), self.student.imagenet_head(features)
+                if self.tta_flip:
+                    new = (new.float().sigmoid() + self.student(x.flip(3))[0].float().sigmoid()) / 2
+                if first:
+                    ref["target"][i] = self.teacher(x).float()
+                teacher = ref["target"][i]
+                metrics["target_acc"].update(new.argmax(1), y)
+                metrics["target_mean_class_acc"].update(new.argmax(1), y)
+                metrics["target_kl"].update(kl_to_teacher(old, teacher), weight=len(y))
+                metrics["teacher_agreement"].update((old.argmax(1) == teacher.argmax(1)).float())
+            if self.task.source_eval is not None:
+                for x, y in self.task.source_eval.batches(shard=shard):
+                    metrics["synthetic_acc"].update(self.student(x.contiguous(memory_format=self.memory_format))[0].argmax(1), y)
+            out = {name: m.compute() for name, m in metrics.items()}
+            photos = ref["photos"]
+            if first and self.imagenet_photos:
+                photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device)
+                photos = None if photos is None else (photos[0][: self.imagenet_photos], photos[1][: self.imagenet_photos])
+            if photos is not None:
+                x, y = photos
+                x = x.contiguous(memory_format=self.memory_format)
+                if first:
+                    ref["photos"] = photos
+                    ref["imagenet_teacher_top1"] = (self.teacher(x).argmax(1) == y).float().mean()
+                out["imagenet_top1"] = (self.student(x)[1].argmax(1) == y).float().mean()
+                out["imagenet_teacher_top1"] = ref["imagenet_teacher_top1"]
+        self._target_reference = ref
+        self.student.train(was_training)
+        keys = list(out)
+        return dict(zip(keys, torch.stack([out[k_].float().to(self.device) for k_ in keys]).tolist()))
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything that determines the rest of the run, taken between two decisions: the
+        student, the optimizer, the progress, the data position and the RNGs, as of just
+        before the batch that the next SGD step trains on was drawn (that batch's forward
+        pass is redone on loading)."""
+        state = {"student": {k: v.detach().clone() for k, v in self.student.state_dict().items()},
+                 "optimizer": self.optimizer.state_dict(), "t": self.t, "sgd_step": self.sgd_step,
+                 **self._before_pending}
+        if isinstance(self._teacher_cache, MemoryTeacherCache):
+            state["teacher_cache"] = self._teacher_cache.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the run saved by :meth:`state_dict` (after :meth:`reset` built its SGD)."""
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.t, self.sgd_step = int(state["t"]), int(state["sgd_step"])
+        if "teacher_cache" in state and isinstance(self._teacher_cache, MemoryTeacherCache):
+            self._teacher_cache.load_state_dict(state["teacher_cache"])
+        self.task.source.load_state_dict(state["source"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self._pending = self._train_losses()
+
+    # ---------------------------------------------------------------------------- helpers
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _teacher_out(self, x: torch.Tensor) -> torch.Tensor:
+        """What the guidance compares the student with: the teacher's logits or features."""
+        with torch.inference_mode(), self._autocast():
+            x = x.contiguous(memory_format=self.memory_format)
+            out = self.teacher[0](x) if self.guidance.teacher_output == "features" else self.teacher(x)
+        return out.clone()  # a normal tensor: inference tensors cannot be saved for backward
+
+    def _make_teacher_cache(self, weights) -> MemoryTeacherCache | DiskTeacherCache | None:
+        head = self.student.imagenet_head
+        width = head.out_features if self.guidance.teacher_output == "logits" else head.in_features
+        if isinstance(self.task.source, TensorSource):
+            return MemoryTeacherCache(len(self.task.source), width, self.device)
+        if self.task.cached_images is None:
+            return None
+        key = f"{self.task.teacher_cache_key}-{self.backbone_name}-{weights}-{self.guidance.teacher_output}"
+        path = DiskTeacherCache.path_for(default_cache_dir(), key)
+        if self.rank == 0:  # one rank builds the file; the others wait for it
+            DiskTeacherCache.build(path, self.task.cached_images, self._teacher_out, width, self.device,
+                                   num_workers=self.task.source.num_workers)
+        if self.world_size > 1:
+            dist.barrier()
+        return DiskTeacherCache(path, self.device)
+
+    def _train_losses(self) -> torch.Tensor:
+        self._before_pending = {"source": self.task.source.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            self._before_pending["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        x, y, index, key = self.task.source.next()
+        x = x.contiguous(memory_format=self.memory_format)
+        teacher = None
+        if self.guidance.teacher_output is not None:
+            cached = self._teacher_cache is not None and index is not None
+            teacher = self._teacher_cache(x, index, key, self._teacher_out) if cached else self._teacher_out(x)
+        with self._autocast():
+            return self._train_objective(x, y, teacher)
+
+    def _heldout_losses(self) -> torch.Tensor:
+        x, y = self.task.heldout
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad(), self._autocast():
+            losses = self.objective(x.contiguous(memory_format=self.memory_format), y, self._teacher_heldout)
+        self.student.train(was_training)
+        return losses
+
+    def _init_new_head(self, generator: torch.Generator) -> None:
+        """θ_n with PyTorch's default Linear init, drawn from the run's seed."""
+        with torch.no_grad():
+            for layer in self.student.new_head.modules():
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    for p in (layer.weight, layer.bias):
+                        p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+
+    def _read(self, losses: torch.Tensor, check: torch.Tensor | None = None) -> dict[str, float]:
+        """``losses`` (L, L_XE, guidance; averaged over the ranks) and θ_n's weight statistics
+        as floats, in one host–device transfer. ``check`` (the window's summed training loss)
+        only decides ``finite``."""
+        w = self.student.classifier.weight.detach()
+        check = losses[0] if check is None else check
+        values = torch.cat([losses.detach().float(), check.detach().float().view(1), torch.stack([w.mean(), w.std()])])
+        if self.world_size > 1:
+            values[:4] = self._all_mean(values[:4])
+        numbers = values.tolist()
+        out = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:]))
+        out["finite"] = all(math.isfinite(v) for v in numbers)
+        return out
+
+    @staticmethod
+    def _all_mean(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / dist.get_world_size()
+
+
+def init_distributed() -> tuple[int, int, str | None]:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs,
+    gloo on CPUs). Returns (rank, world size, this rank's device or None to choose freely)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0, 1, None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return dist.get_rank(), dist.get_world_size(), f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), "cpu"
