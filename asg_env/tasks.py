@@ -111,6 +111,8 @@ class TensorSource:
 
     def next(self) -> TrainBatch:
         idx, _ = self.order.next()
+        if self.images.is_cuda:  # a pinned copy goes to the device without waiting for it
+            idx = idx.pin_memory()
         key = idx.to(self.images.device, non_blocking=True)
         return TrainBatch(self.normalise(self.images[key]), self.labels[key], idx, key)
 

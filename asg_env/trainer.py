@@ -79,7 +79,8 @@ class Trainer:
     """One fine-tuning run of an ImageNet model on synthetic images, decision by decision.
 
     Args:
-        task: ``"syndigits"`` (embedded, offline) or ``"visda"`` (VisDA-17 from ``data_root``).
+        task: ``"syndigits"`` (embedded, offline), ``"visda"`` (VisDA-17 from ``data_root``),
+            or a :class:`~asg_env.tasks.Task` built in code.
         backbone: ``efficientnet_lite0``, ``resnet50``, ``resnet101`` or ``vgg16``. Inputs are
             normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
             ImageNet mean/std for torchvision models).
@@ -131,7 +132,7 @@ class Trainer:
 
     def __init__(
         self,
-        task: str = "syndigits",
+        task: str | Task = "syndigits",
         backbone: str = "efficientnet_lite0",
         weights: str | None = "imagenet",
         data_root: str | None = None,
@@ -197,8 +198,10 @@ class Trainer:
 
         mean, std = input_normalisation(backbone)
         shard = (self.rank, self.world_size)
-        if task == "syndigits":
-            self.task: Task = make_syndigits_task(
+        if isinstance(task, Task):  # a task built in code (benchmarks, research on new tasks)
+            self.task: Task = task
+        elif task == "syndigits":
+            self.task = make_syndigits_task(
                 image_size, batch_size, self.device, mean, std, data_root, source_size, target_eval_size,
                 synthetic_eval_size=synthetic_eval_size, shard=shard,
             )
