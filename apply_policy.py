@@ -21,10 +21,20 @@ override. Its run makes the same number of decisions T it was trained with: --st
 t/T and the observation mean what they meant in training. --decision-every-step asks for
 one decision per SGD step instead. A baseline decides at every SGD step.
 
-The run folder gets curve.csv and curve.png (target accuracy and mean per-class accuracy
-over training, and teacher agreement), steps.csv (every decision's action, reward and
-losses), summary.json (the env configuration used, the overrides, decisions and SGD steps),
-and model.safetensors (the fine-tuned student).
+The run folder gets curve.csv and steps.csv, written as the run goes (every evaluation,
+and every decision's action, reward and losses), checkpoint.pt (see below), and at the end
+curve.png (target accuracy, mean per-class accuracy, retention), summary.json (the env
+configuration used, the overrides, decisions, SGD steps and world size) and
+model.safetensors (the fine-tuned student).
+
+Runs survive a kill: checkpoint.pt (student, optimizer, policy state, data position, RNGs)
+is written after the decision that ends each epoch (--checkpoint-every) and at least every
+--checkpoint-minutes; `apply_policy.py --out RUN --resume` continues from it, loses at most
+one interval, and ends with the result the uninterrupted run would have had.
+
+Several GPUs: `torchrun --nproc_per_node N apply_policy.py …` fine-tunes with
+DistributedDataParallel; each global batch is split over the ranks, every rank takes the
+same decision from the rank-averaged losses, and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -39,9 +49,11 @@ import time
 import torch
 
 from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
-from agents.loading import load_policy, read_policy_file
+from agents.loading import load_policy, read_policy_file, save_policy
 from agents.policies import baseline_env_kwargs
-from agents.rollout import EVAL_KEYS, fine_tune
+from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
+from asg_env import UserInputError
+from asg_env.trainer import init_distributed
 
 # Not reported as overrides: evaluation never changes the trajectory, and the run length is
 # printed as "T decisions over N SGD steps".
@@ -92,6 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run folder (default: runs/apply-<policy>-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an env setting, e.g. --set env.kwargs.lam=0.05")
+    p.add_argument("--checkpoint-every", type=eval_every_arg, default="epoch",
+                   help="save checkpoint.pt every N decisions, or 'epoch' (default)")
+    p.add_argument("--checkpoint-minutes", type=positive(float), default=10.0,
+                   help="also save whenever this many minutes have passed since the last save (default 10)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the killed run in --out from its checkpoint.pt (its settings are used)")
     return p.parse_args(argv)
 
 
@@ -157,50 +175,126 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+class CsvLog:
+    """A CSV file written row by row and flushed, so a killed run keeps every row so far."""
+
+    def __init__(self, path: str, fields: list[str], rows: list[dict] = ()):
+        self.fh = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=fields, restval="", extrasaction="ignore")
+        self.writer.writeheader()
+        for row in rows:
+            self.write(row)
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def start(args: argparse.Namespace, out: str, world_size: int) -> tuple[dict, dict, dict | None]:
+    """The run's settings: new ones from the arguments, or the killed run's with --resume
+    (plus this invocation's device, data root and rank count)."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not args.resume:
+        if os.path.exists(path) or os.path.exists(os.path.join(out, "summary.json")):
+            raise UserInputError(f"{out} already holds a run; choose another --out (or --resume an unfinished one)")
+        env_config, changed = resolve_env(args)
+        return {"policy": args.policy, "seed": args.seed, "sample": args.sample, "env": env_config,
+                "overrides": {k: list(v) for k, v in changed.items()}}, changed, None
+    if not os.path.isfile(path):
+        raise UserInputError(f"--resume needs --out pointing at a run folder with checkpoint.pt; {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserInputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    run_args = state["run"]
+    if run_args["world_size"] != world_size:
+        raise UserInputError(f"{out} was run on {run_args['world_size']} process(es); resume it on as many, not {world_size}")
+    kwargs = run_args["env"]["kwargs"]
+    kwargs["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.data_root:
+        kwargs["data_root"] = args.data_root
+    return run_args, {k: tuple(v) for k, v in run_args["overrides"].items()}, state
 
 
 def run(args: argparse.Namespace) -> int:
-    env_config, changed = resolve_env(args)
-    for key, (old, new) in changed.items():
-        print(f"override: {key} = {new!r} (the policy was trained with {old!r})")
-    env = make_env({"env": env_config})
-    u = env.unwrapped
-    policy = load_policy(args.policy, env, deterministic=not args.sample, seed=args.seed)
-
+    rank, world_size, rank_device = init_distributed()
+    if rank_device is not None:
+        args.device = rank_device
+    if args.resume and not args.out:
+        raise UserInputError("--resume needs --out, the folder of the run to continue")
     name = os.path.splitext(os.path.basename(args.policy))[0] if os.path.isfile(args.policy) else args.policy.replace(":", "_").replace(",", "-")
     out = args.out or os.path.join("runs", f"apply-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    print(f"{u.T} decisions over {u.trainer.total_sgd_steps} SGD steps ({u.trainer.total_sgd_steps / u.trainer.task.steps_per_epoch:.2f} epochs)")
-    start = time.perf_counter()
+    run_args, changed, resume = start(args, out, world_size)
+    run_args["world_size"] = world_size
+    lead = rank == 0
+    if lead:
+        for key, (old, new) in changed.items():
+            print(f"override: {key} = {new!r} (the policy was trained with {old!r})")
+    env = make_env({"env": run_args["env"]})
+    u = env.unwrapped
+    trainer = u.trainer
+    policy = load_policy(run_args["policy"], env, deterministic=not run_args["sample"], seed=run_args["seed"])
+
+    names = [f"action/{n}" for n in u.coordinate_names]
+    history = list(resume["history"]) if resume else []
+    logs = None
+    if lead:
+        os.makedirs(out, exist_ok=True)
+        curve_fields = ["step", "sgd_step", *EVAL_KEYS]
+        logs = (CsvLog(os.path.join(out, "steps.csv"), ["step", "sgd_step", "reward", "loss", "loss_xe", "loss_guidance",
+                                                          "diverged", *names, *EVAL_KEYS], history),
+                CsvLog(os.path.join(out, "curve.csv"), curve_fields, [r for r in history if "target_acc" in r]))
+        print(f"{trainer.T} decisions over {trainer.total_sgd_steps} SGD steps "
+              f"({trainer.total_sgd_steps / trainer.steps_per_epoch:.2f} epochs) on {world_size} process(es)"
+              + (f"; resuming after decision {resume['trainer']['t']}" if resume else ""))
+
+    def on_row(row: dict) -> None:
+        if logs:
+            logs[0].write(row)
+            if "target_acc" in row:
+                logs[1].write(row)
+
+    def save(state: dict) -> None:
+        if lead:
+            save_policy({**state, "run": run_args}, os.path.join(out, "checkpoint.pt"))
+
+    checkpoints = Checkpoints(save, args.checkpoint_every, args.checkpoint_minutes)
+    started = time.perf_counter()
     try:
-        history = fine_tune(env, policy, args.seed, progress=True, desc=f"fine-tuning with {args.policy}")
+        history = fine_tune(trainer, policy, run_args["seed"], progress=lead, desc=f"fine-tuning with {run_args['policy']}",
+                            on_row=on_row, checkpoints=checkpoints, resume=resume)
     except KeyboardInterrupt:
-        print("\ninterrupted; no results written beyond this folder's earlier files", file=sys.stderr)
+        print(f"\ninterrupted; steps.csv and curve.csv hold every decision so far. Continue from the last checkpoint with:\n"
+              f"  python apply_policy.py --out {out} --resume", file=sys.stderr)
         return 130
-    seconds = time.perf_counter() - start
+    finally:
+        if logs:
+            for log in logs:
+                log.close()
+    seconds = time.perf_counter() - started
+    if not lead:
+        return 0
 
     curve = [{k: r[k] for k in ("step", "sgd_step", *EVAL_KEYS) if k in r} for r in history if "target_acc" in r]
-    write_csv(curve, os.path.join(out, "curve.csv"))
-    write_csv(history, os.path.join(out, "steps.csv"))
-    plot_curve(curve, os.path.join(out, "curve.png"), f"{env_config['id']}: {args.policy}")
+    plot_curve(curve, os.path.join(out, "curve.png"), f"{run_args['env']['id']}: {run_args['policy']}")
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in u.trainer.student.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in trainer.student.state_dict().items()}, os.path.join(out, "model.safetensors"))
     final, best = curve[-1], max(curve, key=lambda r: r["target_mean_class_acc"])
-    summary = {"policy": args.policy, "env": env_config["id"], "seed": args.seed, "decisions": u.T,
-               "decisions_made": u.trainer.t, "sgd_steps": u.trainer.total_sgd_steps, "sgd_steps_done": u.trainer.sgd_step,
-               "diverged": bool(history[-1].get("diverged")), "seconds": round(seconds, 1),
+    summary = {"policy": run_args["policy"], "env": run_args["env"]["id"], "seed": run_args["seed"],
+               "decisions": trainer.T, "decisions_made": trainer.t, "sgd_steps": trainer.total_sgd_steps,
+               "sgd_steps_done": trainer.sgd_step, "diverged": bool(history[-1].get("diverged")),
+               "world_size": world_size, "resumed": resume is not None, "seconds": round(seconds, 1),
                "final": final, "best_mean_class_oracle": best, "env_kwargs": u.config,
                "overrides": {k: {"trained": old, "applied": new} for k, (old, new) in changed.items()}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
-    print(f"{u.trainer.sgd_step} SGD steps in {seconds / 60:.1f} min on {u.trainer.device}; final target accuracy "
+    if os.path.exists(os.path.join(out, "checkpoint.pt")):
+        os.remove(os.path.join(out, "checkpoint.pt"))  # the run is complete: model.safetensors holds it
+    print(f"{trainer.sgd_step} SGD steps in {seconds / 60:.1f} min on {trainer.device}; final target accuracy "
           f"{final['target_acc']:.3f}, mean per-class {final['target_mean_class_acc']:.3f} "
           f"(oracle best {best['target_mean_class_acc']:.3f} at SGD step {best['sgd_step']}), "
           f"KL(teacher ‖ θ_o) on the target {final['target_kl']:.3f}"

@@ -2,7 +2,8 @@
 
 A policy sees one observation at a time and returns one MultiDiscrete action (levels
 0-10 per coordinate, scale = level / 10). ``reset()`` starts a new episode, which is where
-recurrent policies clear their hidden state.
+recurrent policies clear their hidden state. ``state_dict()`` holds what a run needs to
+continue the policy mid-episode (hidden state, sampling RNG), for checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class Policy(Protocol):
 
     def act(self, obs: np.ndarray) -> np.ndarray: ...
 
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class RandomPolicy:
     """Uniform over the 11 levels for every coordinate, every step (the paper's random policy)."""
@@ -34,6 +39,12 @@ class RandomPolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         return self.rng.integers(0, N_LEVELS, size=self.n)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
 
 
 class ConstantPolicy:
@@ -49,6 +60,12 @@ class ConstantPolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         return self.levels.copy()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def hand_tuned_levels(name: str, n_coordinates: int) -> list[int]:

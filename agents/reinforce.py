@@ -114,6 +114,13 @@ class ReinforcePolicy:
         action = dist.probs.argmax(-1) if self.deterministic else sample(dist, self.generator)
         return action.numpy()
 
+    def state_dict(self) -> dict:
+        return {"h": self.state[0], "c": self.state[1], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = (state["h"], state["c"])
+        self.generator.set_state(state["generator"])
+
 
 class ReinforceTrainer:
     """Algorithm 1: run the env with the LSTM policy; every U steps minimise Eq. 7."""

@@ -1,12 +1,27 @@
-"""Drive one fine-tuning run with a frozen policy and record what happened at every step."""
+"""Drive one fine-tuning run with a frozen policy, straight on the trainer, and record what
+happened at every decision.
+
+The loop is the env's (:class:`asg_env.env.ASGEnv` makes the same calls in the same order, a
+test checks the two bit for bit), without the Gymnasium wrapper, so that it can checkpoint the
+run between decisions and run under ``torchrun``: every rank computes the same action from
+the same rank-averaged losses, and a check stops the run if they ever differ.
+"""
 
 from __future__ import annotations
 
-import gymnasium as gym
+import time
+from typing import Callable
+
 import numpy as np
+import torch
+import torch.distributed as dist
+from gymnasium.utils.seeding import np_random
 from tqdm.auto import tqdm
 
 from agents.policies import Policy
+from asg_env import N_LEVELS
+from asg_env.env import observation
+from asg_env.trainer import Trainer, run_seeds
 
 EVAL_KEYS = ("target_acc", "target_mean_class_acc", "target_kl", "teacher_agreement", "synthetic_acc",
              "imagenet_top1", "imagenet_teacher_top1")
@@ -19,26 +34,86 @@ def episode_seed(run_seed: int, episode: int) -> int:
     return int(np.random.SeedSequence(run_seed, spawn_key=(episode,)).generate_state(1)[0])
 
 
-def fine_tune(env: gym.Env, policy: Policy, seed: int, progress: bool = False, desc: str = "fine-tuning") -> list[dict]:
-    """One episode. Row 0 is the state after reset (target metrics if evaluation is on);
-    row t holds step t's action, reward, losses, and target metrics when they were evaluated."""
-    obs, info = env.reset(seed=seed)
-    policy.reset()
-    u = env.unwrapped
-    row = {"step": 0, "sgd_step": 0, "loss": info["loss"], "loss_xe": info["loss_xe"], "loss_guidance": info["loss_guidance"]}
-    if u.evaluate_target_enabled:
-        row.update(u.evaluate_target())
-    history = [row]
-    done = False
-    with tqdm(total=u.T, desc=desc, disable=not progress, leave=False) as bar:
-        while not done:
-            action = np.asarray(policy.act(obs))
-            obs, reward, terminated, truncated, info = env.step(action)
-            done = terminated or truncated
-            row = {"step": info["step"], "sgd_step": info["sgd_step"], "reward": reward, "loss": info["loss"], "loss_xe": info["loss_xe"],
-                   "loss_guidance": info["loss_guidance"], "diverged": info["diverged"]}
-            row.update({f"action/{n}": int(a) for n, a in zip(u.coordinate_names, action)})
-            row.update({k: info[k] for k in EVAL_KEYS if k in info})
+class Checkpoints:
+    """When to save a run: after the decision that ends each epoch (``every="epoch"``) or every
+    ``every`` decisions, and whenever ``minutes`` have passed since the last save."""
+
+    def __init__(self, save: Callable[[dict], None], every: int | str = "epoch", minutes: float = 10.0):
+        self.save, self.every, self.seconds = save, every, minutes * 60
+        self.last = time.monotonic()
+
+    def due(self, trainer: Trainer, epoch_before: int) -> bool:
+        if self.every == "epoch":
+            due = trainer.sgd_step // trainer.steps_per_epoch > epoch_before
+        else:
+            due = trainer.t % int(self.every) == 0
+        return due or time.monotonic() - self.last >= self.seconds
+
+    def __call__(self, state: dict) -> None:
+        self.save(state)
+        self.last = time.monotonic()
+
+
+def _same_on_every_rank(action: np.ndarray) -> None:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    mine = torch.as_tensor(action, dtype=torch.float64)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"the ranks chose different actions at one decision ({low.tolist()} … {high.tolist()})")
+
+
+def fine_tune(trainer: Trainer, policy: Policy, seed: int, *, evaluate: bool = True, progress: bool = False,
+              desc: str = "fine-tuning", on_row: Callable[[dict], None] | None = None,
+              checkpoints: Checkpoints | None = None, resume: dict | None = None) -> list[dict]:
+    """One run. Row 0 is the state after reset (with the target metrics when ``evaluate``);
+    row t holds decision t's action, reward and losses, and the target metrics when the
+    trainer said an evaluation was due. ``on_row`` sees each row as it is made.
+
+    ``checkpoints`` saves ``{trainer, policy, history…}`` between decisions; pass such a
+    state as ``resume`` to continue that run: it ends exactly as the uninterrupted run would.
+    """
+    names = trainer.coordinate_names
+    if resume is None:
+        values = trainer.reset(*run_seeds(np_random(seed)[0]))
+        policy.reset()
+        last_action = np.full(len(names), N_LEVELS - 1, dtype=np.int64)
+        obs = observation(values, 0.0, last_action)
+        row = {"step": 0, "sgd_step": 0, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")}}
+        if evaluate:
+            row.update(trainer.evaluate())
+        history = [row]
+        if on_row:
+            on_row(row)
+    else:
+        trainer.reset(*run_seeds(np_random(seed)[0]))  # builds the SGD whose state is then loaded
+        trainer.load_state_dict(resume["trainer"])
+        policy.reset()
+        policy.load_state_dict(resume["policy"])
+        values, obs, history = resume["values"], resume["obs"].numpy(), list(resume["history"])
+    diverged = bool(history[-1].get("diverged"))
+    with tqdm(total=trainer.T, initial=trainer.t, desc=desc, disable=not progress, leave=False) as bar:
+        while trainer.t < trainer.T and not diverged:
+            action = np.asarray(policy.act(obs), dtype=np.int64).reshape(-1)
+            _same_on_every_rank(action)
+            epoch_before = trainer.sgd_step // trainer.steps_per_epoch
+            new = trainer.step(action / (N_LEVELS - 1))
+            diverged = not new["finite"]
+            row = {"step": trainer.t, "sgd_step": trainer.sgd_step,
+                   "reward": None if diverged else values["loss"] - new["loss"],
+                   **{k: new[k] for k in ("loss", "loss_xe", "loss_guidance")}, "diverged": diverged}
+            row.update({f"action/{n}": int(a) for n, a in zip(names, action)})
+            if not diverged:
+                values, obs = new, observation(new, trainer.t / trainer.T, action)
+                if evaluate and trainer.evaluation_due:
+                    row.update(trainer.evaluate())
             history.append(row)
+            if on_row:
+                on_row(row)
             bar.update(1)
+            if checkpoints is not None and not diverged and trainer.t < trainer.T and checkpoints.due(trainer, epoch_before):
+                checkpoints({"trainer": trainer.state_dict(), "policy": policy.state_dict(), "values": values,
+                             "obs": torch.from_numpy(obs.copy()), "history": list(history)})
     return history

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+import torch
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import A2C, PPO
 
@@ -43,6 +44,18 @@ class SB3Policy:
         )
         self.episode_start = np.zeros((1,), dtype=bool)
         return np.asarray(action)
+
+    def state_dict(self) -> dict:
+        """The LSTM state of a recurrent policy (sampled actions draw from torch's global RNG,
+        which the trainer's checkpoint holds)."""
+        state = {"episode_start": torch.from_numpy(self.episode_start)}
+        if self.state is not None:
+            state["lstm"] = [torch.from_numpy(np.asarray(s)) for s in self.state]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episode_start = state["episode_start"].numpy()
+        self.state = tuple(s.numpy() for s in state["lstm"]) if "lstm" in state else None
 
 
 def sb3_policy_state(agent: str, model, metadata: dict) -> dict:

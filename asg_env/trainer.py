@@ -24,6 +24,7 @@ evaluation is sharded and reduced with torchmetrics.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 
@@ -375,12 +376,11 @@ class Trainer:
         student, the optimizer, the progress, the data position and the RNGs, as of just
         before the batch that the next SGD step trains on was drawn (that batch's forward
         pass is redone on loading)."""
-        state = {"student": {k: v.detach().clone() for k, v in self.student.state_dict().items()},
-                 "optimizer": self.optimizer.state_dict(), "t": self.t, "sgd_step": self.sgd_step,
-                 **self._before_pending}
+        state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "t": self.t, "sgd_step": self.sgd_step, **self._before_pending}
         if isinstance(self._teacher_cache, MemoryTeacherCache):
             state["teacher_cache"] = self._teacher_cache.state_dict()
-        return state
+        return copy.deepcopy(state)  # a snapshot: training goes on updating these tensors in place
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the run saved by :meth:`state_dict` (after :meth:`reset` built its SGD)."""

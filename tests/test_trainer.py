@@ -1,0 +1,106 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from agents.policies import RandomPolicy
+from agents.rollout import Checkpoints, fine_tune
+from asg_env.tasks import EpochOrder, LoaderSource
+
+
+def _env(kwargs, **kw):
+    return gym.make("SynDigits-v0", evaluate_target=False, **{**kwargs, **kw}).unwrapped
+
+
+def _env_trajectory(env, policy, seed):
+    """The same run, driven through the Gymnasium API."""
+    obs, info = env.reset(seed=seed)
+    policy.reset()
+    rows, done = [(info["loss"], info["loss_xe"], info["loss_guidance"])], False
+    while not done:
+        action = policy.act(obs)
+        obs, reward, done, _, info = env.step(action)
+        rows.append((info["loss"], info["loss_xe"], info["loss_guidance"], reward, *action))
+    return rows
+
+
+def _driver_rows(history, names):
+    rows = [(history[0]["loss"], history[0]["loss_xe"], history[0]["loss_guidance"])]
+    for r in history[1:]:
+        rows.append((r["loss"], r["loss_xe"], r["loss_guidance"], r["reward"], *(r[f"action/{n}"] for n in names)))
+    return rows
+
+
+@pytest.mark.parametrize("reward_batch", ["train", "heldout"])
+def test_driving_the_trainer_is_bit_identical_to_the_env(tiny_env_kwargs, reward_batch):
+    kw = dict(sgd_steps_per_action=2, reward_batch=reward_batch, eval_every=2)
+    env_run, direct_run = _env(tiny_env_kwargs, **kw), _env(tiny_env_kwargs, **kw)
+    by_env = _env_trajectory(env_run, RandomPolicy(len(env_run.coordinate_names), seed=3), seed=11)
+    history = fine_tune(direct_run.trainer, RandomPolicy(len(env_run.coordinate_names), seed=3), 11, evaluate=True)
+    assert _driver_rows(history, env_run.coordinate_names) == by_env  # exact float equality, row by row
+    assert "target_acc" in history[2] and "target_acc" in history[4]  # evaluation changed nothing
+    for (k, a), b in zip(env_run.trainer.student.state_dict().items(), direct_run.trainer.student.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tiny_env_kwargs):
+    """Checkpoints between decisions, across an epoch boundary (20 SGD steps per epoch here)."""
+    kw = dict(episode_steps=12, sgd_steps_per_action=2)
+    saved = []
+    full = _env(tiny_env_kwargs, **kw)
+    names = full.coordinate_names
+    history = fine_tune(full.trainer, RandomPolicy(len(names), seed=1), 5, evaluate=False,
+                        checkpoints=Checkpoints(saved.append, every=4))
+    assert [s["trainer"]["t"] for s in saved] == [4, 8]
+    assert full.trainer.sgd_step == 24
+    for state in saved:
+        again = _env(tiny_env_kwargs, **kw)
+        resumed = fine_tune(again.trainer, RandomPolicy(len(names), seed=999), 5, evaluate=False, resume=state)
+        assert _driver_rows(resumed, names) == _driver_rows(history, names)
+        for a, b in zip(full.trainer.student.state_dict().values(), again.trainer.student.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_checkpoints_come_once_per_epoch_by_default(tiny_env_kwargs):
+    saved = []
+    env = _env(tiny_env_kwargs, episode_steps=10, sgd_steps_per_action=3)  # 20 SGD steps per epoch
+    fine_tune(env.trainer, RandomPolicy(len(env.coordinate_names), seed=0), 0, evaluate=False,
+              checkpoints=Checkpoints(saved.append))
+    assert [s["trainer"]["sgd_step"] for s in saved] == [21]  # the decision that crossed step 20; none at the end
+
+
+class _Numbers(Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]), i, i
+
+
+def test_a_loader_source_resumes_its_order_mid_epoch_and_at_an_epoch_end():
+    def draws(source, n):
+        return [source.next().index.tolist() for _ in range(n)]
+
+    first = LoaderSource(_Numbers(), 3, torch.device("cpu"), num_workers=0)
+    first.reset(7)
+    for k in (1, 3, 4):  # 3 batches per epoch: mid-epoch, exactly at its end, into the next
+        first.reset(7)
+        draws(first, k)
+        state = first.state_dict()
+        expected = draws(first, 5)
+        second = LoaderSource(_Numbers(), 3, torch.device("cpu"), num_workers=0)
+        second.reset(123)
+        second.load_state_dict(state)
+        assert draws(second, 5) == expected, k
+
+
+def test_ranks_split_each_global_batch_in_the_single_process_order():
+    single = EpochOrder(40, 8)
+    ranks = [EpochOrder(40, 8, shard=(r, 2)) for r in range(2)]
+    for order in (single, *ranks):
+        order.reset(3)
+    for _ in range(7):  # across an epoch boundary
+        whole, _ = single.next()
+        parts = [order.next()[0] for order in ranks]
+        assert torch.equal(torch.cat(parts), whole)
