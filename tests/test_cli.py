@@ -146,3 +146,100 @@ def test_help_explains_both_tools(capsys):
             module.main(["--help"])
     text = capsys.readouterr().out
     assert "--resume" in text and "--sample" in text and "hand-tuned" in text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _subprocess_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def _state(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_apply_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = [sys.executable, os.path.join(REPO, "apply_policy.py"), "--policy", "random", "--seed", "3",
+            "--steps", "40", "--checkpoint-every", "4", "--eval-every", "20", "--data-root", cache_dir, *TINY[2:]]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    subprocess.run([*base, "--out", whole], check=True, env=_subprocess_env(2), capture_output=True)
+
+    proc = subprocess.Popen([*base, "--out", killed], env=_subprocess_env(2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, deadline = os.path.join(killed, "checkpoint.pt"), time.time() + 120
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done_before = len(_rows(os.path.join(killed, "steps.csv")))
+    assert not os.path.exists(os.path.join(killed, "summary.json")) and 1 < done_before < 41
+
+    resumed = subprocess.run([sys.executable, os.path.join(REPO, "apply_policy.py"), "--out", killed, "--resume",
+                              "--data-root", cache_dir], env=_subprocess_env(2), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after decision" in resumed.stdout
+    assert _rows(os.path.join(killed, "steps.csv")) == _rows(os.path.join(whole, "steps.csv"))
+    assert _rows(os.path.join(killed, "curve.csv")) == _rows(os.path.join(whole, "curve.csv"))
+    a, b = _state(os.path.join(whole, "model.safetensors")), _state(os.path.join(killed, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.load(open(os.path.join(killed, "summary.json")))
+    assert summary["resumed"] and summary["sgd_steps_done"] == 40 and not os.path.exists(checkpoint)
+
+
+def test_apply_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path, cache_dir, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--policy", "hand-tuned", "--steps", "2", "--out", out, "--data-root", cache_dir, *TINY[2:]]
+    assert apply_policy.main(argv) == 0
+    assert apply_policy.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert apply_policy.main(["--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "checkpoint.pt" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_on_gloo_match_one_process(tmp_path, cache_dir):
+    """DDP over 2 CPU processes with the same global batch (8): every rank takes the same
+    actions (the driver stops the run if they ever differ), and the losses follow the
+    single-process run's. Both use one thread per process: the thread count alone changes
+    the float rounding, which these 6 decisions amplify to about 1 % of the guidance term."""
+    import subprocess
+    import sys
+
+    from agents.config import load_config, make_env
+    from agents.loading import env_metadata, save_policy
+    from agents.reinforce import ReinforceTrainer
+
+    config = load_config(None)
+    config["env"]["kwargs"].update({"data_root": cache_dir, "episode_steps": 6, "source_size": 160, "batch_size": 8,
+                                    "image_size": 32, "target_eval_size": 60, "synthetic_eval_size": 40,
+                                    "imagenet_photos": 4})
+    env = make_env(config)
+    policy = str(tmp_path / "policy.pt")  # an untrained LSTM: its argmax depends on every observation
+    save_policy(ReinforceTrainer(env, seed=4).policy_state(env_metadata(env)), policy)
+
+    args = ["--policy", policy, "--eval-every", "3", "--data-root", cache_dir]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, os.path.join(REPO, "apply_policy.py"), *args, "--out", one],
+                   check=True, env=_subprocess_env(1), capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(REPO, "apply_policy.py"), *args, "--out", two],
+                         env=_subprocess_env(1), capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single, double = _rows(os.path.join(one, "steps.csv")), _rows(os.path.join(two, "steps.csv"))
+    assert len(single) == len(double) == 7
+    for a, b in zip(single, double):
+        assert {k: v for k, v in a.items() if k.startswith("action/")} == {k: v for k, v in b.items() if k.startswith("action/")}
+        for key in ("loss", "loss_xe", "loss_guidance"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+        if a["target_acc"]:
+            assert float(b["target_mean_class_acc"]) == pytest.approx(float(a["target_mean_class_acc"]), abs=0.02)
+    summary = json.load(open(os.path.join(two, "summary.json")))
+    assert summary["world_size"] == 2
