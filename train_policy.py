@@ -6,13 +6,17 @@ Examples:
   python train_policy.py --env VisDA-v0 --data-root /data/visda17 --device cuda
   python train_policy.py --config configs/reinforce_syndigits.yaml --out runs/r1
   python train_policy.py --out runs/r1 --resume --episodes 40   # continue to 40 episodes
+  python train_policy.py --n-envs 4 --device cuda               # 4 episodes at once (one GPU each, if there are 4)
 
 The run folder gets: policy.pt (the frozen policy: weights, observation normaliser and
 config, readable with torch.load(weights_only=True)), checkpoint.pt (to resume),
 config.yaml (the resolved config, seed included), episodes.csv and steps.csv (plottable
 logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its sampled actions
 and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
-with different seeds never share an episode. policy.pt records the env's whole configuration;
+with different seeds never share an episode. --n-envs N runs N episodes at once, each env in
+its own process (gymnasium's AsyncVectorEnv for REINFORCE, which then updates on the batch of
+episodes; SB3's SubprocVecEnv for the SB3 agents), with the CPU threads shared out and one
+env per GPU when there are several. policy.pt records the env's whole configuration;
 apply_policy.py applies the policy in that same configuration. The real target set is never
 used unless the env config turns evaluation on, and then only for logging.
 """
@@ -25,12 +29,13 @@ import os
 import sys
 import time
 
+import gymnasium as gym
 import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import apply_overrides, load_config, make_env, merge, run_cli
+from agents.config import apply_overrides, env_factories, load_config, make_env, merge, run_cli
 from agents.loading import env_metadata, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed
@@ -50,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--data-root", help="dataset root (VisDA-17) or SynDigits cache folder")
     p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
+    p.add_argument("--n-envs", type=int, help="episodes run at once, one process each (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set env.kwargs.lam=0.05 (repeatable)")
     return p.parse_args(argv)
@@ -62,11 +68,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         config = load_config(os.path.join(args.out, "config.yaml"))
         if args.episodes:
             config["train"]["episodes"] = args.episodes
+        if args.n_envs:
+            config["train"]["n_envs"] = args.n_envs
         return config, args.out
     config = load_config(args.config)
     cli = {"env": {"id": args.env} if args.env else {}, "agent": {"name": args.agent} if args.agent else {},
-           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed)) if v is not None}}
+           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("n_envs", args.n_envs))
+                     if v is not None}}
     config = apply_overrides(merge(config, cli), args.set)
+    n_envs = config["train"].get("n_envs", 1)
+    if not (isinstance(n_envs, int) and n_envs >= 1):
+        raise UserInputError(f"n_envs must be a positive number of envs, not {n_envs!r}")
     if config["agent"]["name"] not in AGENTS:
         raise UserInputError(f"unknown agent {config['agent']['name']!r}; choose one of {', '.join(AGENTS)}")
     out = args.out or os.path.join("runs", f"{config['env']['id']}-{config['agent']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -120,20 +132,25 @@ class EpisodeLog:
 
 
 def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: bool) -> list[float]:
+    """Batches of ``n_envs`` episodes (the total is rounded up to whole batches)."""
     seed0 = config["train"]["seed"]
     trainer = ReinforceTrainer(env, ReinforceConfig(**config["agent"].get("reinforce", {})), seed=seed0)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if resume:
         trainer.load_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True))
-    total, returns = config["train"]["episodes"], []
-    for episode in tqdm(range(trainer.episodes_done, total), initial=trainer.episodes_done, total=total, desc="policy episodes"):
-        start = time.perf_counter()
-        seed = episode_seed(seed0, episode)
-        result = trainer.run_episode(seed=seed)
-        log.log(episode, seed, result["return"], result["actions"], result["info"], time.perf_counter() - start)
-        save_policy(trainer.checkpoint(metadata), ckpt_path)  # every episode: an interruption loses at most one
-        save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
-        returns.append(result["return"])
+    total, returns, n = config["train"]["episodes"], [], trainer.envs.num_envs
+    with tqdm(total=total, initial=trainer.episodes_done, desc="policy episodes") as bar:
+        while trainer.episodes_done < total:
+            start, first = time.perf_counter(), trainer.episodes_done
+            seeds = [episode_seed(seed0, first + i) for i in range(n)]
+            results = trainer.run_episodes(seeds)
+            seconds = (time.perf_counter() - start) / n
+            for i, (seed, result) in enumerate(zip(seeds, results)):
+                log.log(first + i, seed, result["return"], result["actions"], result["info"], seconds)
+                returns.append(result["return"])
+            save_policy(trainer.checkpoint(metadata), ckpt_path)  # every batch: an interruption loses at most one
+            save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
+            bar.update(n)
     return returns
 
 
@@ -151,28 +168,34 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
         model.policy.load_state_dict(ckpt["policy"]["state_dict"])
         model.policy.optimizer.load_state_dict(ckpt["optimizer"])
         model.num_timesteps, done_episodes = int(ckpt["num_timesteps"]), int(ckpt["episodes_done"])
-    total, T = config["train"]["episodes"], env.unwrapped.T
+    T = env.get_attr("T")[0] if hasattr(env, "get_attr") else env.unwrapped.T  # SB3 VecEnv or one env
+    total = config["train"]["episodes"]
     returns: list[float] = []
 
     class LogEpisodes(BaseCallback):
         def _on_training_start(self) -> None:
-            self.episode, self.actions, self.ret, self.start = done_episodes, [], 0.0, time.perf_counter()
+            n = self.training_env.num_envs
+            self.episode, self.start = done_episodes, [time.perf_counter()] * n
+            self.actions, self.ret = [[] for _ in range(n)], [0.0] * n
             self.bar = tqdm(total=total, initial=done_episodes, desc=f"policy episodes ({agent})")
 
         def _on_step(self) -> bool:
-            self.actions.append(np.asarray(self.locals["actions"]).reshape(-1))
-            self.ret += float(self.locals["rewards"][0])
-            if self.locals["dones"][0]:
-                info = self.locals["infos"][0]
-                log.log(self.episode, seed, self.ret, np.array(self.actions), info, time.perf_counter() - self.start)
-                returns.append(self.ret)
+            actions = np.asarray(self.locals["actions"]).reshape(len(self.ret), -1)
+            for i, done in enumerate(self.locals["dones"]):
+                self.actions[i].append(actions[i])
+                self.ret[i] += float(self.locals["rewards"][i])
+                if not done:
+                    continue
+                info = self.locals["infos"][i]
+                log.log(self.episode, seed, self.ret[i], np.array(self.actions[i]), info, time.perf_counter() - self.start[i])
+                returns.append(self.ret[i])
                 self.episode += 1
                 self.bar.update(1)
                 save_policy(sb3_policy_state(agent, self.model, metadata), os.path.join(out, "policy.pt"))
                 save_policy({"policy": sb3_policy_state(agent, self.model, metadata),
                              "optimizer": self.model.policy.optimizer.state_dict(),
                              "num_timesteps": self.model.num_timesteps, "episodes_done": self.episode}, ckpt_path)
-                self.actions, self.ret, self.start = [], 0.0, time.perf_counter()
+                self.actions[i], self.ret[i], self.start[i] = [], 0.0, time.perf_counter()
             return self.episode < total
 
         def _on_training_end(self) -> None:
@@ -184,26 +207,39 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
     return returns
 
 
+def vector_env(config: dict, agent: str, data_root: str | None, device: str):
+    """``n_envs`` envs, each in its own process."""
+    builders = env_factories(config, config["train"]["n_envs"], device, data_root=data_root)
+    if agent == "reinforce":
+        return gym.vector.AsyncVectorEnv(builders, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    return SubprocVecEnv(builders, start_method="spawn")
+
+
 def run(args: argparse.Namespace) -> int:
     config, out = resolve_config(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    env = make_env(config, data_root=args.data_root, device=device)
+    env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when n_envs = 1
+    agent = config["agent"]["name"]
+    envs = vector_env(config, agent, args.data_root, device) if config["train"]["n_envs"] > 1 else env
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     metadata = env_metadata(env)
     log = EpisodeLog(out, metadata["coordinate_names"])
-    agent = config["agent"]["name"]
     start = time.perf_counter()
     try:
         train = train_reinforce if agent == "reinforce" else train_sb3
-        returns = train(env, config, out, metadata, log, args.resume)
+        returns = train(envs, config, out, metadata, log, args.resume)
     except KeyboardInterrupt:
         print(f"\ninterrupted; everything up to the last finished episode is saved. Continue with:\n"
               f"  python train_policy.py --out {out} --resume", file=sys.stderr)
         return 130
     finally:
         log.close()
+        if envs is not env:
+            envs.close()
     minutes = (time.perf_counter() - start) / 60
     print(f"trained {agent} on {config['env']['id']} for {len(returns)} episodes in {minutes:.1f} min")
     if returns:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 from typing import Callable
 
 import gymnasium as gym
+import torch
 import yaml
 
 import asg_env  # noqa: F401  (registers the ids)
@@ -17,7 +19,7 @@ DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
     "env": {"id": "SynDigits-v0", "kwargs": {"reward_batch": "heldout", "evaluate_target": False}},
     "agent": {"name": "reinforce", "reinforce": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
-    "train": {"episodes": 20, "seed": 0},
+    "train": {"episodes": 20, "seed": 0, "n_envs": 1},
 }
 
 
@@ -71,6 +73,20 @@ def make_env(config: dict, **extra) -> gym.Env:
         raise UserInputError(str(exc)) from exc
     except TypeError as exc:  # an unknown kwarg in a config file
         raise UserInputError(f"bad env option: {exc}") from exc
+
+
+def _build_env(config: dict, extra: dict, threads: int) -> gym.Env:
+    torch.set_num_threads(threads)
+    return make_env(config, **extra)
+
+
+def env_factories(config: dict, n: int, device: str, **extra) -> list[Callable[[], gym.Env]]:
+    """``n`` picklable env builders for the processes of a vector env: the CPU threads are
+    shared out among them, and on several GPUs env ``i`` gets GPU ``i mod count``."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    return [functools.partial(_build_env, config, {**extra, "device": f"cuda:{i % gpus}" if gpus > 1 else device}, threads)
+            for i in range(n)]
 
 
 def run_cli(run: Callable, parse_args: Callable, argv=None) -> int:

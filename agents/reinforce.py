@@ -80,21 +80,24 @@ class LSTMPolicy(nn.Module):
         self.heads = nn.Linear(hidden_size, n_coordinates * N_LEVELS)
         self.n_coordinates, self.hidden_size = n_coordinates, hidden_size
 
-    def initial_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = torch.zeros(1, self.hidden_size)
+    def initial_state(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = torch.zeros(batch, self.hidden_size)
         return zeros, zeros.clone()
 
     def forward(self, obs: torch.Tensor, state):
-        """One step. Returns per-coordinate action distributions and the next hidden state."""
-        h, c = self.lstm(self.obs_rms.normalize(obs).view(1, -1), state)
-        logits = self.heads(h).view(self.n_coordinates, N_LEVELS)
+        """One step for one observation (obs_dim,) or a batch (N, obs_dim). Returns the
+        per-coordinate action distributions, (C,) or (N, C), and the next hidden state."""
+        x = self.obs_rms.normalize(obs).view(-1, obs.shape[-1])
+        h, c = self.lstm(x, state)
+        logits = self.heads(h).view(*obs.shape[:-1], self.n_coordinates, N_LEVELS)
         return Categorical(logits=logits), (h, c)
 
 
 def sample(dist: Categorical, generator: torch.Generator) -> torch.Tensor:
     """One level per coordinate, drawn from the policy's own generator, so the draws depend
     only on the agent's seed and not on whatever else uses torch's global RNG."""
-    return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+    probs = dist.probs
+    return torch.multinomial(probs.reshape(-1, N_LEVELS), 1, generator=generator).view(probs.shape[:-1])
 
 
 class ReinforcePolicy:
@@ -123,12 +126,20 @@ class ReinforcePolicy:
 
 
 class ReinforceTrainer:
-    """Algorithm 1: run the env with the LSTM policy; every U steps minimise Eq. 7."""
+    """Algorithm 1: run the env with the LSTM policy; every U steps minimise Eq. 7.
 
-    def __init__(self, env: gym.Env, config: ReinforceConfig | None = None, seed: int = 0):
-        self.env, self.cfg = env, config or ReinforceConfig()
-        obs_dim = env.observation_space.shape[0]
-        n_coordinates = len(env.action_space.nvec)
+    ``env`` is one env or a gymnasium ``VectorEnv`` of N copies (``train_policy.py
+    --n-envs``): then N episodes run at once, and each update averages Eq. 7 over the batch
+    of episodes, with the per-step baseline tracking the batch's mean reward. With one env the
+    numbers are those of the single-episode algorithm.
+    """
+
+    def __init__(self, env: gym.Env | gym.vector.VectorEnv, config: ReinforceConfig | None = None, seed: int = 0):
+        if not isinstance(env, gym.vector.VectorEnv):
+            env = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+        self.envs, self.cfg = env, config or ReinforceConfig()
+        obs_dim = env.single_observation_space.shape[0]
+        n_coordinates = len(env.single_action_space.nvec)
         with torch.random.fork_rng(devices=[]):  # the policy's initial weights, from its seed alone
             torch.manual_seed(seed)
             self.net = LSTMPolicy(obs_dim, n_coordinates, self.cfg.hidden_size)
@@ -139,57 +150,75 @@ class ReinforceTrainer:
         self.reward_rms = RunningMeanStd(())
         self.episodes_done = 0
 
-    def _advantages(self, steps: list[int], rewards: torch.Tensor) -> torch.Tensor:
+    def _advantages(self, steps: list[int], rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rewards and mask are (U, N): U steps of N episodes, some of which may have ended."""
+        mean = (rewards * mask).sum(1) / mask.sum(1).clamp(min=1)
         if self.cfg.baseline == "per-step":
             if len(self.baseline) <= max(steps):
                 self.baseline = torch.cat([self.baseline, torch.full((max(steps) + 1 - len(self.baseline),), float("nan"))])
             b = self.baseline[steps]
             seen = ~torch.isnan(b)
-            adv = rewards - torch.where(seen, b, rewards)  # first visit: no baseline yet → 0
+            adv = rewards - torch.where(seen, b, mean)[:, None]  # first visit: no baseline yet → 0
             d = self.cfg.baseline_decay
-            self.baseline[steps] = torch.where(seen, d * b + (1 - d) * rewards, rewards)
+            self.baseline[steps] = torch.where(seen, d * b + (1 - d) * mean, mean)
         else:
             adv = rewards
-        self.reward_rms.update(rewards)
+        self.reward_rms.update(rewards[mask])
         return adv / torch.sqrt(self.reward_rms.var + 1e-8)
 
-    def _update(self, steps, log_probs, entropies, rewards) -> float:
-        """Eq. 7 over one unroll: L_π = −1/U Σ A_t log p(a_t|s_t) − β H."""
-        adv = self._advantages(steps, torch.tensor(rewards, dtype=torch.float32))
-        loss = -(adv * torch.stack(log_probs)).mean() - self.cfg.entropy_coef * torch.stack(entropies).mean()
+    def _update(self, steps, log_probs, entropies, rewards, masks) -> float:
+        """Eq. 7 over one unroll: L_π = −1/U Σ A_t log p(a_t|s_t) − β H, averaged over the
+        episodes still running."""
+        mask = torch.stack(masks)
+        adv = self._advantages(steps, torch.tensor(np.array(rewards), dtype=torch.float32), mask)
+        loss = -(adv * torch.stack(log_probs))[mask].mean() - self.cfg.entropy_coef * torch.stack(entropies)[mask].mean()
         self.optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         return loss.item()
 
-    def run_episode(self, seed: int) -> dict:
-        """One training episode. Returns its return, actions and the last step's info."""
+    def run_episodes(self, seeds: list[int]) -> list[dict]:
+        """One training episode per env, all at once. Returns each one's return, actions and
+        last info."""
+        n = self.envs.num_envs
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} envs")
         self.net.train()
-        obs, info = self.env.reset(seed=seed)
-        state = self.net.initial_state()  # h_0 = 0 (Algorithm 1, line 1)
-        steps, log_probs, entropies, rewards = [], [], [], []
-        actions, episode_return, t, done = [], 0.0, 0, False
-        while not done:
+        obs, _ = self.envs.reset(seed=[int(s) for s in seeds])
+        state = self.net.initial_state(n)  # h_0 = 0 (Algorithm 1, line 1)
+        running = np.ones(n, dtype=bool)
+        returns, actions, last_info = np.zeros(n), [[] for _ in range(n)], [{} for _ in range(n)]
+        steps, log_probs, entropies, rewards, masks = [], [], [], [], []
+        t = 0
+        while running.any():
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
-            self.net.obs_rms.update(obs_t)
+            self.net.obs_rms.update(obs_t[torch.from_numpy(running)])
             dist, state = self.net(obs_t, state)
             action = sample(dist, self.generator)
-            obs, reward, terminated, truncated, info = self.env.step(action.numpy())
-            done = terminated or truncated
+            obs, reward, terminated, truncated, info = self.envs.step(action.numpy())
             steps.append(t)
-            log_probs.append(dist.log_prob(action).sum())  # independent heads: log-probs add
-            entropies.append(dist.entropy().sum())
-            rewards.append(reward)
-            actions.append(action.numpy())
-            episode_return += reward
+            log_probs.append(dist.log_prob(action).sum(-1))  # independent heads: log-probs add
+            entropies.append(dist.entropy().sum(-1))
+            rewards.append(np.where(running, reward, 0.0))
+            masks.append(torch.from_numpy(running.copy()))
+            for i in np.flatnonzero(running):
+                returns[i] += reward[i]
+                actions[i].append(action[i].numpy())
+                last_info[i] = _env_info(info, i)
+            running &= ~(terminated | truncated)
             t += 1
-            if len(rewards) == self.cfg.unroll or done:  # (t+1) % U == 0 (line 10)
-                self._update(steps, log_probs, entropies, rewards)
+            if len(rewards) == self.cfg.unroll or not running.any():  # (t+1) % U == 0 (line 10)
+                self._update(steps, log_probs, entropies, rewards, masks)
                 state = (state[0].detach(), state[1].detach())  # carry h, stop the gradient
-                steps, log_probs, entropies, rewards = [], [], [], []
-        self.episodes_done += 1
-        return {"return": episode_return, "actions": np.array(actions), "info": info, "length": t}
+                steps, log_probs, entropies, rewards, masks = [], [], [], [], []
+        self.episodes_done += n
+        return [{"return": float(returns[i]), "actions": np.array(actions[i]), "info": last_info[i],
+                 "length": len(actions[i])} for i in range(n)]
+
+    def run_episode(self, seed: int) -> dict:
+        """One training episode (the trainer must hold one env)."""
+        return self.run_episodes([seed])[0]
 
     # ------------------------------------------------------------------ saving and loading
     def policy_state(self, metadata: dict) -> dict:
@@ -215,6 +244,17 @@ class ReinforceTrainer:
         self.reward_rms.load_state_dict(ckpt["reward_rms"])
         self.episodes_done = int(ckpt["episodes_done"])
         self.generator.set_state(ckpt["sampler_rng"])
+
+
+def _env_info(info: dict, i: int) -> dict:
+    """Env ``i``'s entries of a vector env's batched info dict, as plain Python values."""
+    out = {}
+    for key, value in info.items():
+        if key.startswith("_") or not info.get(f"_{key}", np.ones(i + 1, dtype=bool))[i]:
+            continue
+        value = _env_info(value, i) if isinstance(value, dict) else value[i]
+        out[key] = value.item() if isinstance(value, np.generic) else value
+    return out
 
 
 def policy_from_state(state: dict, deterministic: bool = True, seed: int | None = None) -> ReinforcePolicy:

@@ -83,3 +83,17 @@ def test_grid_rule_falls_back_to_retention_loss_without_a_clear_washout():
              _cell(64, 2, 0.0, retention_loss=0.20)]
     chosen, why = grid.choose(cells)
     assert (chosen["image_size"], chosen["epochs"]) == (64, 4) and "retention" in why
+
+
+def test_bench_gpu_runs_at_a_tiny_size_on_cpu(capsys):
+    bench = _load("bench_gpu")
+    argv = ["--device", "cpu", "--backbone", "efficientnet_lite0", "--image-size", "32", "--batch-size", "4",
+            "--steps", "2", "--warmup", "1", "--source-size", "8"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| fp32 |")]
+    assert [r.split("|")[2].strip() for r in rows] == [
+        "plain loop", "plain loop + PG (teacher run)", "trainer", "trainer + PG (teacher run)",
+        "trainer + PG (teacher cached)", "env.step + PG (teacher cached)"]
+    assert all(float(r.split("|")[3]) > 0 for r in rows)
+    assert "env.step / trainer = " in out and "(goal ≥ 0.95)" in out

@@ -243,3 +243,33 @@ def test_torchrun_two_ranks_on_gloo_match_one_process(tmp_path, cache_dir):
             assert float(b["target_mean_class_acc"]) == pytest.approx(float(a["target_mean_class_acc"]), abs=0.02)
     summary = json.load(open(os.path.join(two, "summary.json")))
     assert summary["world_size"] == 2
+
+
+@pytest.mark.parametrize("agent", ["reinforce", "recurrent-ppo"])
+def test_two_envs_run_episodes_in_parallel_processes(tmp_path, cache_dir, agent):
+    out = str(tmp_path / agent)
+    argv = ["--agent", agent, "--episodes", "4", "--n-envs", "2", "--out", out, "--data-root", cache_dir, "--seed", "2", *TINY]
+    if agent == "recurrent-ppo":
+        argv += ["--set", "agent.recurrent-ppo.n_steps=3", "--set", "agent.recurrent-ppo.batch_size=6"]
+    assert train_policy.main(argv) == 0
+    episodes = _rows(os.path.join(out, "episodes.csv"))
+    assert [r["episode"] for r in episodes] == ["0", "1", "2", "3"] and all(r["length"] == "3" for r in episodes)
+    if agent == "reinforce":  # each batch of two ran two different episodes
+        assert [int(r["seed"]) for r in episodes] == [episode_seed(2, i) for i in range(4)]
+        assert len({r["final_loss"] for r in episodes}) == 4
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["episodes_done"] == 4
+
+
+def test_sb3_training_resumes_from_its_checkpoint(tmp_path, cache_dir):
+    out = str(tmp_path / "rppo")
+    ppo = ["--set", "agent.recurrent-ppo.n_steps=3", "--set", "agent.recurrent-ppo.batch_size=3"]
+    assert train_policy.main(["--agent", "recurrent-ppo", "--episodes", "1", "--out", out, "--data-root", cache_dir,
+                              *TINY, *ppo]) == 0
+    first = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert first["episodes_done"] == 1 and first["num_timesteps"] == 3
+    assert train_policy.main(["--out", out, "--resume", "--episodes", "3", "--data-root", cache_dir]) == 0
+    last = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert last["episodes_done"] == 3 and last["num_timesteps"] == 9  # counted on from the checkpoint, not from 0
+    assert [r["episode"] for r in _rows(os.path.join(out, "episodes.csv"))] == ["0", "1", "2"]
+    moved = [not torch.equal(a, last["policy"]["state_dict"][k]) for k, a in first["policy"]["state_dict"].items()]
+    assert any(moved)  # the resumed run went on learning from the saved weights
