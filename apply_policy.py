@@ -49,7 +49,7 @@ import time
 import torch
 
 from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
-from agents.loading import load_policy, read_policy_file, save_policy
+from agents.loading import load_policy, read_file, read_policy_file, save_policy
 from agents.policies import baseline_env_kwargs
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
@@ -203,12 +203,7 @@ def start(args: argparse.Namespace, out: str, world_size: int) -> tuple[dict, di
         env_config, changed = resolve_env(args)
         return {"policy": args.policy, "seed": args.seed, "sample": args.sample, "env": env_config,
                 "overrides": {k: list(v) for k, v in changed.items()}}, changed, None
-    if not os.path.isfile(path):
-        raise UserInputError(f"--resume needs --out pointing at a run folder with checkpoint.pt; {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserInputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    state = read_file(path, "checkpoint (--resume needs --out pointing at an unfinished run)")
     run_args = state["run"]
     if run_args["world_size"] != world_size:
         raise UserInputError(f"{out} was run on {run_args['world_size']} process(es); resume it on as many, not {world_size}")

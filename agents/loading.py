@@ -31,13 +31,19 @@ def save_policy(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def read_policy_file(path: str) -> dict:
+def read_file(path: str, what: str) -> dict:
+    """A file saved with ``save_policy``, read with ``weights_only=True``; a missing or corrupt
+    file is one line of error."""
     if not os.path.isfile(path):
-        raise UserInputError(f"policy file not found: {path}")
+        raise UserInputError(f"{what} not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserInputError(f"cannot read policy {path}: {str(exc).splitlines()[0]}") from exc
+        raise UserInputError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def read_policy_file(path: str) -> dict:
+    state = read_file(path, "policy file")
     if not isinstance(state, dict) or state.get("format") != POLICY_FORMAT:
         raise UserInputError(f"{path} is not an ASG-Gym policy (expected format {POLICY_FORMAT})")
     return state
