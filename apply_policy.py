@@ -162,6 +162,7 @@ def plot_curve(rows: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["sgd_step"] for r in rows]
     labels = {"target_acc": "real target accuracy", "target_mean_class_acc": "real target mean per-class accuracy",
+              "target_miou": "real target mIoU", "synthetic_miou": "synthetic held-out mIoU",
               "synthetic_acc": "synthetic held-out accuracy", "imagenet_top1": "ImageNet top-1 of θ_o (photos)",
               "teacher_agreement": "agreement with the teacher on the target"}
     for key, label in labels.items():
@@ -238,10 +239,10 @@ def run(args: argparse.Namespace) -> int:
     logs = None
     if lead:
         os.makedirs(out, exist_ok=True)
-        curve_fields = ["step", "sgd_step", *EVAL_KEYS]
+        curve_fields = ["step", "sgd_step", *EVAL_KEYS, *trainer.class_iou_keys]
         logs = (CsvLog(os.path.join(out, "steps.csv"), ["step", "sgd_step", "reward", "loss", "loss_xe", "loss_guidance",
                                                           "diverged", *names, *EVAL_KEYS], history),
-                CsvLog(os.path.join(out, "curve.csv"), curve_fields, [r for r in history if "target_acc" in r]))
+                CsvLog(os.path.join(out, "curve.csv"), curve_fields, [r for r in history if "target_kl" in r]))
         print(f"{trainer.T} decisions over {trainer.total_sgd_steps} SGD steps "
               f"({trainer.total_sgd_steps / trainer.steps_per_epoch:.2f} epochs) on {world_size} process(es)"
               + (f"; resuming after decision {resume['trainer']['t']}" if resume else ""))
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     def on_row(row: dict) -> None:
         if logs:
             logs[0].write(row)
-            if "target_acc" in row:
+            if "target_kl" in row:
                 logs[1].write(row)
 
     def save(state: dict) -> None:
@@ -273,25 +274,29 @@ def run(args: argparse.Namespace) -> int:
     if not lead:
         return 0
 
-    curve = [{k: r[k] for k in ("step", "sgd_step", *EVAL_KEYS) if k in r} for r in history if "target_acc" in r]
+    keys = ("step", "sgd_step", *EVAL_KEYS, *trainer.class_iou_keys)
+    curve = [{k: r[k] for k in keys if k in r} for r in history if "target_kl" in r]
     plot_curve(curve, os.path.join(out, "curve.png"), f"{run_args['env']['id']}: {run_args['policy']}")
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in trainer.student.state_dict().items()}, os.path.join(out, "model.safetensors"))
-    final, best = curve[-1], max(curve, key=lambda r: r["target_mean_class_acc"])
+    headline = trainer.headline
+    final, best = curve[-1], max(curve, key=lambda r: r[headline])
     summary = {"policy": run_args["policy"], "env": run_args["env"]["id"], "seed": run_args["seed"],
                "decisions": trainer.T, "decisions_made": trainer.t, "sgd_steps": trainer.total_sgd_steps,
                "sgd_steps_done": trainer.sgd_step, "diverged": bool(history[-1].get("diverged")),
                "world_size": world_size, "resumed": resume is not None, "seconds": round(seconds, 1),
-               "final": final, "best_mean_class_oracle": best, "env_kwargs": u.config,
+               "final": final, f"best_{headline}_oracle": best, "env_kwargs": u.config,
                "overrides": {k: {"trained": old, "applied": new} for k, (old, new) in changed.items()}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
         os.remove(os.path.join(out, "checkpoint.pt"))  # the run is complete: model.safetensors holds it
-    print(f"{trainer.sgd_step} SGD steps in {seconds / 60:.1f} min on {trainer.device}; final target accuracy "
-          f"{final['target_acc']:.3f}, mean per-class {final['target_mean_class_acc']:.3f} "
-          f"(oracle best {best['target_mean_class_acc']:.3f} at SGD step {best['sgd_step']}), "
+    scores = (f"mIoU {final['target_miou']:.3f}, pixel accuracy {final['target_pixel_acc']:.3f}"
+              if headline == "target_miou" else
+              f"accuracy {final['target_acc']:.3f}, mean per-class {final['target_mean_class_acc']:.3f}")
+    print(f"{trainer.sgd_step} SGD steps in {seconds / 60:.1f} min on {trainer.device}; final target {scores} "
+          f"(oracle best {best[headline]:.3f} at SGD step {best['sgd_step']}), "
           f"KL(teacher ‖ θ_o) on the target {final['target_kl']:.3f}"
           + (f", ImageNet top-1 of θ_o {final['imagenet_top1']:.2f} (teacher {final['imagenet_teacher_top1']:.2f})"
              if "imagenet_top1" in final else ""))

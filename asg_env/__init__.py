@@ -3,6 +3,8 @@
 Registered ids:
 
 * ``SynDigits-v0``: fonts-rendered digits → real MNIST, EfficientNet-Lite0, offline on a CPU.
+* ``SynDigitScenes-v0``: segmentation of rendered digit scenes → real-MNIST scenes, FCN-8s on
+  EfficientNet-Lite0, offline on a CPU.
 * ``VisDA-v0``: VisDA-17 (train → validation) with ResNet-101, from a local data root.
 """
 
@@ -19,6 +21,12 @@ register(
     id="SynDigits-v0",
     entry_point="asg_env.env:ASGEnv",
     kwargs={"task": "syndigits", "image_size": 64, "lr_base": 3e-3, "source_size": 2000},
+)
+register(
+    id="SynDigitScenes-v0",
+    entry_point="asg_env.env:ASGEnv",
+    kwargs={"task": "digitscenes", "image_size": 64, "batch_size": 16, "lr_base": 3e-3, "source_size": 1000,
+            "target_eval_size": 500, "synthetic_eval_size": 200},
 )
 register(
     id="VisDA-v0",

@@ -239,6 +239,8 @@ class Task:
     teacher_cache_key: str | None = None
     cached_images: Dataset | None = None
     source_eval: TensorSource | None = None  # held-out synthetic images, for evaluation only
+    kind: str = "classification"  # or "segmentation": labels are (H, W) maps, 255 ignored
+    class_names: tuple[str, ...] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -284,6 +286,39 @@ def make_syndigits_task(
     keep = np.random.default_rng(0).permutation(len(ty))[: min(target_eval_size, len(ty))]
     target = TensorSource(tx[keep], ty[keep], batch_size, device, mean, std)
     return Task("SynDigits", 10, source, heldout, target, source_eval=source_eval)
+
+
+def make_digitscenes_task(
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    mean: Stats,
+    std: Stats,
+    data_root: str | None = None,
+    source_size: int = 1000,
+    target_eval_size: int = 500,
+    synthetic_eval_size: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> Task:
+    """Synthetic digit scenes (source, then the held-out batch, then ``synthetic_eval_size``
+    scenes for evaluation) and real-MNIST scenes (target), 11 classes (background + digits).
+    The target is rendered from its own seed, so no background is shared with the source."""
+    from asg_env.data.digitscenes import CLASSES, load_digit_scenes
+
+    if source_size < batch_size:
+        raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
+    if synthetic_eval_size < 0 or target_eval_size < 1:
+        raise UserInputError("synthetic_eval_size must be 0 or more and target_eval_size at least 1")
+    root = data_root or default_cache_dir()
+    n = source_size + batch_size
+    images, labels = load_digit_scenes(root, "synthetic", n + synthetic_eval_size, image_size, seed=0)
+    heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
+    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std, shard)
+    source_eval = (TensorSource(images[n:], labels[n:], batch_size, device, mean, std) if synthetic_eval_size else None)
+    tx, ty = load_digit_scenes(root, "real", target_eval_size, image_size, seed=1)
+    target = TensorSource(tx, ty, batch_size, device, mean, std)
+    return Task("SynDigitScenes", len(CLASSES), source, heldout, target, source_eval=source_eval,
+                kind="segmentation", class_names=CLASSES)
 
 
 def make_visda_task(

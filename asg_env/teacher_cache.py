@@ -39,7 +39,7 @@ class MemoryTeacherCache:
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor, key: torch.Tensor, teacher: Teacher) -> torch.Tensor:
         if not bool(self.known[index].all()):
-            self.logits[key] = teacher(x).float()
+            self.logits[key] = teacher(x).float().flatten(1)
             self.known[index] = True
         return self.logits[key]
 
@@ -74,7 +74,7 @@ class DiskTeacherCache:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(dataset), width))
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         for x, _, index in tqdm(loader, desc="caching teacher outputs", leave=False):
-            out[index.numpy()] = teacher(x.to(device)).float().cpu().numpy().astype(np.float16)
+            out[index.numpy()] = teacher(x.to(device)).float().flatten(1).cpu().numpy().astype(np.float16)
         out.flush()
         del out
         os.replace(tmp, path)  # atomic: an interrupted build never leaves half a cache

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from asg_env.backbones import build_backbone, input_normalisation
 from asg_env.coordinates import Coordinate, optimization_coordinates
@@ -43,7 +43,9 @@ from asg_env.guidance import GUIDANCES, Guidance, make_guidance
 from asg_env.imagenet_photos import load_imagenet_photos
 from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_factor
 from asg_env.proxy import HEADS, StudentNet, kl_to_teacher, make_teacher
-from asg_env.tasks import Task, TensorSource, default_cache_dir, make_syndigits_task, make_visda_task
+from asg_env.segmentation import DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, iou_from_confusion
+from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_syndigits_task,
+                           make_visda_task)
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 LR_SCHEDULES = ("constant", "poly")
@@ -80,8 +82,8 @@ class Trainer:
     """One fine-tuning run of an ImageNet model on synthetic images, decision by decision.
 
     Args:
-        task: ``"syndigits"`` (embedded, offline), ``"visda"`` (VisDA-17 from ``data_root``),
-            or a :class:`~asg_env.tasks.Task` built in code.
+        task: ``"syndigits"`` (embedded, offline), ``"digitscenes"`` (embedded segmentation),
+            ``"visda"`` (VisDA-17 from ``data_root``), or a :class:`~asg_env.tasks.Task` built in code.
         backbone: ``efficientnet_lite0``, ``resnet50``, ``resnet101`` or ``vgg16``. Inputs are
             normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
             ImageNet mean/std for torchvision models).
@@ -129,6 +131,9 @@ class Trainer:
         num_workers: DataLoader workers for file-based tasks (persistent across epochs).
         bn_stats: ``"frozen"`` (the official protocol: eval mode, ImageNet statistics, affine
             parameters train) or ``"train"`` (batch statistics, running statistics updated).
+        patch_grid: segmentation only: dense proxy guidance on ``g × g`` pooled patches of the
+            last feature map (Eq. 5); 1, the default, pools the whole map as the official
+            ``train_seg.py`` does (see :mod:`asg_env.segmentation`).
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class Trainer:
         cache_teacher: bool = True,
         num_workers: int = 2,
         bn_stats: str = "frozen",
+        patch_grid: int = 1,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         for name, value, choices in (("bn_stats", bn_stats, ("frozen", "train")),
@@ -206,11 +212,14 @@ class Trainer:
                 image_size, batch_size, self.device, mean, std, data_root, source_size, target_eval_size,
                 synthetic_eval_size=synthetic_eval_size, shard=shard,
             )
+        elif task == "digitscenes":
+            self.task = make_digitscenes_task(image_size, batch_size, self.device, mean, std, data_root, source_size,
+                                              target_eval_size, synthetic_eval_size, shard=shard)
         elif task == "visda":
             self.task = make_visda_task(image_size, batch_size, self.device, mean, std, data_root, target_eval_size,
                                         num_workers, shard=shard)
         else:
-            raise UserInputError(f"unknown task {task!r}; choose 'syndigits' or 'visda'")
+            raise UserInputError(f"unknown task {task!r}; choose 'syndigits', 'digitscenes' or 'visda'")
         parts = build_backbone(backbone, weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
         self.imagenet_photos = int(imagenet_photos)
@@ -225,8 +234,18 @@ class Trainer:
         self.windows = action_windows(window, episode_steps, int(sgd_steps_per_action), sgd_steps,
                                       self.task.steps_per_epoch)
         self.T, self.total_sgd_steps = len(self.windows), sum(self.windows)
-        self.teacher = make_teacher(parts).to(self.device, memory_format=self.memory_format)
-        self.student = StudentNet(parts, self.task.num_classes, head).to(self.device, memory_format=self.memory_format)
+        segmentation = self.task.kind == "segmentation"
+        if segmentation:
+            if guidance not in ("kl", "none") or tta_flip or patch_grid < 1:
+                raise UserInputError("segmentation takes guidance 'kl' (dense, Eq. 5) or 'none', no tta_flip, "
+                                     f"and patch_grid ≥ 1 (got {guidance!r}, {tta_flip}, {patch_grid})")
+            self.teacher = DenseTeacher(parts, patch_grid)
+            self.student = SegStudentNet(parts, self.task.num_classes, patch_grid)
+        else:
+            self.teacher = make_teacher(parts)
+            self.student = StudentNet(parts, self.task.num_classes, head)
+        self.teacher = self.teacher.to(self.device, memory_format=self.memory_format)
+        self.student = self.student.to(self.device, memory_format=self.memory_format)
         self.coordinates: list[Coordinate] = optimization_coordinates(self.student.features, self.student.new_head)
         self.coordinate_names = [c.name for c in self.coordinates]
         # ImageNet weights kept in memory: reset() restores them without touching the disk.
@@ -235,9 +254,13 @@ class Trainer:
         }
         self.student.eval()
         active = self.lam > 0 and guidance != "none"
-        self.guidance: Guidance = make_guidance(guidance if active else "none", self.student,
-                                                self.task.heldout[0] if guidance == "si" else None)
-        self.objective = Objective(self.student, self.guidance, self.lam)
+        if segmentation:
+            self.guidance: Guidance = DenseKLGuidance() if active else Guidance()
+            self.objective: nn.Module = SegObjective(self.student, self.guidance, self.lam)
+        else:
+            self.guidance = make_guidance(guidance if active else "none", self.student,
+                                          self.task.heldout[0] if guidance == "si" else None)
+            self.objective = Objective(self.student, self.guidance, self.lam)
         self._train_objective: nn.Module = self.objective
         if self.world_size > 1:
             self._train_objective = nn.parallel.DistributedDataParallel(
@@ -254,6 +277,16 @@ class Trainer:
     @property
     def steps_per_epoch(self) -> int:
         return self.task.steps_per_epoch
+
+    @property
+    def headline(self) -> str:
+        """The evaluation's main measure: mean per-class accuracy, or mIoU for segmentation."""
+        return "target_miou" if self.task.kind == "segmentation" else "target_mean_class_acc"
+
+    @property
+    def class_iou_keys(self) -> list[str]:
+        """The per-class IoU entries of a segmentation evaluation."""
+        return [f"target_iou/{c}" for c in self.task.class_names] if self.task.kind == "segmentation" else []
 
     # ----------------------------------------------------------------------------- the run
     def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
@@ -318,6 +351,10 @@ class Trainer:
           validation photos of the ``foolbox`` wheel at the backbone's native resolution.
         * ``synthetic_acc``: θ_n on held-out synthetic images, where the task has them.
 
+        Segmentation reports ``target_miou``, ``target_pixel_acc`` and ``target_iou/<class>``
+        (torchmetrics' confusion matrix, label 255 ignored; the mean is over the classes that
+        occur) instead of the accuracies, ``synthetic_miou``, and the KL and agreement per patch.
+
         Runs in eval mode under ``inference_mode``, so neither the weights nor the BatchNorm
         statistics change. Under torchrun each rank evaluates its share of the target batches
         and torchmetrics reduces them. The teacher's outputs are computed once and kept.
@@ -326,33 +363,49 @@ class Trainer:
         self.student.eval()
         first = self._target_reference is None
         ref = self._target_reference if not first else {"target": {}, "photos": None}
+        segmentation = self.task.kind == "segmentation"
         k = self.task.num_classes
-        metrics = {"target_acc": MulticlassAccuracy(k, average="micro"),
-                   "target_mean_class_acc": MulticlassAccuracy(k, average="macro"),
-                   "target_kl": MeanMetric(), "teacher_agreement": MeanMetric()}
-        if self.task.source_eval is not None:
-            metrics["synthetic_acc"] = MulticlassAccuracy(k, average="micro")
+        if segmentation:
+            metrics = {"target": MulticlassConfusionMatrix(k, ignore_index=255)}
+            if self.task.source_eval is not None:
+                metrics["synthetic"] = MulticlassConfusionMatrix(k, ignore_index=255)
+        else:
+            metrics = {"target_acc": MulticlassAccuracy(k, average="micro"),
+                       "target_mean_class_acc": MulticlassAccuracy(k, average="macro")}
+            if self.task.source_eval is not None:
+                metrics["synthetic_acc"] = MulticlassAccuracy(k, average="micro")
+        metrics.update(target_kl=MeanMetric(), teacher_agreement=MeanMetric())
         for m in metrics.values():
             m.to(self.device)
         shard = (self.rank, self.world_size)
         with torch.inference_mode(), self._autocast():
             for i, (x, y) in enumerate(self.task.target.batches(shard=shard)):
                 x = x.contiguous(memory_format=self.memory_format)
-                features = self.student.features(x)
-                new, old = self.student.new_head(features), self.student.imagenet_head(features)
-                if self.tta_flip:
-                    new = (new.float().sigmoid() + self.student(x.flip(3))[0].float().sigmoid()) / 2
+                if segmentation:
+                    scores, final = self.student(x)
+                    new, old = scores.argmax(1), self.student.imagenet_logits(final)
+                    metrics["target"].update(new, y.long())
+                else:
+                    features = self.student.features(x)
+                    new, old = self.student.new_head(features), self.student.imagenet_head(features)
+                    if self.tta_flip:
+                        new = (new.float().sigmoid() + self.student(x.flip(3))[0].float().sigmoid()) / 2
+                    metrics["target_acc"].update(new.argmax(1), y)
+                    metrics["target_mean_class_acc"].update(new.argmax(1), y)
                 if first:
                     ref["target"][i] = self.teacher(x).float()
                 teacher = ref["target"][i]
-                metrics["target_acc"].update(new.argmax(1), y)
-                metrics["target_mean_class_acc"].update(new.argmax(1), y)
                 metrics["target_kl"].update(kl_to_teacher(old, teacher), weight=len(y))
-                metrics["teacher_agreement"].update((old.argmax(1) == teacher.argmax(1)).float())
+                metrics["teacher_agreement"].update((old.argmax(-1) == teacher.argmax(-1)).float())
             if self.task.source_eval is not None:
                 for x, y in self.task.source_eval.batches(shard=shard):
-                    metrics["synthetic_acc"].update(self.student(x.contiguous(memory_format=self.memory_format))[0].argmax(1), y)
+                    scores = self.student(x.contiguous(memory_format=self.memory_format))[0].argmax(1)
+                    metrics["synthetic" if segmentation else "synthetic_acc"].update(scores, y.long())
             out = {name: m.compute() for name, m in metrics.items()}
+            if segmentation:
+                out.update(self._segmentation_scores(out.pop("target"), "target"))
+                if "synthetic" in out:
+                    out["synthetic_miou"] = iou_from_confusion(out.pop("synthetic"))[1]
             photos = ref["photos"]
             if first and self.imagenet_photos:
                 photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device)
@@ -362,13 +415,24 @@ class Trainer:
                 x = x.contiguous(memory_format=self.memory_format)
                 if first:
                     ref["photos"] = photos
-                    ref["imagenet_teacher_top1"] = (self.teacher(x).argmax(1) == y).float().mean()
-                out["imagenet_top1"] = (self.student(x)[1].argmax(1) == y).float().mean()
+                    ref["imagenet_teacher_top1"] = (self._teacher_classify(x).argmax(1) == y).float().mean()
+                old = self.student.imagenet_head(self.student.features(x))
+                out["imagenet_top1"] = (old.argmax(1) == y).float().mean()
                 out["imagenet_teacher_top1"] = ref["imagenet_teacher_top1"]
         self._target_reference = ref
         self.student.train(was_training)
         keys = list(out)
         return dict(zip(keys, torch.stack([out[k_].float().to(self.device) for k_ in keys]).tolist()))
+
+    def _segmentation_scores(self, confusion: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+        """mIoU, pixel accuracy and the IoU of every class, from the confusion matrix."""
+        iou, miou = iou_from_confusion(confusion)
+        out = {f"{prefix}_miou": miou, f"{prefix}_pixel_acc": confusion.diag().sum() / confusion.sum().clamp(min=1)}
+        out.update({f"{prefix}_iou/{name}": v for name, v in zip(self.task.class_names, iou)})
+        return out
+
+    def _teacher_classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher.classify(x) if isinstance(self.teacher, DenseTeacher) else self.teacher(x)
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -411,6 +475,8 @@ class Trainer:
     def _make_teacher_cache(self, weights) -> MemoryTeacherCache | DiskTeacherCache | None:
         head = self.student.imagenet_head
         width = head.out_features if self.guidance.teacher_output == "logits" else head.in_features
+        if isinstance(self.teacher, DenseTeacher):
+            width *= self.teacher.patch_grid**2
         if isinstance(self.task.source, TensorSource):
             return MemoryTeacherCache(len(self.task.source), width, self.device)
         if self.task.cached_images is None:
@@ -447,13 +513,17 @@ class Trainer:
         return losses
 
     def _init_new_head(self, generator: torch.Generator) -> None:
-        """θ_n with PyTorch's default Linear init, drawn from the run's seed."""
+        """θ_n afresh: PyTorch's default Linear init, drawn from the run's seed; FCN score
+        convolutions at zero (the official ``fcn8s_vgg.py``)."""
         with torch.no_grad():
             for layer in self.student.new_head.modules():
                 if isinstance(layer, nn.Linear):
                     bound = 1.0 / math.sqrt(layer.in_features)
                     for p in (layer.weight, layer.bias):
                         p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+                elif isinstance(layer, nn.Conv2d):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
 
     def _read(self, losses: torch.Tensor, check: torch.Tensor | None = None) -> dict[str, float]:
         """``losses`` (L, L_XE, guidance; averaged over the ranks) and θ_n's weight statistics

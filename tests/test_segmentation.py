@@ -1,0 +1,130 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from torch import nn
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+import apply_policy
+from asg_env import UserInputError
+from asg_env.data.digitscenes import render_scenes
+from asg_env.segmentation import DenseKLGuidance, iou_from_confusion, patch_logits
+
+
+@pytest.fixture
+def seg_kwargs(cache_dir):
+    return dict(data_root=cache_dir, image_size=32, batch_size=8, source_size=32, target_eval_size=16,
+                synthetic_eval_size=8, imagenet_photos=2, episode_steps=3)
+
+
+def test_scenes_are_deterministic_and_labelled_per_pixel():
+    images, labels = render_scenes("synthetic", 6, 48, seed=3, progress=False)
+    again, labels_again = render_scenes("synthetic", 6, 48, seed=3, progress=False)
+    assert np.array_equal(images, again) and np.array_equal(labels, labels_again)
+    assert images.shape == (6, 48, 48, 3) and labels.shape == (6, 48, 48) and labels.max() <= 10
+    for label in labels:
+        digits = set(np.unique(label)) - {0}
+        assert 1 <= len(digits) <= 3 and (label == 0).mean() > 0.5  # 2-3 digits (two may repeat), mostly background
+    real, real_labels = render_scenes("real", 4, 48, seed=3, progress=False)
+    assert real_labels.max() <= 10 and (real_labels > 0).any()
+    # The label marks where the real ink is: those pixels differ from the background around them.
+    for image, label in zip(real, real_labels):
+        ink = label > 0
+        assert np.abs(image[ink].astype(float).mean(0) - image[~ink].astype(float).mean(0)).max() > 20
+
+
+def test_miou_from_a_hand_computed_confusion_matrix():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 0]])
+    preds = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    confusion = multiclass_confusion_matrix(preds, target, 4, ignore_index=255)
+    # true 0: predicted 0 twice, 1 once; true 1: 1 twice; true 2: 2 once, 0 once; class 3 never occurs.
+    assert confusion.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    iou, miou = iou_from_confusion(confusion)
+    by_hand = [2 / (3 + 3 - 2), 2 / (2 + 3 - 2), 1 / (2 + 1 - 1), 0.0]
+    assert iou.tolist() == pytest.approx(by_hand)
+    assert miou.item() == pytest.approx(sum(by_hand[:3]) / 3)  # class 3 is absent from labels and predictions
+
+
+def test_dense_kl_pools_patches_through_the_imagenet_head_by_hand():
+    torch.manual_seed(0)
+    head = nn.Linear(3, 5)
+    student_map, teacher_map = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    class Student:
+        imagenet_head = head
+
+        def imagenet_logits(self, final_map):
+            return patch_logits(head, final_map, 2)
+
+    teacher = patch_logits(head, teacher_map, 2).flatten(1)  # as the teacher cache stores it
+    got = DenseKLGuidance()(Student(), student_map, teacher)
+    kls = []
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                s = head(student_map[b, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean((1, 2)))
+                t = head(teacher_map[b, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean((1, 2)))
+                p, q = t.softmax(-1), s.softmax(-1)
+                kls.append((p * (p.log() - q.log())).sum())
+    assert got.item() == pytest.approx(torch.stack(kls).mean().item(), rel=1e-5)
+    one = patch_logits(head, student_map, 1)
+    assert torch.allclose(one[:, 0], head(student_map.mean((2, 3))))  # grid 1: the whole map, as the official code
+
+
+@pytest.mark.parametrize("patch_grid", [1, 2])
+def test_segmentation_env_starts_at_the_teacher_and_learns(seg_kwargs, patch_grid):
+    env = gym.make("SynDigitScenes-v0", evaluate_target=False, patch_grid=patch_grid, **seg_kwargs)
+    u = env.unwrapped
+    assert u.coordinate_names[-1] == "new_head" and len(u.coordinate_names) == 9
+    obs, info = env.reset(seed=0)
+    assert info["loss_guidance"] == 0.0 and info["loss_xe"] == pytest.approx(np.log(11), rel=1e-5)  # zero-init scores
+    for _ in range(3):
+        obs, reward, done, _, info = env.step(np.full(9, 10))
+    assert done and info["loss_xe"] < np.log(11) and info["loss_guidance"] > 0
+
+
+def test_segmentation_evaluation_and_the_target_stays_out_of_training(seg_kwargs):
+    env = gym.make("SynDigitScenes-v0", eval_every=1, **seg_kwargs)
+    u = env.unwrapped
+    env.reset(seed=1)
+    before = u.evaluate_target()
+    assert before["target_kl"] == pytest.approx(0.0, abs=1e-6) and before["teacher_agreement"] == 1.0
+    assert {"target_miou", "target_pixel_acc", "synthetic_miou", "target_iou/background", "target_iou/9"} <= set(before)
+
+    def run():
+        obs, _ = env.reset(seed=1)
+        trace = [obs]
+        for level in (10, 4, 10):
+            obs, reward, *_ = env.step(np.full(9, level))
+            trace += [obs, np.array([reward])]
+        return np.concatenate(trace)
+
+    reference = run()
+    u.trainer.task.target.images.fill_(0)
+    u.trainer.task.target.labels.fill_(3)
+    assert np.array_equal(reference, run())
+    check_env(u, skip_render_check=True)
+
+
+def test_segmentation_refuses_what_it_does_not_support(seg_kwargs):
+    with pytest.raises(UserInputError, match="segmentation takes guidance"):
+        gym.make("SynDigitScenes-v0", guidance="l2sp", **seg_kwargs)
+    with pytest.raises(UserInputError, match="segmentation is built for"):
+        gym.make("SynDigitScenes-v0", backbone="resnet50", weights=None, **seg_kwargs)
+
+
+def test_apply_policy_on_the_segmentation_task(tmp_path, cache_dir):
+    out = str(tmp_path / "seg")
+    argv = ["--env", "SynDigitScenes-v0", "--policy", "classifier-only", "--steps", "2", "--eval-every", "1",
+            "--out", out, "--data-root", cache_dir, "--set", "env.kwargs.image_size=32", "--set", "env.kwargs.batch_size=8",
+            "--set", "env.kwargs.source_size=32", "--set", "env.kwargs.target_eval_size=16",
+            "--set", "env.kwargs.synthetic_eval_size=8", "--set", "env.kwargs.imagenet_photos=2"]
+    assert apply_policy.main(argv) == 0
+    import csv
+    import json
+
+    curve = list(csv.DictReader(open(f"{out}/curve.csv")))
+    assert len(curve) == 3 and all(0 <= float(r["target_miou"]) <= 1 and r["target_iou/7"] for r in curve)
+    summary = json.load(open(f"{out}/summary.json"))
+    assert "best_target_miou_oracle" in summary and summary["final"]["target_kl"] == 0  # classifier-only: θ_s frozen
