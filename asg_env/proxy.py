@@ -39,6 +39,10 @@ class StudentNet(nn.Module):
         official ``l2o_train.py`` reports ``fc_new[2]``'s)."""
         return self.new_head if isinstance(self.new_head, nn.Linear) else self.new_head[-1]
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """θ_o's ImageNet logits."""
+        return self.imagenet_head(self.features(x))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (task logits, ImageNet logits) for one shared feature pass."""
         f = self.features(x)

@@ -16,6 +16,7 @@ patch and averaged; the teacher sees the same patches of the same images. The of
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +27,99 @@ from asg_env.errors import UserInputError
 from asg_env.guidance import Guidance
 from asg_env.proxy import kl_to_teacher
 
-# The modules whose outputs are the stride-8 and stride-16 feature maps FCN-8s reads.
-SKIP_TAPS = {"efficientnet_lite0": ("blocks.2", "blocks.4")}
+@dataclass
+class DenseBackbone:
+    """An ImageNet backbone cut for dense prediction: ``trunk`` (θ_s) maps an image to the map
+    the decoder scores; ``taps`` name the trunk's modules whose outputs are the stride-8 and
+    stride-16 maps (FCN-8s's pool3/pool4) and the map that proxy guidance pools ("" is the
+    trunk's own output); ``imagenet_head`` (θ_o) classifies one patch pooled to
+    ``head_pool × head_pool``."""
+
+    trunk: nn.Module
+    taps: tuple[str, str, str]
+    imagenet_head: nn.Module
+    head_pool: int
+    name: str
 
 
-def _final_map(features: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The backbone's last feature map, before global pooling."""
-    return features.forward_features(x)
+class _LiteTrunk(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
 
 
-def patch_logits(head: nn.Linear, final_map: torch.Tensor, grid: int) -> torch.Tensor:
-    """θ_o on each of ``grid × grid`` average-pooled patches: (B, grid², classes)."""
-    pooled = F.adaptive_avg_pool2d(final_map, grid)
-    return head(pooled.flatten(2).transpose(1, 2))
+class _ResNetTrunk(nn.Module):
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(resnet, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class _VGGTrunk(nn.Module):
+    """conv1_1 … pool5, then fc6 and fc7 as convolutions (7×7 and 1×1) holding the ImageNet
+    fc6/fc7 weights, as FCN's ``copy_params_from_vgg16`` converts them."""
+
+    def __init__(self, vgg: nn.Module):
+        super().__init__()
+        self.features = vgg.features
+        fc6, fc7 = vgg.classifier[0], vgg.classifier[3]
+        conv6, conv7 = nn.Conv2d(512, 4096, 7, padding=3), nn.Conv2d(4096, 4096, 1)
+        with torch.no_grad():
+            conv6.weight.copy_(fc6.weight.view(4096, 512, 7, 7))
+            conv6.bias.copy_(fc6.bias)
+            conv7.weight.copy_(fc7.weight.view(4096, 4096, 1, 1))
+            conv7.bias.copy_(fc7.bias)
+        self.fc = nn.Sequential(conv6, nn.ReLU(inplace=True), nn.Dropout2d(), conv7, nn.ReLU(inplace=True), nn.Dropout2d())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def dense_backbone(backbone: Backbone) -> DenseBackbone:
+    """The dense cut of a classification :class:`~asg_env.backbones.Backbone`."""
+    if backbone.name == "efficientnet_lite0":
+        return DenseBackbone(_LiteTrunk(backbone.features), ("model.blocks.2", "model.blocks.4", ""),
+                             backbone.imagenet_head, 1, backbone.name)
+    if backbone.name.startswith("resnet"):
+        return DenseBackbone(_ResNetTrunk(backbone.features), ("layer2", "layer3", ""), backbone.imagenet_head, 1,
+                             backbone.name)
+    if backbone.name == "vgg16":
+        vgg = backbone.features
+        # θ_o is the ImageNet classifier from pool5 on: fc6, fc7 (frozen copies) and fc8.
+        head = nn.Sequential(nn.Flatten(), copy.deepcopy(vgg.classifier[0]), nn.ReLU(inplace=True), nn.Dropout(),
+                             copy.deepcopy(vgg.classifier[3]), nn.ReLU(inplace=True), nn.Dropout(), backbone.imagenet_head)
+        return DenseBackbone(_VGGTrunk(vgg), ("features.16", "features.23", "features.30"), head, 7, backbone.name)
+    raise UserInputError(f"segmentation is built for efficientnet_lite0, resnet50/101 and vgg16, not {backbone.name!r}")
+
+
+def _maps(trunk: nn.Module, taps: tuple[str, str, str], x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The three tapped maps and the trunk's output, from one forward pass."""
+    modules = dict(trunk.named_modules())
+    got: dict[str, torch.Tensor] = {}
+    hooks = [modules[name].register_forward_hook(lambda m, i, out, name=name: got.setdefault(name, out))
+             for name in taps if name]
+    try:
+        out = trunk(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [got[name] if name else out for name in taps], out
+
+
+def patch_logits(head: nn.Module, final_map: torch.Tensor, grid: int, pool: int = 1) -> torch.Tensor:
+    """θ_o on each of ``grid × grid`` patches, each average-pooled to ``pool × pool``:
+    (B, grid², classes)."""
+    b, c = final_map.shape[:2]
+    pooled = F.adaptive_avg_pool2d(final_map, grid * pool)  # (B, C, g·p, g·p)
+    patches = pooled.view(b, c, grid, pool, grid, pool).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c * pool * pool)
+    return head(patches.reshape(b * grid * grid, -1)).view(b, grid * grid, -1)
 
 
 class FCN8sHead(nn.Module):
@@ -62,64 +143,52 @@ class FCN8sHead(nn.Module):
 
 
 class SegStudentNet(nn.Module):
-    """θ_s (the backbone), θ_n (the FCN-8s decoder) and θ_o (the ImageNet head, frozen)."""
+    """θ_s (the trunk), θ_n (the FCN-8s decoder) and θ_o (the ImageNet head, frozen)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, patch_grid: int = 1):
+    def __init__(self, dense: DenseBackbone, num_classes: int, patch_grid: int = 1):
         super().__init__()
-        if backbone.name not in SKIP_TAPS:
-            raise UserInputError(f"segmentation is built for {', '.join(SKIP_TAPS)}, not {backbone.name!r}")
-        self.features = backbone.features
-        self.imagenet_head = backbone.imagenet_head.requires_grad_(False)
-        self.patch_grid = int(patch_grid)
-        modules = dict(self.features.named_modules())
-        self._taps = [modules[name] for name in SKIP_TAPS[backbone.name]]
+        self.features = dense.trunk
+        self.imagenet_head = dense.imagenet_head.requires_grad_(False)
+        self.taps, self.head_pool, self.patch_grid = dense.taps, dense.head_pool, int(patch_grid)
         was_training = self.features.training
         self.features.eval()  # the probe must not touch BatchNorm's running statistics
         with torch.no_grad():
-            skips, final = self._maps(torch.zeros(1, 3, 64, 64))
+            (skip8, skip16, _), out = _maps(self.features, self.taps, torch.zeros(1, 3, 64, 64))
         self.features.train(was_training)
-        self.new_head = FCN8sHead((skips[0].shape[1], skips[1].shape[1], final.shape[1]), num_classes)
+        self.new_head = FCN8sHead((skip8.shape[1], skip16.shape[1], out.shape[1]), num_classes)
 
     @property
     def classifier(self) -> nn.Conv2d:
         """The projection of the last feature map, whose weight statistics the observation reports."""
         return self.new_head.score_fr
 
-    def _maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        skips: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda mod, inp, out: skips.append(out)) for m in self._taps]
-        try:
-            final = _final_map(self.features, x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return skips, final
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-pixel class scores (B, C, H, W), the last feature map)."""
-        skips, final = self._maps(x)
-        return self.new_head(skips[0], skips[1], final, x.shape[-2:]), final
+        """(per-pixel class scores (B, C, H, W), the map proxy guidance pools)."""
+        (skip8, skip16, guided), out = _maps(self.features, self.taps, x)
+        return self.new_head(skip8, skip16, out, x.shape[-2:]), guided
 
-    def imagenet_logits(self, final_map: torch.Tensor) -> torch.Tensor:
-        return patch_logits(self.imagenet_head, final_map, self.patch_grid)
+    def imagenet_logits(self, guided_map: torch.Tensor) -> torch.Tensor:
+        return patch_logits(self.imagenet_head, guided_map, self.patch_grid, self.head_pool)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """θ_o on the whole image (the retention photos)."""
+        return patch_logits(self.imagenet_head, _maps(self.features, self.taps, x)[0][2], 1, self.head_pool)[:, 0]
 
 
 class DenseTeacher(nn.Module):
     """The frozen ImageNet model on the same patches: (B, g², 1000)."""
 
-    def __init__(self, backbone: Backbone, patch_grid: int = 1):
+    def __init__(self, dense: DenseBackbone, patch_grid: int = 1):
         super().__init__()
-        self.features = copy.deepcopy(backbone.features)
-        self.head = copy.deepcopy(backbone.imagenet_head)
-        self.patch_grid = int(patch_grid)
+        self.features, self.head = copy.deepcopy(dense.trunk), copy.deepcopy(dense.imagenet_head)
+        self.taps, self.head_pool, self.patch_grid = dense.taps, dense.head_pool, int(patch_grid)
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_logits(self.head, _final_map(self.features, x), self.patch_grid)
+        return patch_logits(self.head, _maps(self.features, self.taps, x)[0][2], self.patch_grid, self.head_pool)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole-image ImageNet logits (for the retention photos)."""
-        return self.head(self.features(x))
+        return patch_logits(self.head, _maps(self.features, self.taps, x)[0][2], 1, self.head_pool)[:, 0]
 
 
 class DenseKLGuidance(Guidance):

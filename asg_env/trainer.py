@@ -43,7 +43,8 @@ from asg_env.guidance import GUIDANCES, Guidance, make_guidance
 from asg_env.imagenet_photos import load_imagenet_photos
 from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_factor
 from asg_env.proxy import HEADS, StudentNet, kl_to_teacher, make_teacher
-from asg_env.segmentation import DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, iou_from_confusion
+from asg_env.segmentation import (DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, dense_backbone,
+                                  iou_from_confusion)
 from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_syndigits_task,
                            make_visda_task)
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
@@ -239,8 +240,9 @@ class Trainer:
             if guidance not in ("kl", "none") or tta_flip or patch_grid < 1:
                 raise UserInputError("segmentation takes guidance 'kl' (dense, Eq. 5) or 'none', no tta_flip, "
                                      f"and patch_grid ≥ 1 (got {guidance!r}, {tta_flip}, {patch_grid})")
-            self.teacher = DenseTeacher(parts, patch_grid)
-            self.student = SegStudentNet(parts, self.task.num_classes, patch_grid)
+            dense = dense_backbone(parts)
+            self.teacher = DenseTeacher(dense, patch_grid)
+            self.student = SegStudentNet(dense, self.task.num_classes, patch_grid)
         else:
             self.teacher = make_teacher(parts)
             self.student = StudentNet(parts, self.task.num_classes, head)
@@ -416,8 +418,7 @@ class Trainer:
                 if first:
                     ref["photos"] = photos
                     ref["imagenet_teacher_top1"] = (self._teacher_classify(x).argmax(1) == y).float().mean()
-                old = self.student.imagenet_head(self.student.features(x))
-                out["imagenet_top1"] = (old.argmax(1) == y).float().mean()
+                out["imagenet_top1"] = (self.student.classify(x).argmax(1) == y).float().mean()
                 out["imagenet_teacher_top1"] = ref["imagenet_teacher_top1"]
         self._target_reference = ref
         self.student.train(was_training)
@@ -473,10 +474,7 @@ class Trainer:
         return out.clone()  # a normal tensor: inference tensors cannot be saved for backward
 
     def _make_teacher_cache(self, weights) -> MemoryTeacherCache | DiskTeacherCache | None:
-        head = self.student.imagenet_head
-        width = head.out_features if self.guidance.teacher_output == "logits" else head.in_features
-        if isinstance(self.teacher, DenseTeacher):
-            width *= self.teacher.patch_grid**2
+        width = self._teacher_heldout[0].numel()  # what the teacher gives per image, flattened
         if isinstance(self.task.source, TensorSource):
             return MemoryTeacherCache(len(self.task.source), width, self.device)
         if self.task.cached_images is None:

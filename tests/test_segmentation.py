@@ -110,8 +110,41 @@ def test_segmentation_evaluation_and_the_target_stays_out_of_training(seg_kwargs
 def test_segmentation_refuses_what_it_does_not_support(seg_kwargs):
     with pytest.raises(UserInputError, match="segmentation takes guidance"):
         gym.make("SynDigitScenes-v0", guidance="l2sp", **seg_kwargs)
+    from asg_env.backbones import Backbone
+    from asg_env.segmentation import dense_backbone
+
     with pytest.raises(UserInputError, match="segmentation is built for"):
-        gym.make("SynDigitScenes-v0", backbone="resnet50", weights=None, **seg_kwargs)
+        dense_backbone(Backbone(nn.Identity(), nn.Linear(2, 2), "mobilenet"))
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_fcn_on_vgg16_and_resnet50_has_the_papers_coordinates_and_starts_at_the_teacher(backbone):
+    """§3.2: FCN-VGG16 has conv1 … conv5, fc6&7 (as convolutions) and the projection and
+    upsampling layers; FCN-ResNet50 has conv1, bn1, layer1-4 and the head. θ_o for VGG is
+    the ImageNet fc6-fc8 on each patch pooled to 7×7, as ``forward_fc`` after pool5."""
+    from asg_env.backbones import build_backbone
+    from asg_env.coordinates import optimization_coordinates
+    from asg_env.segmentation import DenseTeacher, SegStudentNet, dense_backbone
+
+    parts = build_backbone(backbone, None)
+    vgg_classifier = parts.features.classifier.eval() if backbone == "vgg16" else None
+    dense = dense_backbone(parts)
+    student, teacher = SegStudentNet(dense, 19, patch_grid=2).eval(), DenseTeacher(dense, patch_grid=2)
+    names = [c.name for c in optimization_coordinates(student.features, student.new_head)]
+    expected = {"vgg16": ["features.0+features.2", "features.5+features.7", "features.10+features.12+features.14",
+                          "features.17+features.19+features.21", "features.24+features.26+features.28", "fc", "new_head"],
+                "resnet50": ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "new_head"]}[backbone]
+    assert names == expected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        scores, guided = student(x)
+        assert scores.shape == (2, 19, 64, 64) and torch.equal(student.imagenet_logits(guided), teacher(x))
+        if backbone == "vgg16":  # fc6 as a 7x7 convolution holds the ImageNet fc6 weights
+            conv6 = student.features.fc[0]
+            assert torch.equal(conv6.weight.flatten(1), vgg_classifier[0].weight)
+            pool5 = student.features.features(x)
+            by_hand = vgg_classifier[:6](torch.nn.functional.adaptive_avg_pool2d(pool5, 7).flatten(1))
+            assert torch.allclose(student.classify(x), parts.imagenet_head(by_hand), atol=1e-5)
 
 
 def test_apply_policy_on_the_segmentation_task(tmp_path, cache_dir):
