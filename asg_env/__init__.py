@@ -6,6 +6,8 @@ Registered ids:
 * ``SynDigitScenes-v0``: segmentation of rendered digit scenes → real-MNIST scenes, FCN-8s on
   EfficientNet-Lite0, offline on a CPU.
 * ``VisDA-v0``: VisDA-17 (train → validation) with ResNet-101, from a local data root.
+* ``GTA5-Cityscapes-v0``: GTA5 → Cityscapes val segmentation with FCN-VGG16 (or FCN-ResNet50),
+  from a local data root.
 """
 
 from gymnasium.envs.registration import register
@@ -39,5 +41,22 @@ register(
         "episode_steps": 1000,
         "target_eval_size": 0,
         "eval_every": "epoch",  # all 55,388 validation images: once per epoch, as the official code does
+    },
+)
+# §3.2: FCN-VGG16 at 512×512 crops, batch 6, SGD 1e-3 (momentum 0.9, weight decay 5e-4), λ = 75.
+register(
+    id="GTA5-Cityscapes-v0",
+    entry_point="asg_env.env:ASGEnv",
+    kwargs={
+        "task": "gta5",
+        "backbone": "vgg16",
+        "image_size": 512,
+        "batch_size": 6,
+        "lr_base": 1e-3,
+        "lam": 75.0,
+        "episode_steps": 1000,
+        "target_eval_size": 0,
+        "num_workers": 4,
+        "eval_every": "epoch",
     },
 )

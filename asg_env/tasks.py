@@ -169,8 +169,9 @@ class LoaderSource:
     ``(x, y, index)`` when its images are fixed (see :class:`Indexed`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), eval_batch_size: int = 64):
         self.dataset, self.device, self.num_workers = dataset, device, num_workers
+        self.eval_batch_size = eval_batch_size
         self.order = EpochOrder(len(dataset), batch_size, shard)
         self.batch_size = self.order.batch_size
         self.sampler = _EpochBatches(self.order)
@@ -211,9 +212,10 @@ class LoaderSource:
         key = None if index is None else index.to(self.device, non_blocking=True)
         return TrainBatch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), index, key)
 
-    def batches(self, batch_size: int = 64, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    def batches(self, batch_size: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
         """Every image once, in order; with ``shard=(r, w)`` only batches ``r, r + w, …``."""
         rank, world = shard
+        batch_size = batch_size or self.eval_batch_size
         mine = [i for i in range(len(self.dataset)) if (i // batch_size) % world == rank]
         dataset = self.dataset if world == 1 else Subset(self.dataset, mine)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers)
@@ -319,6 +321,41 @@ def make_digitscenes_task(
     target = TensorSource(tx, ty, batch_size, device, mean, std)
     return Task("SynDigitScenes", len(CLASSES), source, heldout, target, source_eval=source_eval,
                 kind="segmentation", class_names=CLASSES)
+
+
+def make_gta5_cityscapes_task(
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    mean: Stats,
+    std: Stats,
+    data_root: str | None = None,
+    target_eval_size: int = 0,
+    num_workers: int = 4,
+    shard: tuple[int, int] = (0, 1),
+) -> Task:
+    """GTA5 with the paper's augmentation (source; ``batch_size`` images, fixed by a seeded
+    draw and centre-cropped, are held out for the reward) and the Cityscapes validation split
+    at its own resolution (target, evaluation only, two images per batch)."""
+    from asg_env.data.gta5_cityscapes import (CITYSCAPES_CLASSES, EvalTransform, SegmentationFiles, TrainTransform,
+                                              cityscapes_val_pairs, gta5_pairs)
+
+    pairs = gta5_pairs(data_root)
+    if len(pairs) < 2 * batch_size:
+        raise UserInputError(f"GTA5 has {len(pairs)} images; it needs at least {2 * batch_size} "
+                             f"(one training batch plus the held-out batch of {batch_size})")
+    held = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:batch_size].tolist())
+    heldout_set = SegmentationFiles([pairs[i] for i in sorted(held)], EvalTransform(image_size, mean, std, crop=image_size))
+    hx, hy = zip(*(heldout_set[i] for i in range(len(heldout_set))))
+    heldout = (torch.stack(hx).to(device), torch.stack(hy).to(device))
+    train = SegmentationFiles([p for i, p in enumerate(pairs) if i not in held], TrainTransform(image_size, mean, std))
+    target: Dataset = SegmentationFiles(cityscapes_val_pairs(data_root), EvalTransform(None, mean, std))
+    if 0 < target_eval_size < len(target):
+        keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
+        target = Subset(target, keep.tolist())
+    return Task("GTA5→Cityscapes", len(CITYSCAPES_CLASSES), LoaderSource(train, batch_size, device, num_workers, shard),
+                heldout, LoaderSource(target, batch_size, device, num_workers, eval_batch_size=2),
+                kind="segmentation", class_names=CITYSCAPES_CLASSES)
 
 
 def make_visda_task(

@@ -45,8 +45,8 @@ from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_fac
 from asg_env.proxy import HEADS, StudentNet, kl_to_teacher, make_teacher
 from asg_env.segmentation import (DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, dense_backbone,
                                   iou_from_confusion)
-from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_syndigits_task,
-                           make_visda_task)
+from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_gta5_cityscapes_task,
+                           make_syndigits_task, make_visda_task)
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 LR_SCHEDULES = ("constant", "poly")
@@ -84,7 +84,8 @@ class Trainer:
 
     Args:
         task: ``"syndigits"`` (embedded, offline), ``"digitscenes"`` (embedded segmentation),
-            ``"visda"`` (VisDA-17 from ``data_root``), or a :class:`~asg_env.tasks.Task` built in code.
+            ``"visda"`` (VisDA-17 from ``data_root``), ``"gta5"`` (GTA5→Cityscapes from ``data_root``),
+            or a :class:`~asg_env.tasks.Task` built in code.
         backbone: ``efficientnet_lite0``, ``resnet50``, ``resnet101`` or ``vgg16``. Inputs are
             normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
             ImageNet mean/std for torchvision models).
@@ -216,11 +217,14 @@ class Trainer:
         elif task == "digitscenes":
             self.task = make_digitscenes_task(image_size, batch_size, self.device, mean, std, data_root, source_size,
                                               target_eval_size, synthetic_eval_size, shard=shard)
+        elif task == "gta5":
+            self.task = make_gta5_cityscapes_task(image_size, batch_size, self.device, mean, std, data_root,
+                                                  target_eval_size, num_workers, shard=shard)
         elif task == "visda":
             self.task = make_visda_task(image_size, batch_size, self.device, mean, std, data_root, target_eval_size,
                                         num_workers, shard=shard)
         else:
-            raise UserInputError(f"unknown task {task!r}; choose 'syndigits', 'digitscenes' or 'visda'")
+            raise UserInputError(f"unknown task {task!r}; choose 'syndigits', 'digitscenes', 'visda' or 'gta5'")
         parts = build_backbone(backbone, weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
         self.imagenet_photos = int(imagenet_photos)
