@@ -27,7 +27,7 @@ register(
 register(
     id="SynDigitScenes-v0",
     entry_point="asg_env.env:ASGEnv",
-    kwargs={"task": "digitscenes", "image_size": 64, "batch_size": 16, "lr_base": 3e-3, "source_size": 1000,
+    kwargs={"task": "digitscenes", "image_size": 64, "batch_size": 16, "lr_base": 5e-3, "source_size": 1000,
             "target_eval_size": 500, "synthetic_eval_size": 200},
 )
 register(

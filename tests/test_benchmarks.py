@@ -97,3 +97,25 @@ def test_bench_gpu_runs_at_a_tiny_size_on_cpu(capsys):
         "trainer + PG (teacher cached)", "env.step + PG (teacher cached)"]
     assert all(float(r.split("|")[3]) > 0 for r in rows)
     assert "env.step / trainer = " in out and "(goal ≥ 0.95)" in out
+
+
+def test_compare_segmentation_writes_fig7_and_fig8_and_resumes(tmp_path, cache_dir, monkeypatch):
+    compare = _load("compare_segmentation")
+    out = tmp_path / "seg"
+    tiny = ('{"image_size": 32, "batch_size": 8, "source_size": 32, "target_eval_size": 16, '
+            '"synthetic_eval_size": 8, "imagenet_photos": 2}')
+    argv = ["--out", str(out), "--seeds", "2", "--sgd-steps", "4", "--decisions", "2", "--evaluations", "1",
+            "--policy-episodes", "1", "--env-kwargs", tiny, "--data-root", cache_dir]
+    assert compare.main(argv) == 0
+    lines = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert len(lines) == len(compare.SETTINGS) * 2
+    for r in lines:
+        assert [c["sgd_step"] for c in r["curve"]] == [0, 4] and len(r["actions"]) == 2
+        assert all(0 <= c["target_miou"] <= 1 for c in r["curve"]) and r["curve"][0]["target_kl"] < 1e-6
+    table = (out / "results.md").read_text()
+    assert "| REINFORCE policy + PG |" in table and "[±" in table and "| background |" in table
+    for name in ("miou.png", "actions.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(compare, "fine_tune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redone")))
+    monkeypatch.setattr(compare, "ReinforceTrainer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert compare.main(argv) == 0
