@@ -105,3 +105,23 @@ def test_configs_hold_the_papers_settings_and_only_valid_options(name):
     assert set(kwargs) <= valid
     assert (kwargs["image_size"], kwargs["batch_size"], kwargs["lr_base"], kwargs["lam"]) == (512, 6, 1e-3, 75.0)
     assert (kwargs["momentum"], kwargs["weight_decay"]) == (0.9, 5e-4)
+
+
+def test_train_and_apply_a_policy_on_gta5_cityscapes_with_the_config(seg_root, tmp_path):
+    import apply_policy
+    import train_policy
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gta5_fcn_vgg16.yaml")
+    tiny = ["--set", "env.kwargs.backbone=efficientnet_lite0", "--set", "env.kwargs.image_size=32",
+            "--set", "env.kwargs.batch_size=2", "--set", "env.kwargs.episode_steps=2", "--set", "env.kwargs.num_workers=0",
+            "--set", "env.kwargs.imagenet_photos=0"]
+    out = str(tmp_path / "run")
+    assert train_policy.main(["--config", config, "--episodes", "1", "--out", out, "--data-root", str(seg_root), *tiny]) == 0
+    applied = str(tmp_path / "applied")
+    assert apply_policy.main(["--policy", os.path.join(out, "policy.pt"), "--out", applied,
+                              "--data-root", str(seg_root)]) == 0
+    import json
+
+    summary = json.load(open(os.path.join(applied, "summary.json")))
+    assert summary["env"] == "GTA5-Cityscapes-v0" and summary["env_kwargs"]["lam"] == 75.0
+    assert 0 <= summary["final"]["target_miou"] <= 1 and "target_iou/bicycle" in summary["final"]
