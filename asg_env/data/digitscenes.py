@@ -21,8 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from asg_env.data.syndigits import _background, digit_fonts, load_mnist_target
-from asg_env.errors import UserInputError
+from asg_env.data.syndigits import _background, cached_render, digit_fonts, load_mnist_target
 
 RENDER_VERSION = 1
 CLASSES = ("background", *(str(d) for d in range(10)))
@@ -90,15 +89,4 @@ def render_scenes(kind: str, count: int, size: int, seed: int, progress: bool = 
 def load_digit_scenes(cache_dir: str, kind: str, count: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Scenes from ``cache_dir``, rendering and caching them on first use."""
     path = os.path.join(cache_dir, f"digitscenes-{kind}-v{RENDER_VERSION}-n{count}-s{size}-seed{seed}.npz")
-    if os.path.isfile(path):
-        try:
-            with np.load(path) as data:
-                return data["images"], data["labels"]
-        except Exception as exc:
-            raise UserInputError(f"corrupt digit-scene cache {path} ({exc}); delete it to re-render")
-    images, labels = render_scenes(kind, count, size, seed)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a cache behind
-    return images, labels
+    return cached_render(path, lambda: render_scenes(kind, count, size, seed))

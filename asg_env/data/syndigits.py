@@ -98,23 +98,29 @@ def render_syndigits(count: int, size: int, seed: int, progress: bool = True) ->
     return images, labels.astype(np.int64)
 
 
-def load_syndigits(
-    cache_dir: str, count: int, size: int, seed: int = 0, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rendered digits from ``cache_dir``, rendering and caching them on first use."""
-    path = os.path.join(cache_dir, f"syndigits-v{RENDER_VERSION}-n{count}-s{size}-seed{seed}.npz")
+def cached_render(path: str, render) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` from the ``.npz`` at ``path``, or from ``render()``, written there
+    atomically (a crash never leaves half a cache behind)."""
     if os.path.isfile(path):
         try:
             with np.load(path) as data:
                 return data["images"], data["labels"]
         except Exception as exc:
-            raise UserInputError(f"corrupt SynDigits cache {path} ({exc}); delete it to re-render")
-    images, labels = render_syndigits(count, size, seed, progress)
-    os.makedirs(cache_dir, exist_ok=True)
+            raise UserInputError(f"corrupt render cache {path} ({exc}); delete it to re-render")
+    images, labels = render()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"
     np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a cache behind
+    os.replace(tmp, path)
     return images, labels
+
+
+def load_syndigits(
+    cache_dir: str, count: int, size: int, seed: int = 0, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered digits from ``cache_dir``, rendering and caching them on first use."""
+    path = os.path.join(cache_dir, f"syndigits-v{RENDER_VERSION}-n{count}-s{size}-seed{seed}.npz")
+    return cached_render(path, lambda: render_syndigits(count, size, seed, progress))
 
 
 def load_mnist_target(size: int) -> tuple[np.ndarray, np.ndarray]:
