@@ -321,7 +321,7 @@ class Trainer:
         window = self.windows[self.t]
         epoch_before = self.sgd_step // self.steps_per_epoch
         sums = None
-        for _ in range(window):
+        for i in range(window):
             factor = poly_factor(self.sgd_step, self.total_sgd_steps, self.warmup_steps) if self.lr_schedule == "poly" else 1.0
             for group, scale in zip(self.optimizer.param_groups, scales):
                 group["lr"] = float(scale) * self.lr_base * factor
@@ -329,7 +329,8 @@ class Trainer:
             self._pending[0].backward()
             self.optimizer.step()
             self.sgd_step += 1
-            self._pending = self._train_losses()  # forward of the next batch with the new θ
+            # forward of the next batch with the new θ; only the window's last is a checkpoint point
+            self._pending = self._train_losses(snapshot=i == window - 1)
             losses = self._pending.detach()
             sums = losses if sums is None else sums + losses
         self.t += 1
@@ -492,10 +493,11 @@ class Trainer:
             dist.barrier()
         return DiskTeacherCache(path, self.device)
 
-    def _train_losses(self) -> torch.Tensor:
-        self._before_pending = {"source": self.task.source.state_dict(), "torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            self._before_pending["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+    def _train_losses(self, snapshot: bool = True) -> torch.Tensor:
+        if snapshot:  # what state_dict() needs to redraw this batch after a restart
+            self._before_pending = {"source": self.task.source.state_dict(), "torch_rng": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                self._before_pending["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         x, y, index, key = self.task.source.next()
         x = x.contiguous(memory_format=self.memory_format)
         teacher = None
