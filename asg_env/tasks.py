@@ -300,24 +300,28 @@ def make_digitscenes_task(
     source_size: int = 1000,
     target_eval_size: int = 500,
     synthetic_eval_size: int = 0,
+    label_dilation: int = 3,
     shard: tuple[int, int] = (0, 1),
 ) -> Task:
     """Synthetic digit scenes (source, then the held-out batch, then ``synthetic_eval_size``
     scenes for evaluation) and real-MNIST scenes (target), 11 classes (background + digits).
-    The target is rendered from its own seed, so no background is shared with the source."""
-    from asg_env.data.digitscenes import CLASSES, load_digit_scenes
+    The target is rendered from its own seed, so no background is shared with the source.
+    Both label sets are dilated by ``label_dilation`` pixels (0: the strokes alone)."""
+    from asg_env.data.digitscenes import CLASSES, dilate_labels, load_digit_scenes
 
     if source_size < batch_size:
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
-    if synthetic_eval_size < 0 or target_eval_size < 1:
-        raise UserInputError("synthetic_eval_size must be 0 or more and target_eval_size at least 1")
+    if synthetic_eval_size < 0 or target_eval_size < 1 or label_dilation < 0:
+        raise UserInputError("synthetic_eval_size and label_dilation must be 0 or more and target_eval_size at least 1")
     root = data_root or default_cache_dir()
     n = source_size + batch_size
     images, labels = load_digit_scenes(root, "synthetic", n + synthetic_eval_size, image_size, seed=0)
+    labels = dilate_labels(labels, label_dilation)
     heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
     source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std, shard)
     source_eval = (TensorSource(images[n:], labels[n:], batch_size, device, mean, std) if synthetic_eval_size else None)
     tx, ty = load_digit_scenes(root, "real", target_eval_size, image_size, seed=1)
+    ty = dilate_labels(ty, label_dilation)
     target = TensorSource(tx, ty, batch_size, device, mean, std)
     return Task("SynDigitScenes", len(CLASSES), source, heldout, target, source_eval=source_eval,
                 kind="segmentation", class_names=CLASSES)

@@ -136,6 +136,9 @@ class Trainer:
         patch_grid: segmentation only: dense proxy guidance on ``g × g`` pooled patches of the
             last feature map (Eq. 5); 1, the default, pools the whole map as the official
             ``train_seg.py`` does (see :mod:`asg_env.segmentation`).
+        label_dilation: SynDigitScenes only: each digit's label also covers the background
+            within this many pixels of its strokes (0: the strokes alone; see
+            :func:`asg_env.data.digitscenes.dilate_labels`).
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class Trainer:
         num_workers: int = 2,
         bn_stats: str = "frozen",
         patch_grid: int = 1,
+        label_dilation: int = 3,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         for name, value, choices in (("bn_stats", bn_stats, ("frozen", "train")),
@@ -216,7 +220,7 @@ class Trainer:
             )
         elif task == "digitscenes":
             self.task = make_digitscenes_task(image_size, batch_size, self.device, mean, std, data_root, source_size,
-                                              target_eval_size, synthetic_eval_size, shard=shard)
+                                              target_eval_size, synthetic_eval_size, label_dilation, shard=shard)
         elif task == "gta5":
             self.task = make_gta5_cityscapes_task(image_size, batch_size, self.device, mean, std, data_root,
                                                   target_eval_size, num_workers, shard=shard)

@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 import apply_policy
 from asg_env import UserInputError
-from asg_env.data.digitscenes import render_scenes
+from asg_env.data.digitscenes import dilate_labels, render_scenes
 from asg_env.segmentation import DenseKLGuidance, iou_from_confusion, patch_logits
 
 
@@ -32,6 +32,24 @@ def test_scenes_are_deterministic_and_labelled_per_pixel():
     for image, label in zip(real, real_labels):
         ink = label > 0
         assert np.abs(image[ink].astype(float).mean(0) - image[~ink].astype(float).mean(0)).max() > 20
+
+
+def test_label_dilation_grows_each_digit_over_the_background_only():
+    labels = np.zeros((1, 7, 9), dtype=np.uint8)
+    labels[0, 3, 2] = 4  # a one-pixel "digit" of class 4
+    labels[0, 3, 6] = 2  # and one of class 2, 4 pixels to its right
+    assert dilate_labels(labels, 0) is labels
+    grown = dilate_labels(labels, 1)
+    expected = np.zeros_like(labels)
+    expected[0, 2:5, 1:4] = 4
+    expected[0, 2:5, 5:8] = 2
+    assert np.array_equal(grown, expected)
+    # Radius 2: the margins meet in column 4, where the lower class wins; the digits keep theirs.
+    grown = dilate_labels(labels, 2)
+    assert grown[0, 3, 2] == 4 and grown[0, 3, 6] == 2 and (grown[0, 1:6, 4] == 2).all()
+    assert (grown[0, 1:6, 0:4] == 4).all() and (grown[0, 1:6, 5:9] == 2).all() and (grown[0, 0] == 0).all()
+    with pytest.raises(ValueError):
+        dilate_labels(labels, -1)
 
 
 def test_miou_from_a_hand_computed_confusion_matrix():
@@ -110,6 +128,8 @@ def test_segmentation_evaluation_and_the_target_stays_out_of_training(seg_kwargs
 def test_segmentation_refuses_what_it_does_not_support(seg_kwargs):
     with pytest.raises(UserInputError, match="segmentation takes guidance"):
         gym.make("SynDigitScenes-v0", guidance="l2sp", **seg_kwargs)
+    with pytest.raises(UserInputError, match="label_dilation must be 0 or more"):
+        gym.make("SynDigitScenes-v0", label_dilation=-1, **seg_kwargs)
     from asg_env.backbones import Backbone
     from asg_env.segmentation import dense_backbone
 
