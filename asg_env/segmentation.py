@@ -1,10 +1,13 @@
 """Semantic segmentation with proxy guidance (ASG §3.2, Eq. 5).
 
 The student is an FCN-8s on an ImageNet backbone: the backbone's last feature map is scored
-by a 1×1 convolution, upsampled and summed with 1×1 scores of the stride-16 and stride-8
-feature maps, and upsampled to the input (bilinear; the score layers start at zero, as the
-official ``fcn8s_vgg.py`` initialises them). θ_n is that decoder; θ_o is the frozen ImageNet
-classifier.
+by a 1×1 convolution, upsampled ×2 and summed with 1×1 scores of the stride-16 map, upsampled
+×2 and summed with scores of the stride-8 map, and upsampled ×8 to the input. As in the
+official ``fcn8s_vgg.py`` (``FCN8sAtOnce``), the score layers start at zero and the
+upsampling layers are learned transposed convolutions that start as bilinear interpolation
+(``upsample="bilinear"`` fixes them); for VGG the stride-16 and stride-8 maps are scaled by
+0.01 and 0.0001 before scoring, as ``FCN8sAtOnce`` does to train all three at once. θ_n is
+that decoder; θ_o is the frozen ImageNet classifier.
 
 Dense proxy guidance (Eq. 5): the last feature map is cut into a ``g × g`` grid of patches,
 each patch is average-pooled and classified by θ_o, and the KL to the teacher is taken per
@@ -27,19 +30,23 @@ from asg_env.errors import UserInputError
 from asg_env.guidance import Guidance
 from asg_env.proxy import kl_to_teacher
 
+UPSAMPLING = ("deconv", "bilinear")
+
 @dataclass
 class DenseBackbone:
     """An ImageNet backbone cut for dense prediction: ``trunk`` (θ_s) maps an image to the map
     the decoder scores; ``taps`` name the trunk's modules whose outputs are the stride-8 and
     stride-16 maps (FCN-8s's pool3/pool4) and the map that proxy guidance pools ("" is the
     trunk's own output); ``imagenet_head`` (θ_o) classifies one patch pooled to
-    ``head_pool × head_pool``."""
+    ``head_pool × head_pool``. ``skip_scales`` multiply the stride-16 and stride-8 maps before
+    the decoder scores them."""
 
     trunk: nn.Module
     taps: tuple[str, str, str]
     imagenet_head: nn.Module
     head_pool: int
     name: str
+    skip_scales: tuple[float, float] = (1.0, 1.0)
 
 
 class _LiteTrunk(nn.Module):
@@ -95,7 +102,8 @@ def dense_backbone(backbone: Backbone) -> DenseBackbone:
         # θ_o is the ImageNet classifier from pool5 on: fc6, fc7 (frozen copies) and fc8.
         head = nn.Sequential(nn.Flatten(), copy.deepcopy(vgg.classifier[0]), nn.ReLU(inplace=True), nn.Dropout(),
                              copy.deepcopy(vgg.classifier[3]), nn.ReLU(inplace=True), nn.Dropout(), backbone.imagenet_head)
-        return DenseBackbone(_VGGTrunk(vgg), ("features.16", "features.23", "features.30"), head, 7, backbone.name)
+        return DenseBackbone(_VGGTrunk(vgg), ("features.16", "features.23", "features.30"), head, 7, backbone.name,
+                             skip_scales=(0.01, 0.0001))
     raise UserInputError(f"segmentation is built for efficientnet_lite0, resnet50/101 and vgg16, not {backbone.name!r}")
 
 
@@ -122,11 +130,44 @@ def patch_logits(head: nn.Module, final_map: torch.Tensor, grid: int, pool: int 
     return head(patches.reshape(b * grid * grid, -1)).view(b, grid * grid, -1)
 
 
-class FCN8sHead(nn.Module):
-    """θ_n: 1×1 score layers on three strides, summed coarse to fine and upsampled."""
+class BilinearDeconv(nn.Module):
+    """×``stride`` upsampling by a learned transposed convolution (FCN's ``upscore`` layers),
+    initialised to bilinear interpolation. The input is edge-padded by one cell, so at
+    initialisation the output equals ``F.interpolate(x, scale_factor=stride, mode="bilinear")``
+    exactly, borders included, and it is cut to the size asked for."""
 
-    def __init__(self, channels: tuple[int, int, int], num_classes: int):
+    def __init__(self, channels: int, stride: int):
         super().__init__()
+        if stride % 2:
+            raise ValueError(f"stride must be even, not {stride}")
+        self.stride = stride
+        self.deconv = nn.ConvTranspose2d(channels, channels, 2 * stride, stride, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Back to bilinear interpolation: each class's own 2s × 2s tent kernel."""
+        channels, s = self.deconv.in_channels, self.stride
+        taps = 1 - (torch.arange(2 * s) - (2 * s - 1) / 2).abs() / s
+        with torch.no_grad():
+            self.deconv.weight.zero_()
+            self.deconv.weight[range(channels), range(channels)] = taps[:, None] * taps[None, :]
+
+    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        start = self.stride + self.stride // 2  # one padded cell, then the kernel's half-cell offset
+        out = self.deconv(F.pad(x, (1, 1, 1, 1), mode="replicate"))
+        return out[..., start : start + size[0], start : start + size[1]]
+
+
+class FCN8sHead(nn.Module):
+    """θ_n: 1×1 score layers on three strides, summed coarse to fine through ×2, ×2 and ×8
+    upsampling (learned and bilinear-initialised with ``upsample="deconv"``, fixed bilinear
+    interpolation with ``"bilinear"``)."""
+
+    def __init__(self, channels: tuple[int, int, int], num_classes: int, upsample: str = "deconv",
+                 skip_scales: tuple[float, float] = (1.0, 1.0)):
+        super().__init__()
+        if upsample not in UPSAMPLING:
+            raise UserInputError(f"upsample must be one of {UPSAMPLING}, not {upsample!r}")
         c8, c16, c32 = channels
         self.score_pool3 = nn.Conv2d(c8, num_classes, 1)
         self.score_pool4 = nn.Conv2d(c16, num_classes, 1)
@@ -134,18 +175,29 @@ class FCN8sHead(nn.Module):
         for conv in (self.score_pool3, self.score_pool4, self.score_fr):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
+        if upsample == "deconv":
+            self.upscore2 = BilinearDeconv(num_classes, 2)
+            self.upscore_pool4 = BilinearDeconv(num_classes, 2)
+            self.upscore8 = BilinearDeconv(num_classes, 8)
+        else:
+            self.upscore2 = self.upscore_pool4 = self.upscore8 = _interpolate
+        self.skip_scales = skip_scales
 
     def forward(self, skip8: torch.Tensor, skip16: torch.Tensor, final: torch.Tensor, size) -> torch.Tensor:
-        up = lambda t, like: F.interpolate(t, size=like.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
-        score = up(self.score_fr(final), skip16) + self.score_pool4(skip16)
-        score = up(score, skip8) + self.score_pool3(skip8)
-        return F.interpolate(score, size=size, mode="bilinear", align_corners=False)
+        scale16, scale8 = self.skip_scales
+        score = self.upscore2(self.score_fr(final), skip16.shape[-2:]) + self.score_pool4(skip16 * scale16)
+        score = self.upscore_pool4(score, skip8.shape[-2:]) + self.score_pool3(skip8 * scale8)
+        return self.upscore8(score, size)
+
+
+def _interpolate(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class SegStudentNet(nn.Module):
     """θ_s (the trunk), θ_n (the FCN-8s decoder) and θ_o (the ImageNet head, frozen)."""
 
-    def __init__(self, dense: DenseBackbone, num_classes: int, patch_grid: int = 1):
+    def __init__(self, dense: DenseBackbone, num_classes: int, patch_grid: int = 1, upsample: str = "deconv"):
         super().__init__()
         self.features = dense.trunk
         self.imagenet_head = dense.imagenet_head.requires_grad_(False)
@@ -155,7 +207,8 @@ class SegStudentNet(nn.Module):
         with torch.no_grad():
             (skip8, skip16, _), out = _maps(self.features, self.taps, torch.zeros(1, 3, 64, 64))
         self.features.train(was_training)
-        self.new_head = FCN8sHead((skip8.shape[1], skip16.shape[1], out.shape[1]), num_classes)
+        self.new_head = FCN8sHead((skip8.shape[1], skip16.shape[1], out.shape[1]), num_classes, upsample,
+                                  dense.skip_scales)
 
     @property
     def classifier(self) -> nn.Conv2d:

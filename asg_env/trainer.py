@@ -43,8 +43,8 @@ from asg_env.guidance import GUIDANCES, Guidance, make_guidance
 from asg_env.imagenet_photos import load_imagenet_photos
 from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_factor
 from asg_env.proxy import HEADS, StudentNet, kl_to_teacher, make_teacher
-from asg_env.segmentation import (DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, dense_backbone,
-                                  iou_from_confusion)
+from asg_env.segmentation import (BilinearDeconv, DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet,
+                                  dense_backbone, iou_from_confusion)
 from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_gta5_cityscapes_task,
                            make_syndigits_task, make_visda_task)
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
@@ -136,6 +136,9 @@ class Trainer:
         patch_grid: segmentation only: dense proxy guidance on ``g × g`` pooled patches of the
             last feature map (Eq. 5); 1, the default, pools the whole map as the official
             ``train_seg.py`` does (see :mod:`asg_env.segmentation`).
+        upsample: segmentation only: FCN-8s's ×2, ×2, ×8 upsampling as learned transposed
+            convolutions initialised bilinear (``"deconv"``, the official ``fcn8s_vgg.py``) or
+            fixed bilinear interpolation (``"bilinear"``).
         label_dilation: SynDigitScenes only: each digit's label also covers the background
             within this many pixels of its strokes (0: the strokes alone; see
             :func:`asg_env.data.digitscenes.dilate_labels`).
@@ -177,6 +180,7 @@ class Trainer:
         num_workers: int = 2,
         bn_stats: str = "frozen",
         patch_grid: int = 1,
+        upsample: str = "deconv",
         label_dilation: int = 3,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -250,7 +254,7 @@ class Trainer:
                                      f"and patch_grid ≥ 1 (got {guidance!r}, {tta_flip}, {patch_grid})")
             dense = dense_backbone(parts)
             self.teacher = DenseTeacher(dense, patch_grid)
-            self.student = SegStudentNet(dense, self.task.num_classes, patch_grid)
+            self.student = SegStudentNet(dense, self.task.num_classes, patch_grid, upsample)
         else:
             self.teacher = make_teacher(parts)
             self.student = StudentNet(parts, self.task.num_classes, head)
@@ -522,7 +526,7 @@ class Trainer:
 
     def _init_new_head(self, generator: torch.Generator) -> None:
         """θ_n afresh: PyTorch's default Linear init, drawn from the run's seed; FCN score
-        convolutions at zero (the official ``fcn8s_vgg.py``)."""
+        convolutions at zero and learned upsampling at bilinear (the official ``fcn8s_vgg.py``)."""
         with torch.no_grad():
             for layer in self.student.new_head.modules():
                 if isinstance(layer, nn.Linear):
@@ -532,6 +536,8 @@ class Trainer:
                 elif isinstance(layer, nn.Conv2d):
                     layer.weight.zero_()
                     layer.bias.zero_()
+                elif isinstance(layer, BilinearDeconv):
+                    layer.reset_parameters()
 
     def _read(self, losses: torch.Tensor, check: torch.Tensor | None = None) -> dict[str, float]:
         """``losses`` (L, L_XE, guidance; averaged over the ranks) and θ_n's weight statistics

@@ -99,21 +99,34 @@ def test_bench_gpu_runs_at_a_tiny_size_on_cpu(capsys):
     assert "env.step / trainer = " in out and "(goal ≥ 0.95)" in out
 
 
+def test_fig8_action_table_averages_seeds_then_decisions():
+    compare = _load("compare_segmentation")
+    runs = [{"actions": [[0, 10], [2, 8], [4, 6], [6, 4]]}, {"actions": [[2, 10], [4, 8], [6, 6], [8, 4]]}]
+    lines = compare.action_table(runs, ["conv", "head"], tail=1)
+    # conv: per-decision means 1, 3, 5, 7 → whole 4.0, first half 2.0, last 7.0; head: 7.0, 9.0, 4.0.
+    assert lines[2:] == ["| conv | 4.0 | 2.0 | 7.0 |", "| head | 7.0 | 9.0 | 4.0 |"]
+
+
 def test_compare_segmentation_writes_fig7_and_fig8_and_resumes(tmp_path, cache_dir, monkeypatch):
     compare = _load("compare_segmentation")
     out = tmp_path / "seg"
     tiny = ('{"image_size": 32, "batch_size": 8, "source_size": 32, "target_eval_size": 16, '
             '"synthetic_eval_size": 8, "imagenet_photos": 2}')
     argv = ["--out", str(out), "--seeds", "2", "--sgd-steps", "4", "--decisions", "2", "--evaluations", "1",
-            "--policy-episodes", "1", "--env-kwargs", tiny, "--data-root", cache_dir]
+            "--policy-episodes", "1", "--lams", "0.1,1", "--env-kwargs", tiny, "--data-root", cache_dir]
     assert compare.main(argv) == 0
     lines = [json.loads(line) for line in open(out / "results.jsonl")]
-    assert len(lines) == len(compare.SETTINGS) * 2
+    assert len(lines) == (len(compare.SETTINGS) + 1) * 2  # λ = 0.1 is already a Fig. 7 row
     for r in lines:
         assert [c["sgd_step"] for c in r["curve"]] == [0, 4] and len(r["actions"]) == 2
         assert all(0 <= c["target_miou"] <= 1 for c in r["curve"]) and r["curve"][0]["target_kl"] < 1e-6
     table = (out / "results.md").read_text()
     assert "| REINFORCE policy + PG |" in table and "[±" in table and "| background |" in table
+    assert "| new_head |" in table and "Fig. 8 in numbers" in table
+    assert "| small backbone + large decoder + PG, λ = 1 |" in table
+    for bad in ("0,1", "x"):
+        with pytest.raises(SystemExit):
+            compare.main(argv[:-6] + ["--lams", bad])
     for name in ("miou.png", "actions.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setattr(compare, "fine_tune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redone")))

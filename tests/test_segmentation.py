@@ -9,7 +9,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 import apply_policy
 from asg_env import UserInputError
 from asg_env.data.digitscenes import dilate_labels, render_scenes
-from asg_env.segmentation import DenseKLGuidance, iou_from_confusion, patch_logits
+from asg_env.segmentation import BilinearDeconv, DenseKLGuidance, FCN8sHead, iou_from_confusion, patch_logits
 
 
 @pytest.fixture
@@ -90,6 +90,33 @@ def test_dense_kl_pools_patches_through_the_imagenet_head_by_hand():
     assert torch.allclose(one[:, 0], head(student_map.mean((2, 3))))  # grid 1: the whole map, as the official code
 
 
+@pytest.mark.parametrize("stride", [2, 8])
+def test_learned_upsampling_starts_as_bilinear_interpolation(stride):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7)
+    up = BilinearDeconv(3, stride)
+    bilinear = torch.nn.functional.interpolate(x, scale_factor=stride, mode="bilinear", align_corners=False)
+    assert torch.allclose(up(x, bilinear.shape[-2:]), bilinear, atol=1e-5)  # borders included
+
+
+def test_fcn8s_decoder_with_learned_upsampling_matches_bilinear_at_start_then_learns():
+    torch.manual_seed(0)
+    learned, fixed = FCN8sHead((4, 5, 6), 3, "deconv"), FCN8sHead((4, 5, 6), 3, "bilinear")
+    for name in ("score_pool3", "score_pool4", "score_fr"):  # non-zero scores, so the upsampling shows
+        for conv in (getattr(learned, name), getattr(fixed, name)):
+            torch.manual_seed(len(name))
+            torch.nn.init.normal_(conv.weight)
+    maps = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 4, 4), torch.randn(2, 6, 2, 2)
+    out = learned(*maps, (64, 64))
+    assert torch.allclose(out, fixed(*maps, (64, 64)), atol=1e-4)
+    out.square().mean().backward()
+    assert all(getattr(learned, n).deconv.weight.grad.abs().sum() > 0 for n in ("upscore2", "upscore_pool4", "upscore8"))
+    odd = torch.randn(1, 4, 10, 10), torch.randn(1, 5, 5, 5), torch.randn(1, 6, 3, 3)  # sizes that do not halve
+    assert learned(*odd, (77, 77)).shape == (1, 3, 77, 77)
+    with pytest.raises(UserInputError, match="upsample must be one of"):
+        FCN8sHead((4, 5, 6), 3, "nearest")
+
+
 @pytest.mark.parametrize("patch_grid", [1, 2])
 def test_segmentation_env_starts_at_the_teacher_and_learns(seg_kwargs, patch_grid):
     env = gym.make("SynDigitScenes-v0", evaluate_target=False, patch_grid=patch_grid, **seg_kwargs)
@@ -159,6 +186,8 @@ def test_fcn_on_vgg16_and_resnet50_has_the_papers_coordinates_and_starts_at_the_
     with torch.no_grad():
         scores, guided = student(x)
         assert scores.shape == (2, 19, 64, 64) and torch.equal(student.imagenet_logits(guided), teacher(x))
+        # FCN8sAtOnce scales pool4 and pool3 before scoring them; the other backbones do not.
+        assert student.new_head.skip_scales == ((0.01, 0.0001) if backbone == "vgg16" else (1.0, 1.0))
         if backbone == "vgg16":  # fc6 as a 7x7 convolution holds the ImageNet fc6 weights
             conv6 = student.features.fc[0]
             assert torch.equal(conv6.weight.flatten(1), vgg_classifier[0].weight)
