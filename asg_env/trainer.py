@@ -462,7 +462,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the run saved by :meth:`state_dict` (after :meth:`reset` built its SGD)."""
-        self.student.load_state_dict(state["student"])
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise UserInputError(f"the checkpoint's weights do not fit this model (another configuration or an "
+                                 f"older ASG-Gym): {first}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.t, self.sgd_step = int(state["t"]), int(state["sgd_step"])
         if "teacher_cache" in state and isinstance(self._teacher_cache, MemoryTeacherCache):

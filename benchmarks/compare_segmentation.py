@@ -56,11 +56,16 @@ def lambda_settings(lams: list[float]) -> list[tuple[str, str, float]]:
 
 
 def summarise(runs: list[dict]) -> dict:
-    finals = [r["curve"][-1] for r in runs]
-    row = {"seeds": len(runs), "diverged": sum(r["diverged"] for r in runs)}
+    """Mean ± std [95 % CI] over the runs that did not diverge (a diverged run stops at its
+    last finite evaluation, which is no result); all NaN when every run diverged."""
+    finite = [r for r in runs if not r["diverged"]]
+    finals = [r["curve"][-1] for r in finite]
+    row = {"seeds": len(runs), "diverged": len(runs) - len(finite)}
+    nan = (float("nan"),) * 3
     for key in ("target_miou", "synthetic_miou", "target_kl", "imagenet_top1"):
-        row[key] = mean_ci([f.get(key, np.nan) for f in finals])
-    row["best_target_miou_oracle"] = mean_ci([max(c["target_miou"] for c in r["curve"][1:]) for r in runs])
+        row[key] = mean_ci([f.get(key, np.nan) for f in finals]) if finals else nan
+    row["best_target_miou_oracle"] = (mean_ci([max(c["target_miou"] for c in r["curve"][1:]) for r in finite])
+                                      if finite else nan)
     return row
 
 
@@ -77,24 +82,24 @@ def action_table(runs: list[dict], coordinates: list[str], tail: int = 10) -> li
 
 def write_table(rows: dict[str, dict], header: str, iou: dict[str, list[float]], out: str,
                 actions: list[str] = ()) -> str:
-    pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} [±{100 * m[2]:.1f}]"  # noqa: E731
+    pct = lambda m: "—" if np.isnan(m[0]) else f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} [±{100 * m[2]:.1f}]"  # noqa: E731
     lines = [header, "", "| setting | real-target mIoU % | synthetic held-out mIoU % | KL(teacher ‖ θ_o) on target | "
              "ImageNet top-1 of θ_o % | best mIoU % (oracle) |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        label = name + (f" (diverged ×{r['diverged']})" if r["diverged"] else "")
-        kl = r["target_kl"]
-        lines.append(f"| {label} | {pct(r['target_miou'])} | {pct(r['synthetic_miou'])} | {kl[0]:.3f} ± {kl[1]:.3f} | "
+        label = name + (f" (diverged in {r['diverged']} of {r['seeds']} seeds)" if r["diverged"] else "")
+        kl = "—" if np.isnan(r["target_kl"][0]) else f"{r['target_kl'][0]:.3f} ± {r['target_kl'][1]:.3f}"
+        lines.append(f"| {label} | {pct(r['target_miou'])} | {pct(r['synthetic_miou'])} | {kl} | "
                      f"{pct(r['imagenet_top1'])} | {pct(r['best_target_miou_oracle'])} |")
     classes = list(next(iter(iou.values())))
     lines += ["", "Per-class IoU % at the end of the run (mean over seeds):", "",
               "| setting | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
     for name, per_class in iou.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * per_class[c]:.1f}" for c in classes) + " |")
+        lines.append(f"| {name} | " + " | ".join("—" if np.isnan(per_class[c]) else f"{100 * per_class[c]:.1f}" for c in classes) + " |")
     if actions:
         lines += ["", "Fig. 8 in numbers: the learned policy's mean level per coordinate (0-10, mean over seeds):", "",
                   *actions]
-    lines += ["", "Mean ± std over seeds [95 % Student-t CI half-width]. The oracle column is each curve's best "
-              "point, picked with target labels."]
+    lines += ["", "Mean ± std over the seeds that did not diverge [95 % Student-t CI half-width]; — where all "
+              "diverged. The oracle column is each curve's best point, picked with target labels."]
     text = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")
@@ -184,8 +189,8 @@ def main(argv=None) -> int:
     rows = {name: summarise(runs) for name, runs in results.items()}
     any_env = next(iter(envs.values())) if envs else make_env()
     trainer = any_env.unwrapped.trainer
-    iou = {name: {c: float(np.mean([r["curve"][-1][f"target_iou/{c}"] for r in runs])) for c in trainer.task.class_names}
-           for name, runs in results.items()}
+    iou = {name: {c: float(np.mean([r["curve"][-1][f"target_iou/{c}"] for r in runs if not r["diverged"]] or [np.nan]))
+                  for c in trainer.task.class_names} for name, runs in results.items()}
     header = (f"SynDigitScenes-v0 → real-MNIST scenes, FCN-8s on EfficientNet-Lite0 "
               f"({trainer.config['image_size']} px, batch {trainer.task.source.batch_size}, η_base {trainer.lr_base:g}), "
               f"{trainer.total_sgd_steps} SGD steps, T = {trainer.T} decisions, seeds {seeds}, "

@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -105,6 +106,21 @@ def test_fig8_action_table_averages_seeds_then_decisions():
     lines = compare.action_table(runs, ["conv", "head"], tail=1)
     # conv: per-decision means 1, 3, 5, 7 → whole 4.0, first half 2.0, last 7.0; head: 7.0, 9.0, 4.0.
     assert lines[2:] == ["| conv | 4.0 | 2.0 | 7.0 |", "| head | 7.0 | 9.0 | 4.0 |"]
+
+
+def test_segmentation_summary_leaves_diverged_runs_out():
+    compare = _load("compare_segmentation")
+    start = {"target_miou": 0.07, "synthetic_miou": 0.07, "target_kl": 0.0, "imagenet_top1": 0.85}
+
+    def run(miou, diverged=False):
+        end = {**start, "target_miou": miou, "target_kl": 1.0}
+        return {"diverged": diverged, "curve": [start] if diverged else [start, end]}
+
+    row = compare.summarise([run(0.3), run(0.5), run(0.0, diverged=True)])
+    assert row["diverged"] == 1 and row["target_miou"][0] == pytest.approx(0.4)
+    assert row["best_target_miou_oracle"][0] == pytest.approx(0.4)
+    gone = compare.summarise([run(0.0, diverged=True)] * 3)
+    assert gone["diverged"] == 3 and np.isnan(gone["target_miou"][0]) and np.isnan(gone["target_kl"][0])
 
 
 def test_compare_segmentation_writes_fig7_and_fig8_and_resumes(tmp_path, cache_dir, monkeypatch):

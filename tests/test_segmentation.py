@@ -113,6 +113,10 @@ def test_fcn8s_decoder_with_learned_upsampling_matches_bilinear_at_start_then_le
     assert all(getattr(learned, n).deconv.weight.grad.abs().sum() > 0 for n in ("upscore2", "upscore_pool4", "upscore8"))
     odd = torch.randn(1, 4, 10, 10), torch.randn(1, 5, 5, 5), torch.randn(1, 6, 3, 3)  # sizes that do not halve
     assert learned(*odd, (77, 77)).shape == (1, 3, 77, 77)
+    scaled = FCN8sHead((4, 5, 6), 3, "deconv", skip_scales=(0.5, 0.25))
+    scaled.load_state_dict(learned.state_dict())
+    with torch.no_grad():  # the scales multiply the stride-16 and stride-8 maps before scoring
+        assert torch.allclose(scaled(*maps, (64, 64)), learned(maps[0] * 0.25, maps[1] * 0.5, maps[2], (64, 64)))
     with pytest.raises(UserInputError, match="upsample must be one of"):
         FCN8sHead((4, 5, 6), 3, "nearest")
 

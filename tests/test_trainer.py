@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 
 from agents.policies import RandomPolicy
 from agents.rollout import Checkpoints, fine_tune
+from asg_env import UserInputError
 from asg_env.tasks import EpochOrder, LoaderSource
 
 
@@ -60,6 +61,10 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tiny_env_
         assert _driver_rows(resumed, names) == _driver_rows(history, names)
         for a, b in zip(full.trainer.student.state_dict().values(), again.trainer.student.state_dict().values()):
             assert torch.equal(a, b)
+    student = {k: v for k, v in saved[0]["trainer"]["student"].items() if not k.startswith("new_head.")}
+    other = {**saved[0], "trainer": {**saved[0]["trainer"], "student": student}}  # e.g. written by another version
+    with pytest.raises(UserInputError, match="the checkpoint's weights do not fit this model"):
+        fine_tune(_env(tiny_env_kwargs, **kw).trainer, RandomPolicy(len(names), seed=1), 5, evaluate=False, resume=other)
 
 
 def test_checkpoints_come_once_per_epoch_by_default(tiny_env_kwargs):
