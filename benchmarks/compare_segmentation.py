@@ -14,7 +14,7 @@ evaluation off), on seeds spawned from 1000. Outputs in --out: results.jsonl (on
 run, with its curve and actions; a rerun skips finished runs and a trained policy),
 results.md (with Fig. 8 in numbers), miou.png (Fig. 7), actions.png (Fig. 8) and policies/.
 
-    python benchmarks/compare_segmentation.py            # 3 seeds: about 25 minutes on 2 CPU cores
+    python benchmarks/compare_segmentation.py            # 3 seeds: about 31 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
