@@ -259,6 +259,17 @@ def default_cache_dir() -> str:
     return os.environ.get("ASG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "asg-gym"))
 
 
+def _rendered_splits(images: np.ndarray, labels: np.ndarray, source_size: int, batch_size: int, device: torch.device,
+                     mean: Stats, std: Stats, shard: tuple[int, int]) -> tuple[TensorSource, Batch, TensorSource | None]:
+    """One rendered set cut in order: the training source, one held-out batch (the reward's), and
+    whatever follows for ``synthetic_*`` evaluation (None when nothing does)."""
+    n = source_size + batch_size
+    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std, shard)
+    heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
+    source_eval = TensorSource(images[n:], labels[n:], batch_size, device, mean, std) if len(images) > n else None
+    return source, heldout, source_eval
+
+
 def make_syndigits_task(
     image_size: int,
     batch_size: int,
@@ -278,12 +289,9 @@ def make_syndigits_task(
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
     if synthetic_eval_size < 0:
         raise UserInputError(f"synthetic_eval_size must be 0 or more, not {synthetic_eval_size}")
-    n = source_size + batch_size
-    images, labels = load_syndigits(data_root or default_cache_dir(), n + synthetic_eval_size, image_size, render_seed)
-    heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
-    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std, shard)
-    source_eval = (TensorSource(images[n:], labels[n:], batch_size, device, mean, std)
-                   if synthetic_eval_size else None)
+    count = source_size + batch_size + synthetic_eval_size
+    images, labels = load_syndigits(data_root or default_cache_dir(), count, image_size, render_seed)
+    source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
     tx, ty = _mnist(image_size)
     keep = np.random.default_rng(0).permutation(len(ty))[: min(target_eval_size, len(ty))]
     target = TensorSource(tx[keep], ty[keep], batch_size, device, mean, std)
@@ -314,12 +322,10 @@ def make_digitscenes_task(
     if synthetic_eval_size < 0 or target_eval_size < 1 or label_dilation < 0:
         raise UserInputError("synthetic_eval_size and label_dilation must be 0 or more and target_eval_size at least 1")
     root = data_root or default_cache_dir()
-    n = source_size + batch_size
-    images, labels = load_digit_scenes(root, "synthetic", n + synthetic_eval_size, image_size, seed=0)
+    images, labels = load_digit_scenes(root, "synthetic", source_size + batch_size + synthetic_eval_size, image_size,
+                                       seed=0)
     labels = dilate_labels(labels, label_dilation)
-    heldout = TensorSource(images[source_size:n], labels[source_size:n], batch_size, device, mean, std).all()
-    source = TensorSource(images[:source_size], labels[:source_size], batch_size, device, mean, std, shard)
-    source_eval = (TensorSource(images[n:], labels[n:], batch_size, device, mean, std) if synthetic_eval_size else None)
+    source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
     tx, ty = load_digit_scenes(root, "real", target_eval_size, image_size, seed=1)
     ty = dilate_labels(ty, label_dilation)
     target = TensorSource(tx, ty, batch_size, device, mean, std)
