@@ -54,8 +54,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or unsafe files all end up here
-        raise UserInputError(f"cannot load weights from {path}: {exc}") from exc
+    except Exception:  # corrupt or unsafe files; torch's advice (weights_only=False) is not for them
+        raise UserInputError(f"{path} is corrupt or is not a weight file of tensors (a state dict or "
+                             f"safetensors)") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -148,6 +149,18 @@ def vgg16(weights: str | None = "imagenet") -> Backbone:
     head = model.classifier[6]
     model.classifier[6] = nn.Identity()
     return Backbone(features=model, imagenet_head=head, name="vgg16")
+
+
+# The smallest square input each backbone takes: its output stride, where the last feature map
+# is one cell. VGG-16's five 2×2 poolings fail below it; the others would pool mostly padding.
+MIN_IMAGE_SIZE = {"efficientnet_lite0": 32, "resnet50": 32, "resnet101": 32, "vgg16": 32}
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """Refuse an input smaller than backbone ``name`` can take (see ``MIN_IMAGE_SIZE``)."""
+    smallest = MIN_IMAGE_SIZE.get(name)
+    if smallest is not None and image_size < smallest:
+        raise UserInputError(f"image_size must be at least {smallest} for {name} (its output stride), not {image_size}")
 
 
 def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -24,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 
 from asg_env.errors import UserInputError
+from asg_env.settings import ENV_SETTINGS, check_settings
 from asg_env.trainer import Trainer, run_seeds
 
 N_LEVELS = 11  # learning-rate scales 0, 0.1, …, 1.0
@@ -60,6 +61,7 @@ class ASGEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, evaluate_target: bool = True, divergence_penalty: float = -10.0, **trainer_kwargs):
+        check_settings({"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty}, ENV_SETTINGS)
         self.trainer = Trainer(**trainer_kwargs)
         self.config = {**self.trainer.config, "evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty}
         self.evaluate_target_enabled = bool(evaluate_target)

@@ -287,13 +287,11 @@ def make_syndigits_task(
     for evaluation) and a fixed class-shuffled subset of real MNIST (target)."""
     if source_size < batch_size:
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
-    if synthetic_eval_size < 0:
-        raise UserInputError(f"synthetic_eval_size must be 0 or more, not {synthetic_eval_size}")
     count = source_size + batch_size + synthetic_eval_size
     images, labels = load_syndigits(data_root or default_cache_dir(), count, image_size, render_seed)
     source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
     tx, ty = _mnist(image_size)
-    keep = np.random.default_rng(0).permutation(len(ty))[: min(target_eval_size, len(ty))]
+    keep = np.random.default_rng(0).permutation(len(ty))[: target_eval_size or len(ty)]
     target = TensorSource(tx[keep], ty[keep], batch_size, device, mean, std)
     return Task("SynDigits", 10, source, heldout, target, source_eval=source_eval)
 
@@ -312,21 +310,20 @@ def make_digitscenes_task(
     shard: tuple[int, int] = (0, 1),
 ) -> Task:
     """Synthetic digit scenes (source, then the held-out batch, then ``synthetic_eval_size``
-    scenes for evaluation) and real-MNIST scenes (target), 11 classes (background + digits).
+    scenes for evaluation) and the first ``target_eval_size`` of the real-MNIST scenes (target,
+    ``REAL_SCENES`` in all; 0: all of them), 11 classes (background + digits).
     The target is rendered from its own seed, so no background is shared with the source.
     Both label sets are dilated by ``label_dilation`` pixels (0: the strokes alone)."""
-    from asg_env.data.digitscenes import CLASSES, dilate_labels, load_digit_scenes
+    from asg_env.data.digitscenes import CLASSES, REAL_SCENES, dilate_labels, load_digit_scenes
 
     if source_size < batch_size:
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
-    if synthetic_eval_size < 0 or target_eval_size < 1 or label_dilation < 0:
-        raise UserInputError("synthetic_eval_size and label_dilation must be 0 or more and target_eval_size at least 1")
     root = data_root or default_cache_dir()
     images, labels = load_digit_scenes(root, "synthetic", source_size + batch_size + synthetic_eval_size, image_size,
                                        seed=0)
     labels = dilate_labels(labels, label_dilation)
     source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
-    tx, ty = load_digit_scenes(root, "real", target_eval_size, image_size, seed=1)
+    tx, ty = load_digit_scenes(root, "real", min(target_eval_size or REAL_SCENES, REAL_SCENES), image_size, seed=1)
     ty = dilate_labels(ty, label_dilation)
     target = TensorSource(tx, ty, batch_size, device, mean, std)
     return Task("SynDigitScenes", len(CLASSES), source, heldout, target, source_eval=source_eval,

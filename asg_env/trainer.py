@@ -36,26 +36,21 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from asg_env.backbones import build_backbone, input_normalisation
+from asg_env.backbones import build_backbone, check_image_size, input_normalisation
 from asg_env.coordinates import Coordinate, optimization_coordinates
 from asg_env.errors import UserInputError
-from asg_env.guidance import GUIDANCES, Guidance, make_guidance
+from asg_env.guidance import Guidance, make_guidance
 from asg_env.imagenet_photos import load_imagenet_photos
-from asg_env.optim import SGD_FORMS, WINDOWS, action_windows, make_sgd, poly_factor
-from asg_env.proxy import HEADS, StudentNet, kl_to_teacher, make_teacher
+from asg_env.optim import action_windows, make_sgd, poly_factor
+from asg_env.proxy import StudentNet, kl_to_teacher, make_teacher
 from asg_env.segmentation import (BilinearDeconv, DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet,
                                   dense_backbone, iou_from_confusion)
+from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
 from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_gta5_cityscapes_task,
                            make_syndigits_task, make_visda_task)
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
-LR_SCHEDULES = ("constant", "poly")
 VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise UserInputError(f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}")
 
 
 def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
@@ -119,7 +114,8 @@ class Trainer:
             window: less noisy, one extra forward pass per decision).
         eval_every: evaluate every this many decisions, or ``"epoch"`` at the first decision
             that ends in each new epoch (0: only at the end); see :attr:`evaluation_due`.
-        target_eval_size: evaluate on this many target images (0: all of them).
+        target_eval_size: evaluate on this many target images (0: the task's whole target set:
+            the 5,000 MNIST digits, the 2,000 real digit scenes, VisDA-17 validation, Cityscapes val).
         tta_flip: evaluate on the average of the sigmoid scores of each image and its
             horizontal flip (the official ``validate``).
         source_size: number of rendered SynDigits training images.
@@ -184,22 +180,10 @@ class Trainer:
         label_dilation: int = 3,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        for name, value, choices in (("bn_stats", bn_stats, ("frozen", "train")),
-                                     ("reward_batch", reward_batch, ("train", "heldout")),
-                                     ("window", window, WINDOWS), ("sgd", sgd, SGD_FORMS),
-                                     ("lr_schedule", lr_schedule, LR_SCHEDULES), ("head", head, HEADS),
-                                     ("guidance", guidance, GUIDANCES)):
-            _choice(name, value, choices)
-        if any(v is not None and v < 1 for v in (episode_steps, sgd_steps_per_action, sgd_steps)):
-            raise UserInputError("episode_steps, sgd_steps_per_action and sgd_steps must be at least 1")
+        check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
+        check_image_size(backbone, image_size)
         if sgd_steps is not None and epochs is not None:
             raise UserInputError("give sgd_steps or epochs, not both")
-        if epochs is not None and not epochs > 0:
-            raise UserInputError(f"epochs must be positive, not {epochs}")
-        if eval_every != "epoch" and not (isinstance(eval_every, int) and eval_every >= 0):
-            raise UserInputError(f"eval_every must be a count of decisions (0: at the end) or 'epoch', not {eval_every!r}")
-        if imagenet_photos < 0:
-            raise UserInputError(f"imagenet_photos must be 0 or more (20 at most are used), not {imagenet_photos}")
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if batch_size % self.world_size:
             raise UserInputError(f"batch_size={batch_size} does not split evenly over {self.world_size} processes")
@@ -249,9 +233,9 @@ class Trainer:
         self.T, self.total_sgd_steps = len(self.windows), sum(self.windows)
         segmentation = self.task.kind == "segmentation"
         if segmentation:
-            if guidance not in ("kl", "none") or tta_flip or patch_grid < 1:
-                raise UserInputError("segmentation takes guidance 'kl' (dense, Eq. 5) or 'none', no tta_flip, "
-                                     f"and patch_grid ≥ 1 (got {guidance!r}, {tta_flip}, {patch_grid})")
+            if guidance not in ("kl", "none") or tta_flip:
+                raise UserInputError("segmentation takes guidance 'kl' (dense, Eq. 5) or 'none', and no tta_flip "
+                                     f"(got {guidance!r}, {tta_flip})")
             dense = dense_backbone(parts)
             self.teacher = DenseTeacher(dense, patch_grid)
             self.student = SegStudentNet(dense, self.task.num_classes, patch_grid, upsample)
@@ -279,7 +263,7 @@ class Trainer:
         if self.world_size > 1:
             self._train_objective = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=bn_stats == "train",
+                forward_sync_buffers=bn_stats == "train",
             )
         needs_teacher = self.guidance.teacher_output is not None
         self._teacher_heldout = self._teacher_out(self.task.heldout[0]) if needs_teacher else None
@@ -453,9 +437,14 @@ class Trainer:
         """Everything that determines the rest of the run, taken between two decisions: the
         student, the optimizer, the progress, the data position and the RNGs, as of just
         before the batch that the next SGD step trains on was drawn (that batch's forward
-        pass is redone on loading)."""
-        state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "t": self.t, "sgd_step": self.sgd_step, **self._before_pending}
+        pass is redone on loading). With ``bn_stats="train"`` that forward pass has already
+        updated the BatchNorm running statistics, so the buffers are saved as they were
+        before it, and loading counts the batch once."""
+        pending = dict(self._before_pending)
+        student = self.student.state_dict()
+        student.update((k, v) for k, v in pending.pop("buffers", {}).items() if k in student)
+        state = {"student": student, "optimizer": self.optimizer.state_dict(),
+                 "t": self.t, "sgd_step": self.sgd_step, **pending}
         if isinstance(self._teacher_cache, MemoryTeacherCache):
             state["teacher_cache"] = self._teacher_cache.state_dict()
         return copy.deepcopy(state)  # a snapshot: training goes on updating these tensors in place
@@ -509,6 +498,8 @@ class Trainer:
     def _train_losses(self, snapshot: bool = True) -> torch.Tensor:
         if snapshot:  # what state_dict() needs to redraw this batch after a restart
             self._before_pending = {"source": self.task.source.state_dict(), "torch_rng": torch.get_rng_state()}
+            if self.bn_stats == "train":  # the forward pass below updates the running statistics
+                self._before_pending["buffers"] = {k: v.clone() for k, v in self.student.named_buffers()}
             if self.device.type == "cuda":
                 self._before_pending["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         x, y, index, key = self.task.source.next()

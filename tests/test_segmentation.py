@@ -156,10 +156,21 @@ def test_segmentation_evaluation_and_the_target_stays_out_of_training(seg_kwargs
     check_env(u, skip_render_check=True)
 
 
+def test_target_eval_size_0_takes_every_real_scene_and_more_is_capped(seg_kwargs, monkeypatch):
+    import asg_env.data.digitscenes
+
+    monkeypatch.setattr(asg_env.data.digitscenes, "REAL_SCENES", 24)  # 2,000 in the shipped task
+    for asked, scenes in ((0, 24), (16, 16), (100, 24)):
+        env = gym.make("SynDigitScenes-v0", **{**seg_kwargs, "target_eval_size": asked}).unwrapped
+        assert len(env.trainer.task.target) == scenes, asked
+    first = gym.make("SynDigitScenes-v0", **{**seg_kwargs, "target_eval_size": 16}).unwrapped.trainer.task.target
+    assert torch.equal(first.images, env.trainer.task.target.images[:16])  # a smaller set is a prefix of the whole
+
+
 def test_segmentation_refuses_what_it_does_not_support(seg_kwargs):
     with pytest.raises(UserInputError, match="segmentation takes guidance"):
         gym.make("SynDigitScenes-v0", guidance="l2sp", **seg_kwargs)
-    with pytest.raises(UserInputError, match="label_dilation must be 0 or more"):
+    with pytest.raises(UserInputError, match="label_dilation must be a whole number ≥ 0, not -1"):
         gym.make("SynDigitScenes-v0", label_dilation=-1, **seg_kwargs)
     from asg_env.backbones import Backbone
     from asg_env.segmentation import dense_backbone

@@ -1,3 +1,5 @@
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -45,9 +47,11 @@ def test_driving_the_trainer_is_bit_identical_to_the_env(tiny_env_kwargs, reward
         assert torch.equal(a, b), k
 
 
-def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tiny_env_kwargs):
-    """Checkpoints between decisions, across an epoch boundary (20 SGD steps per epoch here)."""
-    kw = dict(episode_steps=12, sgd_steps_per_action=2)
+@pytest.mark.parametrize("bn_stats, reward_batch", [("frozen", "train"), ("train", "heldout")])
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tiny_env_kwargs, bn_stats, reward_batch):
+    """Checkpoints between decisions, across an epoch boundary (20 SGD steps per epoch here).
+    With BatchNorm in train mode the running statistics (buffers) must count every batch once."""
+    kw = dict(episode_steps=12, sgd_steps_per_action=2, bn_stats=bn_stats, reward_batch=reward_batch)
     saved = []
     full = _env(tiny_env_kwargs, **kw)
     names = full.coordinate_names
@@ -59,12 +63,60 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tiny_env_
         again = _env(tiny_env_kwargs, **kw)
         resumed = fine_tune(again.trainer, RandomPolicy(len(names), seed=999), 5, evaluate=False, resume=state)
         assert _driver_rows(resumed, names) == _driver_rows(history, names)
-        for a, b in zip(full.trainer.student.state_dict().values(), again.trainer.student.state_dict().values()):
-            assert torch.equal(a, b)
+        for (k, a), b in zip(full.trainer.student.state_dict().items(), again.trainer.student.state_dict().values()):
+            assert torch.equal(a, b), k
     student = {k: v for k, v in saved[0]["trainer"]["student"].items() if not k.startswith("new_head.")}
     other = {**saved[0], "trainer": {**saved[0]["trainer"], "student": student}}  # e.g. written by another version
     with pytest.raises(UserInputError, match="the checkpoint's weights do not fit this model"):
         fine_tune(_env(tiny_env_kwargs, **kw).trainer, RandomPolicy(len(names), seed=1), 5, evaluate=False, resume=other)
+
+
+def _resume_under_ddp(rank: int, world: int, port: int, kwargs: dict, out: str) -> None:
+    """One rank of a 2-process gloo group: a whole run, and the same run resumed from rank 0's
+    checkpoint at t = 3 (as ``apply_policy.py --resume`` under torchrun reads rank 0's file)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        saved = []
+        full = _env(kwargs)
+        names = full.coordinate_names
+        history = fine_tune(full.trainer, RandomPolicy(len(names), seed=1), 5, evaluate=False,
+                            checkpoints=Checkpoints(saved.append, every=3))
+        state = [saved[0]]
+        dist.broadcast_object_list(state, src=0)
+        again = _env(kwargs)
+        resumed = fine_tune(again.trainer, RandomPolicy(len(names), seed=999), 5, evaluate=False, resume=state[0])
+        torch.save({"rows": (_driver_rows(history, names), _driver_rows(resumed, names)),
+                    "students": (full.trainer.student.state_dict(), again.trainer.student.state_dict())},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_resumed_run_under_ddp_with_batchnorm_in_train_mode_ends_as_the_uninterrupted_run(tiny_env_kwargs, tmp_path):
+    """DDP broadcasts rank 0's BatchNorm buffers at every forward pass in train mode; a resume
+    from rank 0's checkpoint must still count each batch once on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kwargs = {**tiny_env_kwargs, "episode_steps": 6, "sgd_steps_per_action": 2, "bn_stats": "train",
+              "reward_batch": "heldout"}
+    mp.spawn(_resume_under_ddp, args=(2, port, kwargs, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        whole, resumed = result["rows"]
+        assert resumed == whole, rank
+        full, again = result["students"]
+        assert full["features.bn1.num_batches_tracked"] == 13  # 12 SGD steps and the pending batch, once each
+        for key in full:
+            assert torch.equal(full[key], again[key]), (rank, key)
 
 
 def test_checkpoints_come_once_per_epoch_by_default(tiny_env_kwargs):

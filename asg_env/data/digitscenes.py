@@ -30,6 +30,9 @@ from asg_env.data.syndigits import _background, cached_render, digit_fonts, load
 
 RENDER_VERSION = 1
 CLASSES = ("background", *(str(d) for d in range(10)))
+# The real target set: as many scenes as use each of the 5,000 MNIST digits once on average
+# (2.5 digits a scene); scene i is the same whatever the count, so a smaller set is a prefix.
+REAL_SCENES = 2000
 
 
 def _foreground(rng: np.random.Generator, lum: float) -> np.ndarray:

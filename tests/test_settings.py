@@ -1,0 +1,109 @@
+import dataclasses
+import inspect
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agents.reinforce import ReinforceConfig
+from asg_env import UserInputError
+from asg_env.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
+from asg_env.env import ASGEnv
+from asg_env.proxy import StudentNet
+from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, Setting,
+                              check_settings)
+from asg_env.trainer import Trainer
+
+
+def _parameters(fn) -> set[str]:
+    return {name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
+
+
+def test_every_env_and_agent_setting_has_an_entry():
+    assert _parameters(Trainer.__init__) | _parameters(ASGEnv.__init__) == set(ENV_SETTINGS) | set(ENV_FREE_FORM)
+    assert {f.name for f in dataclasses.fields(ReinforceConfig)} == set(REINFORCE_SETTINGS)
+    assert set(TRAIN_SETTINGS) == {"episodes", "seed", "n_envs"}
+
+
+def test_every_default_is_allowed():
+    """The shipped defaults pass their own checks (and so do the registered envs')."""
+    import gymnasium as gym
+
+    for fn in (Trainer.__init__, ASGEnv.__init__):
+        for name, p in inspect.signature(fn).parameters.items():
+            if name in ENV_SETTINGS:
+                assert ENV_SETTINGS[name].allows(p.default), name
+    for spec_id in ("SynDigits-v0", "SynDigitScenes-v0", "VisDA-v0", "GTA5-Cityscapes-v0"):
+        check_settings(gym.spec(spec_id).kwargs, ENV_SETTINGS, ignore=ENV_FREE_FORM)
+    check_settings(dataclasses.asdict(ReinforceConfig()), REINFORCE_SETTINGS)
+
+
+NUMERIC = [(name, s) for table in (ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS)
+           for name, s in table.items() if s.kind in (int, float)]
+
+
+@pytest.mark.parametrize("name, setting", NUMERIC, ids=[n for n, _ in NUMERIC])
+@given(value=st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True)))
+def test_a_number_is_allowed_exactly_when_it_lies_in_the_range(name, setting, value):
+    inside = (math.isfinite(value) and (setting.kind is float or isinstance(value, int))
+              and (setting.low is None or value > setting.low or (value == setting.low and not setting.above))
+              and (setting.high is None or value < setting.high or (value == setting.high and not setting.below)))
+    assert setting.allows(value) == inside
+    if not inside:
+        with pytest.raises(UserInputError) as err:
+            check_settings({name: value}, {name: setting}, "x.")
+        message = str(err.value)
+        assert message.startswith(f"x.{name} must be ") and "\n" not in message
+
+
+@given(value=st.one_of(st.text(max_size=5), st.booleans(), st.none(), st.lists(st.integers(), max_size=2)))
+def test_words_flags_and_lists_are_not_numbers(value):
+    assert not Setting(int, 0).allows(value)
+    assert not Setting(float).allows(value)
+    assert Setting(bool).allows(value) == isinstance(value, bool)
+    assert Setting(int, 0, optional=True).allows(value) == (value is None)
+
+
+def test_messages_say_what_is_allowed():
+    cases = {"batch_size": (0, "a whole number ≥ 1"), "lr_base": (-1, "a finite number ≥ 0"),
+             "momentum": (1.0, "a finite number in [0, 1)"), "eval_every": ("often", "a whole number ≥ 0 or 'epoch'"),
+             "episode_steps": (2.5, "a whole number ≥ 1 or null"), "bn_stats": ("batch", "one of 'frozen', 'train'"),
+             "amp": ("yes", "true or false")}
+    for name, (value, allowed) in cases.items():
+        with pytest.raises(UserInputError, match="^" + f"{name} must be {allowed}, not {value!r}".replace("(", r"\(")
+                           .replace(")", r"\)").replace("[", r"\[")):
+            check_settings({name: value}, ENV_SETTINGS)
+    with pytest.raises(UserInputError, match="unknown setting agent.reinforce.hiden_size; known: baseline"):
+        check_settings({"hiden_size": 3}, REINFORCE_SETTINGS, "agent.reinforce.")
+
+
+def test_the_trainer_checks_before_it_renders_anything(tmp_path, monkeypatch):
+    import asg_env.tasks
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("rendered before checking the settings")
+
+    monkeypatch.setattr(asg_env.tasks, "load_syndigits", no_render)
+    for bad in ({"batch_size": 0}, {"lr_base": -1.0}, {"image_size": 4}, {"target_eval_size": -1}, {"lam": math.nan}):
+        with pytest.raises(UserInputError):
+            Trainer(data_root=str(tmp_path), **bad)
+    with pytest.raises(UserInputError, match="divergence_penalty must be a finite number"):
+        ASGEnv(divergence_penalty=math.inf, data_root=str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(MIN_IMAGE_SIZE))
+def test_the_smallest_image_size_runs_and_one_pixel_less_is_refused(name):
+    smallest = MIN_IMAGE_SIZE[name]
+    with pytest.raises(UserInputError, match=f"image_size must be at least {smallest} for {name}"):
+        check_image_size(name, smallest - 1)
+    check_image_size(name, smallest)
+    student = StudentNet(build_backbone(name, weights=None), 10).eval()
+    with torch.no_grad():
+        new, old = student(torch.randn(2, 3, smallest, smallest))
+    assert new.shape == (2, 10) and old.shape == (2, 1000)
+    if name == "vgg16":  # below its output stride VGG-16's last pooling has nothing left to pool
+        with pytest.raises(RuntimeError), torch.no_grad():
+            student(torch.randn(2, 3, smallest - 1, smallest - 1))
