@@ -15,11 +15,18 @@ greedily (argmax) unless --sample is given.
 
 A learned policy runs in the env configuration it was trained in (recorded in policy.pt):
 η_base, λ, the reward batch, image size, SGD form, windows… Anything you set explicitly
-(--config, --set, --env, --data-root, --amp…) overrides it, and the tool prints each
-override. Its run makes the same number of decisions T it was trained with: --steps or
---epochs lengthen the run by holding each decision for proportionally more SGD steps, so
-t/T and the observation mean what they meant in training. --decision-every-step asks for
-one decision per SGD step instead. A baseline decides at every SGD step.
+(--config, --set, --data-root, --amp…) overrides it, and the tool prints each override.
+Another env id (--env, or a --config naming another env.id) is another task: the run then
+starts from that id's registered settings plus yours, and takes from the policy only its run
+shape (decisions, windows, run length), and the policy must fit its coordinates (a policy for
+other coordinate names is refused).
+
+The run length: a policy trained with fixed windows (episode_steps = T) keeps its T
+decisions, and --steps or --epochs hold each decision for proportionally more SGD steps, so
+t/T and the observation mean what they meant in training. A policy trained with one decision
+per SGD step (episode_steps null) or with growing windows keeps its windows instead, so T
+follows the new length. The tool prints which applies. --decision-every-step asks for one
+decision per SGD step. A baseline decides at every SGD step.
 
 The run folder gets curve.csv and steps.csv, written as the run goes (every evaluation,
 and every decision's action, reward and losses), checkpoint.pt (see below), and at the end
@@ -50,11 +57,14 @@ import torch
 
 from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
 from agents.loading import load_policy, read_file, read_policy_file, save_policy
-from agents.policies import baseline_env_kwargs
+from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
 from asg_env.trainer import init_distributed
 
+# What a learned policy brings to another env id: its decisions and their windows (the run length
+# too, unless --steps or --epochs set it), so that t/T means what it meant in training.
+RUN_SHAPE = ("episode_steps", "window", "sgd_steps_per_action", "sgd_steps", "epochs")
 # Not reported as overrides: evaluation never changes the trajectory, and the run length is
 # printed as "T decisions over N SGD steps".
 NOT_OVERRIDES = ("evaluate_target", "eval_every", "target_eval_size", "device",
@@ -85,7 +95,8 @@ def positive(kind):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="hand-tuned", help="policy.pt file or baseline name (default: hand-tuned)")
-    p.add_argument("--env", help="env id (default: the policy's env, else SynDigits-v0)")
+    p.add_argument("--env", help="env id (default: the policy's env, else SynDigits-v0); another id than the policy's "
+                   "starts from that id's own settings")
     p.add_argument("--config", help="YAML config whose env section overrides the policy's settings")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive(int), help="SGD steps of the run (default: the policy's own run length)")
@@ -113,13 +124,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_env(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The env config to run: the policy's recorded one (or the defaults, for a baseline),
-    then the user's explicit settings on top. Returns the config and the overrides of the
-    policy's trajectory-relevant settings, as {key: (policy's value, new value)}."""
-    state = read_policy_file(args.policy) if os.path.isfile(args.policy) else None
+def resolve_env(args: argparse.Namespace) -> tuple[dict, dict, str | None, int | None]:
+    """The env config to run: the policy's recorded one (or the defaults, for a baseline; or
+    the registered defaults of another env id), then the user's explicit settings on top.
+    Returns the config, the overrides of the policy's trajectory-relevant settings, as
+    {key: (policy's value, new value)}, the policy's env id where the run uses another, and the
+    number of decisions the policy was trained with (None for a baseline or an older file)."""
+    state = None if is_baseline(args.policy) else read_policy_file(args.policy)
     recorded = dict(state.get("env_kwargs") or {}) if state else {}
-    env_id = (state or {}).get("env_id") or DEFAULTS["env"]["id"]
+    trained_id = (state or {}).get("env_id")
+    env_id = trained_id or DEFAULTS["env"]["id"]
     explicit: dict = {}
     if args.config:
         section = read_config_file(args.config).get("env", {})
@@ -128,6 +142,9 @@ def resolve_env(args: argparse.Namespace) -> tuple[dict, dict]:
     env_id = args.env or env_id
     user = apply_overrides({"env": {"id": env_id, "kwargs": {}}}, args.set)["env"]
     env_id = user["id"]
+    moved_from = trained_id if state is not None and trained_id and env_id != trained_id else None
+    if moved_from:  # another task: its registered settings, and of the policy's only its run shape
+        recorded = {k: recorded[k] for k in RUN_SHAPE if k in recorded}
     explicit.update(user["kwargs"])
     explicit.update(baseline_env_kwargs(args.policy))
     if args.data_root:
@@ -150,7 +167,23 @@ def resolve_env(args: argparse.Namespace) -> tuple[dict, dict]:
               "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
     changed = {k: (recorded[k], v) for k, v in explicit.items()
                if k in recorded and recorded[k] != v and k not in NOT_OVERRIDES}
-    return {"id": env_id, "kwargs": kwargs}, changed
+    return {"id": env_id, "kwargs": kwargs}, changed, moved_from, (state or {}).get("decisions")
+
+
+def run_length_note(trainer, learned: bool, trained_decisions: int | None, every_step: bool) -> str:
+    """How a learned policy's T relates to this run (see the module docstring)."""
+    if not learned:
+        return ""
+    if every_step:
+        return "; one decision per SGD step (--decision-every-step)"
+    trained = "" if trained_decisions in (None, trainer.T) else f" (the policy was trained with T = {trained_decisions})"
+    if trainer.config["window"] == "growing":
+        return f"; growing windows, which the policy keeps: T follows the run length{trained}"
+    if trainer.config["episode_steps"] is None:
+        return f"; one decision per SGD step, which the policy keeps: T follows the run length{trained}"
+    if not trained:
+        return "; the policy's T, each decision held for the run's share of SGD steps"
+    return f"; T set here, the policy was trained with T = {trained_decisions}"
 
 
 def plot_curve(rows: list[dict], path: str, title: str) -> None:
@@ -201,10 +234,12 @@ def start(args: argparse.Namespace, out: str, world_size: int) -> tuple[dict, di
     if not args.resume:
         if os.path.exists(path) or os.path.exists(os.path.join(out, "summary.json")):
             raise UserInputError(f"{out} already holds a run; choose another --out (or --resume an unfinished one)")
-        env_config, changed = resolve_env(args)
+        env_config, changed, moved_from, decisions = resolve_env(args)
         return {"policy": args.policy, "seed": args.seed, "sample": args.sample, "env": env_config,
+                "trained_env": moved_from, "trained_decisions": decisions,
+                "decision_every_step": args.decision_every_step,
                 "overrides": {k: list(v) for k, v in changed.items()}}, changed, None
-    state = read_file(path, "checkpoint (--resume needs --out pointing at an unfinished run)")
+    state = read_file(path, "checkpoint", " (--resume needs --out pointing at an unfinished run)")
     run_args = state["run"]
     if run_args["world_size"] != world_size:
         raise UserInputError(f"{out} was run on {run_args['world_size']} process(es); resume it on as many, not {world_size}")
@@ -221,12 +256,15 @@ def run(args: argparse.Namespace) -> int:
         args.device = rank_device
     if args.resume and not args.out:
         raise UserInputError("--resume needs --out, the folder of the run to continue")
-    name = os.path.splitext(os.path.basename(args.policy))[0] if os.path.isfile(args.policy) else args.policy.replace(":", "_").replace(",", "-")
+    name = args.policy.replace(":", "_").replace(",", "-") if is_baseline(args.policy) else os.path.splitext(os.path.basename(args.policy))[0]
     out = args.out or os.path.join("runs", f"apply-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_args, changed, resume = start(args, out, world_size)
     run_args["world_size"] = world_size
     lead = rank == 0
     if lead:
+        if run_args.get("trained_env"):
+            print(f"env: {run_args['env']['id']}, not the policy's {run_args['trained_env']}: the run takes "
+                  f"{run_args['env']['id']}'s registered settings and yours, and of the policy's only its run shape")
         for key, (old, new) in changed.items():
             print(f"override: {key} = {new!r} (the policy was trained with {old!r})")
     env = make_env({"env": run_args["env"]})
@@ -245,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
                 CsvLog(os.path.join(out, "curve.csv"), curve_fields, [r for r in history if "target_kl" in r]))
         print(f"{trainer.T} decisions over {trainer.total_sgd_steps} SGD steps "
               f"({trainer.total_sgd_steps / trainer.steps_per_epoch:.2f} epochs) on {world_size} process(es)"
+              + run_length_note(trainer, not is_baseline(run_args["policy"]), run_args.get("trained_decisions"),
+                                run_args.get("decision_every_step", False))
               + (f"; resuming after decision {resume['trainer']['t']}" if resume else ""))
 
     def on_row(row: dict) -> None:
@@ -287,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
                "sgd_steps_done": trainer.sgd_step, "diverged": bool(history[-1].get("diverged")),
                "world_size": world_size, "resumed": resume is not None, "seconds": round(seconds, 1),
                "final": final, f"best_{headline}_oracle": best, "env_kwargs": u.config,
+               "trained_env": run_args.get("trained_env"),
                "overrides": {k: {"trained": old, "applied": new} for k, (old, new) in changed.items()}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)

@@ -35,8 +35,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import apply_overrides, env_factories, load_config, make_env, merge, run_cli
-from agents.loading import env_metadata, save_policy
+from agents.config import apply_overrides, check_run_config, env_factories, load_config, make_env, merge, run_cli
+from agents.loading import env_metadata, read_file, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
@@ -66,21 +66,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         if not args.out or not os.path.isfile(os.path.join(args.out, "config.yaml")):
             raise UserInputError("--resume needs --out pointing at an earlier run folder with config.yaml")
         config = load_config(os.path.join(args.out, "config.yaml"))
-        if args.episodes:
-            config["train"]["episodes"] = args.episodes
-        if args.n_envs:
-            config["train"]["n_envs"] = args.n_envs
+        for key in ("episodes", "n_envs"):
+            if getattr(args, key) is not None:
+                config["train"][key] = getattr(args, key)
+        check_run_config(config, AGENTS)
         return config, args.out
     config = load_config(args.config)
     cli = {"env": {"id": args.env} if args.env else {}, "agent": {"name": args.agent} if args.agent else {},
            "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("n_envs", args.n_envs))
                      if v is not None}}
     config = apply_overrides(merge(config, cli), args.set)
-    n_envs = config["train"].get("n_envs", 1)
-    if not (isinstance(n_envs, int) and n_envs >= 1):
-        raise UserInputError(f"n_envs must be a positive number of envs, not {n_envs!r}")
-    if config["agent"]["name"] not in AGENTS:
-        raise UserInputError(f"unknown agent {config['agent']['name']!r}; choose one of {', '.join(AGENTS)}")
+    check_run_config(config, AGENTS)
     out = args.out or os.path.join("runs", f"{config['env']['id']}-{config['agent']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise UserInputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -131,13 +127,13 @@ class EpisodeLog:
             fh.close()
 
 
-def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: bool) -> list[float]:
+def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
     """Batches of ``n_envs`` episodes (the total is rounded up to whole batches)."""
     seed0 = config["train"]["seed"]
     trainer = ReinforceTrainer(env, ReinforceConfig(**config["agent"].get("reinforce", {})), seed=seed0)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if resume:
-        trainer.load_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+        trainer.load_checkpoint(resume)
     total, returns, n = config["train"]["episodes"], [], trainer.envs.num_envs
     with tqdm(total=total, initial=trainer.episodes_done, desc="policy episodes") as bar:
         while trainer.episodes_done < total:
@@ -154,7 +150,7 @@ def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog
     return returns
 
 
-def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: bool) -> list[float]:
+def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
     from stable_baselines3.common.callbacks import BaseCallback
 
     from agents.sb3_agents import make_sb3, sb3_policy_state
@@ -164,10 +160,9 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
     ckpt_path = os.path.join(out, "checkpoint.pt")
     done_episodes = 0
     if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.policy.load_state_dict(ckpt["policy"]["state_dict"])
-        model.policy.optimizer.load_state_dict(ckpt["optimizer"])
-        model.num_timesteps, done_episodes = int(ckpt["num_timesteps"]), int(ckpt["episodes_done"])
+        model.policy.load_state_dict(resume["policy"]["state_dict"])
+        model.policy.optimizer.load_state_dict(resume["optimizer"])
+        model.num_timesteps, done_episodes = int(resume["num_timesteps"]), int(resume["episodes_done"])
     T = env.get_attr("T")[0] if hasattr(env, "get_attr") else env.unwrapped.T  # SB3 VecEnv or one env
     total = config["train"]["episodes"]
     returns: list[float] = []
@@ -203,7 +198,7 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
     remaining = max(total - done_episodes, 0) * T
     if remaining:
-        model.learn(total_timesteps=remaining, callback=LogEpisodes(), reset_num_timesteps=not resume)
+        model.learn(total_timesteps=remaining, callback=LogEpisodes(), reset_num_timesteps=resume is None)
     return returns
 
 
@@ -219,6 +214,7 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
 
 def run(args: argparse.Namespace) -> int:
     config, out = resolve_config(args)
+    resume = read_file(os.path.join(out, "checkpoint.pt"), "checkpoint") if args.resume else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when n_envs = 1
     agent = config["agent"]["name"]
@@ -231,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         train = train_reinforce if agent == "reinforce" else train_sb3
-        returns = train(envs, config, out, metadata, log, args.resume)
+        returns = train(envs, config, out, metadata, log, resume)
     except KeyboardInterrupt:
         print(f"\ninterrupted; everything up to the last finished episode is saved. Continue with:\n"
               f"  python train_policy.py --out {out} --resume", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 import sys
 from typing import Callable
 
@@ -14,6 +15,7 @@ import yaml
 
 import asg_env  # noqa: F401  (registers the ids)
 from asg_env import UserInputError
+from asg_env.settings import REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, check_settings
 
 DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
@@ -21,6 +23,19 @@ DEFAULTS: dict = {
     "agent": {"name": "reinforce", "reinforce": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
     "train": {"episodes": 20, "seed": 0, "n_envs": 1},
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the number it is in YAML 1.2 (YAML 1.1 needs a
+    dot, ``1.0e-3``, and PyYAML gives a string otherwise)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def parse_yaml(text):
+    return yaml.load(text, Loader=_Loader)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -41,7 +56,7 @@ def read_config_file(path: str) -> dict:
         raise UserInputError(f"config file not found: {path}")
     try:
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            data = parse_yaml(fh) or {}
     except yaml.YAMLError as exc:
         raise UserInputError(f"cannot parse {path}: {str(exc).splitlines()[0]}")
     if not isinstance(data, dict):
@@ -60,8 +75,32 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         *parents, leaf = path.split(".")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise UserInputError(f"--set {item}: {key} holds {node!r}, not a mapping of settings")
+        node[leaf] = parse_yaml(raw)
     return config
+
+
+def check_run_config(config: dict, agents: tuple[str, ...]) -> None:
+    """The agent and train sections' types and ranges (see :mod:`asg_env.settings`); the env's
+    settings are checked by the env itself, before it renders or loads anything."""
+    for path in ("env", "env.kwargs", "train", "agent"):
+        section = config
+        for key in path.split("."):
+            section = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            raise UserInputError(f"{path} must be a mapping of settings, not {section!r}")
+    check_settings(config["train"], TRAIN_SETTINGS, "train.")
+    agent = config["agent"].get("name")
+    if agent not in agents:
+        raise UserInputError(f"unknown agent {agent!r}; choose one of {', '.join(agents)}")
+    section = config["agent"].get(agent) or {}
+    if not isinstance(section, dict):
+        raise UserInputError(f"agent.{agent} must be a mapping of settings, not {section!r}")
+    if agent == "reinforce":
+        check_settings(section, REINFORCE_SETTINGS, f"agent.{agent}.")
+    else:  # SB3 checks the keywords it has beyond these
+        check_settings(section, SB3_SETTINGS, f"agent.{agent}.", known_only=False)
 
 
 def make_env(config: dict, **extra) -> gym.Env:

@@ -7,7 +7,7 @@ import os
 import gymnasium as gym
 import torch
 
-from agents.policies import BASELINES, Policy, make_baseline
+from agents.policies import Policy, is_baseline, make_baseline
 from agents.reinforce import POLICY_FORMAT, policy_from_state
 from asg_env import UserInputError
 
@@ -18,7 +18,7 @@ def env_metadata(env: gym.Env) -> dict:
     u = env.unwrapped
     return {
         "obs_names": list(u.obs_names), "coordinate_names": list(u.coordinate_names),
-        "backbone": u.backbone_name, "env_id": env.spec.id if env.spec else None,
+        "backbone": u.backbone_name, "env_id": env.spec.id if env.spec else None, "decisions": u.T,
         "env_kwargs": dict(getattr(u, "config", {})),
     }
 
@@ -31,15 +31,17 @@ def save_policy(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def read_file(path: str, what: str) -> dict:
+def read_file(path: str, what: str, missing: str = "") -> dict:
     """A file saved with ``save_policy``, read with ``weights_only=True``; a missing or corrupt
-    file is one line of error."""
+    file is one line of error (``missing`` is added when it is not there). torch's own message
+    is not passed on: it advises ``weights_only=False``, which must never be used on a file
+    that may come from someone else."""
     if not os.path.isfile(path):
-        raise UserInputError(f"{what} not found: {path}")
+        raise UserInputError(f"{what} not found: {path}{missing}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserInputError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from exc
+    except Exception:
+        raise UserInputError(f"{path} is corrupt or is not a {what} that ASG-Gym wrote") from None
 
 
 def read_policy_file(path: str) -> dict:
@@ -67,7 +69,7 @@ def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int |
     """A baseline by name (``random``, ``hand-tuned``, ``constant:…``…) or a saved policy file.
     ``seed`` seeds whatever the policy draws at random (sampled actions, the random baseline)."""
     n = len(env.action_space.nvec)
-    if spec in BASELINES or spec.startswith("constant:"):
+    if is_baseline(spec):
         return make_baseline(spec, n, seed)
     state = read_policy_file(spec)
     check_compatible(state, env, spec)

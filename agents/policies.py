@@ -89,6 +89,11 @@ BASELINES = ("random", "hand-tuned", "large-everywhere", "small-backbone-large-c
 BASELINE_ENV_KWARGS: dict[str, dict] = {"hand-tuned": {"lr_schedule": "poly"}}
 
 
+def is_baseline(spec: str) -> bool:
+    """Whether ``spec`` names a baseline rather than a policy file."""
+    return spec in BASELINES or spec.startswith("constant:")
+
+
 def baseline_env_kwargs(spec: str) -> dict:
     """The env settings a baseline needs besides its actions (none for most)."""
     return dict(BASELINE_ENV_KWARGS.get(spec, {}))

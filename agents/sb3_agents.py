@@ -14,6 +14,7 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3 import A2C, PPO
 
 from agents.reinforce import POLICY_FORMAT
+from asg_env import UserInputError
 
 ALGOS = {"recurrent-ppo": (RecurrentPPO, "MlpLstmPolicy"), "ppo": (PPO, "MlpPolicy"), "a2c": (A2C, "MlpPolicy")}
 
@@ -23,8 +24,11 @@ def make_sb3(agent: str, env: gym.Env, seed: int, hyperparams: dict | None = Non
     algo, policy = ALGOS[agent]
     hyperparams = dict(hyperparams or {})
     policy_kwargs = {"normalize_images": False, **hyperparams.pop("policy_kwargs", {})}
-    return algo(policy, env, seed=seed, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
-                device="cpu", verbose=0, **hyperparams)
+    try:
+        return algo(policy, env, seed=seed, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
+                    device="cpu", verbose=0, **hyperparams)
+    except (TypeError, ValueError, AssertionError) as exc:  # a keyword or value that SB3 refuses
+        raise UserInputError(f"agent.{agent}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
 
 class SB3Policy:

@@ -8,8 +8,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """One SynDigits render cache for the whole test session."""
-    return str(tmp_path_factory.mktemp("syndigits-cache"))
+    """One SynDigits render cache for the whole test session, holding the tiny envs' digits
+    from the start, so that no test's output depends on whether an earlier one rendered them."""
+    from asg_env.data.syndigits import load_syndigits
+
+    path = str(tmp_path_factory.mktemp("syndigits-cache"))
+    load_syndigits(path, 160 + 8 + 40, 32, 0)  # tiny_env_kwargs / TINY: source, held-out batch, synthetic eval
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -73,6 +73,71 @@ def test_train_then_resume_then_apply(tmp_path, cache_dir, capsys):
     assert json.load(open(os.path.join(every, "summary.json")))["decisions"] == 5
 
 
+TINY_KWARGS = {"data_root": None, "batch_size": 8, "source_size": 160, "target_eval_size": 60, "image_size": 32,
+               "synthetic_eval_size": 40, "imagenet_photos": 4, "reward_batch": "heldout", "evaluate_target": False}
+
+
+def _untrained_policy(path: str, cache_dir: str, env_id: str = "SynDigits-v0", **kwargs) -> str:
+    """An untrained LSTM policy file for ``env_id``, as train_policy.py would write it."""
+    from agents.config import make_env
+    from agents.loading import env_metadata, save_policy
+    from agents.reinforce import ReinforceTrainer
+
+    env = make_env({"env": {"id": env_id, "kwargs": {**TINY_KWARGS, "data_root": cache_dir, **kwargs}}})
+    save_policy(ReinforceTrainer(env, seed=4).policy_state(env_metadata(env)), path)
+    return path
+
+
+def test_another_env_id_runs_that_envs_settings_not_the_policys(tmp_path, cache_dir, capsys):
+    import gymnasium as gym
+
+    policy = _untrained_policy(str(tmp_path / "policy.pt"), cache_dir, episode_steps=2, lam=0.1)
+    gym.register("SynDigits48-v0", entry_point="asg_env.env:ASGEnv",
+                 kwargs={**gym.spec("SynDigits-v0").kwargs, "image_size": 48, "lam": 0.3})
+    (tmp_path / "other.yaml").write_text("env: {id: SynDigits48-v0}\n")
+    mine = ["--set", "env.kwargs.source_size=160", "--set", "env.kwargs.batch_size=8", "--set",
+            "env.kwargs.synthetic_eval_size=40", "--set", "env.kwargs.imagenet_photos=4"]
+    try:
+        for how in (["--env", "SynDigits48-v0"], ["--config", str(tmp_path / "other.yaml")]):
+            out = str(tmp_path / how[0].strip("-"))
+            argv = ["--policy", policy, *how, "--steps", "2", "--out", out, "--data-root", cache_dir, *mine]
+            assert apply_policy.main(argv) == 0
+            assert "env: SynDigits48-v0, not the policy's SynDigits-v0" in capsys.readouterr().out
+            summary = json.load(open(os.path.join(out, "summary.json")))
+            used = summary["env_kwargs"]
+            assert (used["image_size"], used["lam"]) == (48, 0.3)  # the new id's, not the policy's 32 px and 0.1
+            assert used["reward_batch"] == "train" and used["source_size"] == 160  # the env's default; the user's
+            assert summary["env"] == "SynDigits48-v0" and summary["trained_env"] == "SynDigits-v0"
+            assert summary["overrides"] == {}
+    finally:
+        gym.registry.pop("SynDigits48-v0")
+    # A task whose coordinates the policy does not fit is refused by name.
+    argv = ["--policy", policy, "--env", "SynDigitScenes-v0", "--out", str(tmp_path / "seg"), "--data-root", cache_dir,
+            "--set", "env.kwargs.image_size=32", "--set", "env.kwargs.source_size=16", "--set", "env.kwargs.batch_size=8",
+            "--set", "env.kwargs.target_eval_size=8", "--set", "env.kwargs.synthetic_eval_size=0"]
+    assert apply_policy.main(argv) == 2
+    assert "was trained for 9 coordinates of efficientnet_lite0 (conv_stem," in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape, decisions", [({"episode_steps": None, "sgd_steps": 3}, 8),
+                                              ({"window": "growing", "episode_steps": 3}, 4),
+                                              ({"episode_steps": 3}, 3)])
+def test_the_run_length_text_says_what_happens_to_T(tmp_path, cache_dir, capsys, shape, decisions):
+    """Fixed windows keep the policy's T; a decision per SGD step, or growing windows, make T
+    follow the new length (8 SGD steps: growing windows of 1, 1, 2 and 4)."""
+    policy = _untrained_policy(str(tmp_path / "policy.pt"), cache_dir, **shape)
+    assert torch.load(policy, weights_only=True)["decisions"] == 3
+    out = str(tmp_path / "applied")
+    assert apply_policy.main(["--policy", policy, "--steps", "8", "--out", out, "--data-root", cache_dir]) == 0
+    text = capsys.readouterr().out
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["decisions"] == summary["decisions_made"] == decisions and summary["sgd_steps_done"] == 8
+    if decisions == 3:
+        assert "3 decisions over 8 SGD steps" in text and "the policy's T, each decision held" in text
+    else:
+        assert f"T follows the run length (the policy was trained with T = 3)" in text
+
+
 def test_apply_baseline_by_epochs(tmp_path, cache_dir):
     out = str(tmp_path / "apply")
     # 160 training images / batch 8 = 20 steps per epoch.
@@ -108,6 +173,52 @@ def test_apply_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypat
     assert apply_policy.main([*argv, "--out", str(tmp_path / "o"), "--data-root", cache_dir, *TINY[2:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+ENV_BAD = [(["--set", "env.kwargs.batch_size=0"], "batch_size must be a whole number ≥ 1, not 0"),
+           (["--set", "env.kwargs.lr_base=-1"], "lr_base must be a finite number ≥ 0, not -1"),
+           (["--set", "env.kwargs.image_size=4"], "image_size must be at least 32 for efficientnet_lite0"),
+           (["--set", "env.kwargs.target_eval_size=-5"], "target_eval_size must be a whole number ≥ 0, not -5"),
+           (["--set", "env.kwargs.momentum=1.5"], "momentum must be a finite number in [0, 1), not 1.5")]
+BAD_INPUT = [
+    *[("train", argv, message) for argv, message in ENV_BAD],
+    *[("apply", argv, message) for argv, message in ENV_BAD],
+    ("train", ["--episodes", "0"], "train.episodes must be a whole number ≥ 1, not 0"),
+    ("train", ["--n-envs", "-2"], "train.n_envs must be a whole number ≥ 1, not -2"),
+    ("train", ["--seed", "-1"], "train.seed must be a whole number ≥ 0, not -1"),
+    ("train", ["--config", "{config}"], "train.episodes must be a whole number ≥ 1, not 'abc'"),
+    ("train", ["--set", "agent.reinforce.lr=0"], "agent.reinforce.lr must be a finite number > 0, not 0"),
+    ("train", ["--set", "agent.reinforce.hiden_size=8"], "unknown setting agent.reinforce.hiden_size"),
+    ("train", ["--agent", "recurrent-ppo", "--set", "agent.recurrent-ppo.n_steps=0"],
+     "agent.recurrent-ppo.n_steps must be a whole number ≥ 1, not 0"),
+    ("train", ["--out", "{killed}", "--resume"], "is corrupt or is not a checkpoint that ASG-Gym wrote"),
+    ("apply", ["--policy", "{corrupt}"], "is corrupt or is not a policy file that ASG-Gym wrote"),
+    ("apply", ["--out", "{killed}", "--resume"], "is corrupt or is not a checkpoint that ASG-Gym wrote"),
+]
+
+
+@pytest.mark.parametrize("tool, argv, message", BAD_INPUT, ids=[f"{t}:{' '.join(a)}" for t, a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_rendered(tool, argv, message, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache.mkdir()
+    (tmp_path / "bad.yaml").write_text("train: {episodes: abc}\n")
+    (tmp_path / "corrupt.pt").write_bytes(os.urandom(256))
+    killed = tmp_path / "killed"  # a run folder whose checkpoint is garbage
+    killed.mkdir()
+    (killed / "config.yaml").write_text("env: {id: SynDigits-v0}\n")
+    (killed / "checkpoint.pt").write_bytes(os.urandom(256))
+    names = {"config": tmp_path / "bad.yaml", "corrupt": tmp_path / "corrupt.pt", "killed": killed}
+    argv = [a.format(**names) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    if tool == "apply" and "--policy" not in argv and "--resume" not in argv:
+        argv += ["--policy", "hand-tuned"]
+    module = train_policy if tool == "train" else apply_policy
+    assert module.main([*argv, "--data-root", str(cache)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert "weights_only" not in err  # torch's advice to unpickle an untrusted file is never passed on
+    assert not any(cache.iterdir()) and not out.exists()  # nothing rendered, no run folder
 
 
 def test_too_small_a_source_or_a_negative_count_is_refused(tmp_path, cache_dir, capsys):
@@ -161,14 +272,16 @@ def _state(path):
     return load_file(path)
 
 
-def test_apply_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+@pytest.mark.parametrize("bn_stats", ["frozen", "train"])
+def test_apply_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, bn_stats):
     import signal
     import subprocess
     import sys
     import time
 
     base = [sys.executable, os.path.join(REPO, "apply_policy.py"), "--policy", "random", "--seed", "3",
-            "--steps", "40", "--checkpoint-every", "4", "--eval-every", "20", "--data-root", cache_dir, *TINY[2:]]
+            "--steps", "40", "--checkpoint-every", "4", "--eval-every", "20", "--data-root", cache_dir, *TINY[2:],
+            "--set", f"env.kwargs.bn_stats={bn_stats}", "--set", "env.kwargs.reward_batch=heldout"]
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     subprocess.run([*base, "--out", whole], check=True, env=_subprocess_env(2), capture_output=True)
 
