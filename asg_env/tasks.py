@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -404,3 +404,43 @@ def make_visda_task(
     key = f"visda17-train-{train.fingerprint()}-size{image_size}-mean{mean}-std{std}"
     return Task("VisDA-17", len(VISDA_CLASSES), source, heldout, LoaderSource(target, batch_size, device, num_workers),
                 teacher_cache_key=key, cached_images=indexed)
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """The trainer's settings that a task builder may use (each takes what it needs)."""
+
+    image_size: int
+    batch_size: int
+    device: torch.device
+    mean: Stats
+    std: Stats
+    data_root: str | None
+    source_size: int
+    target_eval_size: int
+    synthetic_eval_size: int
+    label_dilation: int
+    num_workers: int
+    shard: tuple[int, int] = (0, 1)
+
+
+# Registered task builders by name: a new syn→real dataset is one entry (its Task.kind names
+# the family, asg_env.families, that trains and measures it).
+TASKS: dict[str, Callable[[TaskOptions], Task]] = {
+    "syndigits": lambda o: make_syndigits_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
+                                               o.source_size, o.target_eval_size,
+                                               synthetic_eval_size=o.synthetic_eval_size, shard=o.shard),
+    "digitscenes": lambda o: make_digitscenes_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
+                                                   o.source_size, o.target_eval_size, o.synthetic_eval_size,
+                                                   o.label_dilation, shard=o.shard),
+    "gta5": lambda o: make_gta5_cityscapes_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
+                                                o.target_eval_size, o.num_workers, shard=o.shard),
+    "visda": lambda o: make_visda_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
+                                       o.target_eval_size, o.num_workers, shard=o.shard),
+}
+
+
+def build_task(name: str, options: TaskOptions) -> Task:
+    if name not in TASKS:
+        raise UserInputError(f"unknown task {name!r}; choose one of {', '.join(map(repr, TASKS))}")
+    return TASKS[name](options)

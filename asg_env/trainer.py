@@ -31,23 +31,20 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from asg_env.backbones import build_backbone, check_image_size, input_normalisation
 from asg_env.coordinates import Coordinate, optimization_coordinates
 from asg_env.errors import UserInputError
-from asg_env.guidance import Guidance, make_guidance
+from asg_env.families import FAMILIES
+from asg_env.guidance import Guidance
 from asg_env.imagenet_photos import load_imagenet_photos
 from asg_env.optim import action_windows, make_sgd, poly_factor
-from asg_env.proxy import StudentNet, kl_to_teacher, make_teacher
-from asg_env.segmentation import (BilinearDeconv, DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet,
-                                  dense_backbone, iou_from_confusion)
+from asg_env.proxy import kl_to_teacher
+from asg_env.segmentation import BilinearDeconv
 from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
-from asg_env.tasks import (Task, TensorSource, default_cache_dir, make_digitscenes_task, make_gta5_cityscapes_task,
-                           make_syndigits_task, make_visda_task)
+from asg_env.tasks import Task, TaskOptions, TensorSource, build_task, default_cache_dir
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
@@ -58,20 +55,6 @@ def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
     ``np_random``), so a run seeded ``s`` is the same whether an env or a driver starts it."""
     head_seed, data_seed = (int(s) for s in rng.integers(2**31 - 1, size=2))
     return head_seed, data_seed
-
-
-class Objective(nn.Module):
-    """``[L, L_XE, guidance]`` on one batch, as a module so that DDP can wrap its forward."""
-
-    def __init__(self, student: StudentNet, guidance: Guidance, lam: float):
-        super().__init__()
-        self.student, self.guidance, self.lam = student, guidance, lam
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
-        features = self.student.features(x)
-        xe = F.cross_entropy(self.student.new_head(features).float(), y)
-        term = self.guidance(self.student, features, teacher)
-        return torch.stack([xe + self.lam * term, xe, term])
 
 
 class Trainer:
@@ -198,25 +181,14 @@ class Trainer:
         self.amp = bool(amp) and self.device.type == "cuda"
 
         mean, std = input_normalisation(backbone)
-        shard = (self.rank, self.world_size)
         if isinstance(task, Task):  # a task built in code (benchmarks, research on new tasks)
             self.task: Task = task
-        elif task == "syndigits":
-            self.task = make_syndigits_task(
-                image_size, batch_size, self.device, mean, std, data_root, source_size, target_eval_size,
-                synthetic_eval_size=synthetic_eval_size, shard=shard,
-            )
-        elif task == "digitscenes":
-            self.task = make_digitscenes_task(image_size, batch_size, self.device, mean, std, data_root, source_size,
-                                              target_eval_size, synthetic_eval_size, label_dilation, shard=shard)
-        elif task == "gta5":
-            self.task = make_gta5_cityscapes_task(image_size, batch_size, self.device, mean, std, data_root,
-                                                  target_eval_size, num_workers, shard=shard)
-        elif task == "visda":
-            self.task = make_visda_task(image_size, batch_size, self.device, mean, std, data_root, target_eval_size,
-                                        num_workers, shard=shard)
         else:
-            raise UserInputError(f"unknown task {task!r}; choose 'syndigits', 'digitscenes', 'visda' or 'gta5'")
+            self.task = build_task(task, TaskOptions(image_size, batch_size, self.device, mean, std, data_root,
+                                                     source_size, target_eval_size, synthetic_eval_size,
+                                                     label_dilation, num_workers, (self.rank, self.world_size)))
+        self.family = FAMILIES[self.task.kind]
+        self.family.check(self.config)
         parts = build_backbone(backbone, weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
         self.imagenet_photos = int(imagenet_photos)
@@ -231,17 +203,7 @@ class Trainer:
         self.windows = action_windows(window, episode_steps, int(sgd_steps_per_action), sgd_steps,
                                       self.task.steps_per_epoch)
         self.T, self.total_sgd_steps = len(self.windows), sum(self.windows)
-        segmentation = self.task.kind == "segmentation"
-        if segmentation:
-            if guidance not in ("kl", "none") or tta_flip:
-                raise UserInputError("segmentation takes guidance 'kl' (dense, Eq. 5) or 'none', and no tta_flip "
-                                     f"(got {guidance!r}, {tta_flip})")
-            dense = dense_backbone(parts)
-            self.teacher = DenseTeacher(dense, patch_grid)
-            self.student = SegStudentNet(dense, self.task.num_classes, patch_grid, upsample)
-        else:
-            self.teacher = make_teacher(parts)
-            self.student = StudentNet(parts, self.task.num_classes, head)
+        self.teacher, self.student = self.family.models(parts, self.task, self.config)
         self.teacher = self.teacher.to(self.device, memory_format=self.memory_format)
         self.student = self.student.to(self.device, memory_format=self.memory_format)
         self.coordinates: list[Coordinate] = optimization_coordinates(self.student.features, self.student.new_head)
@@ -251,14 +213,8 @@ class Trainer:
             k: v.detach().clone() for k, v in self.student.state_dict().items() if not k.startswith("new_head.")
         }
         self.student.eval()
-        active = self.lam > 0 and guidance != "none"
-        if segmentation:
-            self.guidance: Guidance = DenseKLGuidance() if active else Guidance()
-            self.objective: nn.Module = SegObjective(self.student, self.guidance, self.lam)
-        else:
-            self.guidance = make_guidance(guidance if active else "none", self.student,
-                                          self.task.heldout[0] if guidance == "si" else None)
-            self.objective = Objective(self.student, self.guidance, self.lam)
+        self.guidance: Guidance = self.family.guidance(guidance if self.lam > 0 else "none", self.student, self.task)
+        self.objective: nn.Module = self.family.objective(self.student, self.guidance, self.lam)
         self._train_objective: nn.Module = self.objective
         if self.world_size > 1:
             self._train_objective = nn.parallel.DistributedDataParallel(
@@ -279,12 +235,12 @@ class Trainer:
     @property
     def headline(self) -> str:
         """The evaluation's main measure: mean per-class accuracy, or mIoU for segmentation."""
-        return "target_miou" if self.task.kind == "segmentation" else "target_mean_class_acc"
+        return self.family.headline
 
     @property
     def class_iou_keys(self) -> list[str]:
-        """The per-class IoU entries of a segmentation evaluation."""
-        return [f"target_iou/{c}" for c in self.task.class_names] if self.task.kind == "segmentation" else []
+        """The per-class entries of an evaluation (the IoU of each class, for segmentation)."""
+        return self.family.class_keys(self.task)
 
     # ----------------------------------------------------------------------------- the run
     def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
@@ -362,17 +318,7 @@ class Trainer:
         self.student.eval()
         first = self._target_reference is None
         ref = self._target_reference if not first else {"target": {}, "photos": None}
-        segmentation = self.task.kind == "segmentation"
-        k = self.task.num_classes
-        if segmentation:
-            metrics = {"target": MulticlassConfusionMatrix(k, ignore_index=255)}
-            if self.task.source_eval is not None:
-                metrics["synthetic"] = MulticlassConfusionMatrix(k, ignore_index=255)
-        else:
-            metrics = {"target_acc": MulticlassAccuracy(k, average="micro"),
-                       "target_mean_class_acc": MulticlassAccuracy(k, average="macro")}
-            if self.task.source_eval is not None:
-                metrics["synthetic_acc"] = MulticlassAccuracy(k, average="micro")
+        metrics = self.family.metrics(self.task)
         metrics.update(target_kl=MeanMetric(), teacher_agreement=MeanMetric())
         for m in metrics.values():
             m.to(self.device)
@@ -380,17 +326,7 @@ class Trainer:
         with torch.inference_mode(), self._autocast():
             for i, (x, y) in enumerate(self.task.target.batches(shard=shard)):
                 x = x.contiguous(memory_format=self.memory_format)
-                if segmentation:
-                    scores, final = self.student(x)
-                    new, old = scores.argmax(1), self.student.imagenet_logits(final)
-                    metrics["target"].update(new, y.long())
-                else:
-                    features = self.student.features(x)
-                    new, old = self.student.new_head(features), self.student.imagenet_head(features)
-                    if self.tta_flip:
-                        new = (new.float().sigmoid() + self.student(x.flip(3))[0].float().sigmoid()) / 2
-                    metrics["target_acc"].update(new.argmax(1), y)
-                    metrics["target_mean_class_acc"].update(new.argmax(1), y)
+                old = self.family.update_target(metrics, self.student, x, y, self.tta_flip)
                 if first:
                     ref["target"][i] = self.teacher(x).float()
                 teacher = ref["target"][i]
@@ -398,13 +334,8 @@ class Trainer:
                 metrics["teacher_agreement"].update((old.argmax(-1) == teacher.argmax(-1)).float())
             if self.task.source_eval is not None:
                 for x, y in self.task.source_eval.batches(shard=shard):
-                    scores = self.student(x.contiguous(memory_format=self.memory_format))[0].argmax(1)
-                    metrics["synthetic" if segmentation else "synthetic_acc"].update(scores, y.long())
-            out = {name: m.compute() for name, m in metrics.items()}
-            if segmentation:
-                out.update(self._segmentation_scores(out.pop("target"), "target"))
-                if "synthetic" in out:
-                    out["synthetic_miou"] = iou_from_confusion(out.pop("synthetic"))[1]
+                    self.family.update_synthetic(metrics, self.student, x.contiguous(memory_format=self.memory_format), y)
+            out = self.family.finish({name: m.compute() for name, m in metrics.items()}, self.task)
             photos = ref["photos"]
             if first and self.imagenet_photos:
                 photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device)
@@ -414,23 +345,13 @@ class Trainer:
                 x = x.contiguous(memory_format=self.memory_format)
                 if first:
                     ref["photos"] = photos
-                    ref["imagenet_teacher_top1"] = (self._teacher_classify(x).argmax(1) == y).float().mean()
+                    ref["imagenet_teacher_top1"] = (self.family.teacher_classify(self.teacher, x).argmax(1) == y).float().mean()
                 out["imagenet_top1"] = (self.student.classify(x).argmax(1) == y).float().mean()
                 out["imagenet_teacher_top1"] = ref["imagenet_teacher_top1"]
         self._target_reference = ref
         self.student.train(was_training)
         keys = list(out)
         return dict(zip(keys, torch.stack([out[k_].float().to(self.device) for k_ in keys]).tolist()))
-
-    def _segmentation_scores(self, confusion: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-        """mIoU, pixel accuracy and the IoU of every class, from the confusion matrix."""
-        iou, miou = iou_from_confusion(confusion)
-        out = {f"{prefix}_miou": miou, f"{prefix}_pixel_acc": confusion.diag().sum() / confusion.sum().clamp(min=1)}
-        out.update({f"{prefix}_iou/{name}": v for name, v in zip(self.task.class_names, iou)})
-        return out
-
-    def _teacher_classify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher.classify(x) if isinstance(self.teacher, DenseTeacher) else self.teacher(x)
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
