@@ -8,6 +8,8 @@ Registered ids:
 * ``VisDA-v0``: VisDA-17 (train → validation) with ResNet-101, from a local data root.
 * ``GTA5-Cityscapes-v0``: GTA5 → Cityscapes val segmentation with FCN-VGG16 (or FCN-ResNet50),
   from a local data root.
+* ``ImageFolder-v0`` and ``SegFolder-v0``: your own synthetic and real images, from
+  ``source_root`` and ``target_root`` folders (see :mod:`asg_env.data.folders`).
 """
 
 from gymnasium.envs.registration import register
@@ -59,4 +61,18 @@ register(
         "num_workers": 4,
         "eval_every": "epoch",
     },
+)
+# Your own data: VisDA-17's recipe (η_base 1e-4, evaluation once per epoch on the whole target) and
+# GTA5's (512 px crops, batch 6, η_base 1e-3, λ 75), on the backbone whose weights ship offline.
+register(
+    id="ImageFolder-v0",
+    entry_point="asg_env.env:ASGEnv",
+    kwargs={"task": "imagefolder", "image_size": 224, "lr_base": 1e-4, "episode_steps": 1000, "target_eval_size": 0,
+            "eval_every": "epoch"},
+)
+register(
+    id="SegFolder-v0",
+    entry_point="asg_env.env:ASGEnv",
+    kwargs={"task": "segfolder", "image_size": 512, "batch_size": 6, "lr_base": 1e-3, "lam": 75.0,
+            "episode_steps": 1000, "target_eval_size": 0, "eval_every": "epoch"},
 )

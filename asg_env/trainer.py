@@ -61,12 +61,15 @@ class Trainer:
     """One fine-tuning run of an ImageNet model on synthetic images, decision by decision.
 
     Args:
-        task: ``"syndigits"`` (embedded, offline), ``"digitscenes"`` (embedded segmentation),
-            ``"visda"`` (VisDA-17 from ``data_root``), ``"gta5"`` (GTA5→Cityscapes from ``data_root``),
-            or a :class:`~asg_env.tasks.Task` built in code.
-        backbone: ``efficientnet_lite0``, ``resnet50``, ``resnet101`` or ``vgg16``. Inputs are
+        task: a name in :data:`asg_env.tasks.TASKS`: ``"syndigits"`` (embedded, offline),
+            ``"digitscenes"`` (embedded segmentation), ``"visda"`` (VisDA-17 from ``data_root``),
+            ``"gta5"`` (GTA5→Cityscapes from ``data_root``), ``"imagefolder"`` or ``"segfolder"``
+            (your own data from ``source_root`` and ``target_root``); or a
+            :class:`~asg_env.tasks.Task` built in code.
+        backbone: ``efficientnet_lite0/1/2``, ``resnet50``, ``resnet101``, ``vgg16``, or any
+            ImageNet classifier as ``timm:<name>`` or ``torchvision:<name>``. Inputs are
             normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
-            ImageNet mean/std for torchvision models).
+            ImageNet mean/std for torchvision models, a timm model's ``pretrained_cfg``).
         weights: ``"imagenet"`` (for torchvision models: ``IMAGENET1K_V1``, the paper's), a
             torchvision weight name, a file path, or ``None`` for an explicitly random backbone.
         data_root: dataset root (VisDA-17; falls back to ``$ASG_DATA``) or the SynDigits cache.
@@ -121,6 +124,9 @@ class Trainer:
         label_dilation: SynDigitScenes only: each digit's label also covers the background
             within this many pixels of its strokes (0: the strokes alone; see
             :func:`asg_env.data.digitscenes.dilate_labels`).
+        source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
+            :mod:`asg_env.data.folders`): the synthetic training images and the real ones,
+            which are only evaluated on.
     """
 
     def __init__(
@@ -161,6 +167,8 @@ class Trainer:
         patch_grid: int = 1,
         upsample: str = "deconv",
         label_dilation: int = 3,
+        source_root: str | None = None,
+        target_root: str | None = None,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -186,7 +194,8 @@ class Trainer:
         else:
             self.task = build_task(task, TaskOptions(image_size, batch_size, self.device, mean, std, data_root,
                                                      source_size, target_eval_size, synthetic_eval_size,
-                                                     label_dilation, num_workers, (self.rank, self.world_size)))
+                                                     label_dilation, num_workers, (self.rank, self.world_size),
+                                                     source_root, target_root))
         self.family = FAMILIES[self.task.kind]
         self.family.check(self.config)
         parts = build_backbone(backbone, weights)

@@ -119,3 +119,73 @@ def test_torchvision_weights_load_from_a_local_file(tmp_path):
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(UserInputError, match="resnet101"):
         build_backbone("alexnet")
+
+
+def _photo_top1(backbone) -> int:
+    """How many of the foolbox wheel's 20 ImageNet validation photos the backbone's ImageNet
+    head classifies correctly, at its native resolution."""
+    from asg_env.imagenet_photos import load_imagenet_photos
+
+    x, y = load_imagenet_photos(backbone.input_size, backbone.mean, backbone.std, torch.device("cpu"))
+    model = torch.nn.Sequential(backbone.features, backbone.imagenet_head).eval()
+    with torch.inference_mode():
+        return int((model(x).argmax(1) == y).sum())
+
+
+@pytest.mark.parametrize("n, size, correct", [(1, 240, 19), (2, 260, 18)])
+def test_packaged_efficientnet_lite1_and_lite2_weights_are_imagenets(n, size, correct):
+    backbone = build_backbone(f"efficientnet_lite{n}")
+    assert backbone.input_size == size and backbone.mean == backbone.std == (0.5, 0.5, 0.5)
+    assert _photo_top1(backbone) == correct  # as the shared sheet measured with timm's reference loading
+
+
+def test_a_timm_model_from_a_local_file_is_the_named_backbone(tmp_path):
+    """timm:tf_efficientnet_lite0 from a safetensors file of the packaged ImageNet weights (under
+    timm's names) gives the named backbone's logits, normalisation and coordinates."""
+    from safetensors.torch import save_file
+
+    from asg_env.coordinates import optimization_coordinates
+
+    named = build_backbone("efficientnet_lite0")
+    state = {**named.features.state_dict(), **{f"classifier.{k}": v for k, v in named.imagenet_head.state_dict().items()}}
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "lite0.safetensors")
+    generic = build_backbone("timm:tf_efficientnet_lite0", weights=str(tmp_path / "lite0.safetensors"))
+    assert (generic.mean, generic.std, generic.input_size) == (named.mean, named.std, 224)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(generic.imagenet_head(generic.features.eval()(x)), named.imagenet_head(named.features.eval()(x)))
+    names = [c.name for c in optimization_coordinates(generic.features, torch.nn.Linear(1, 1))]
+    assert names == [c.name for c in optimization_coordinates(named.features, torch.nn.Linear(1, 1))]
+    assert len(names) == 9 and _photo_top1(generic) == 17
+
+
+def test_a_torchvision_model_from_a_local_state_dict(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "mnv3.pth")
+    backbone = build_backbone("torchvision:mobilenet_v3_small", weights=str(tmp_path / "mnv3.pth"))
+    assert backbone.imagenet_head.out_features == 1000 and backbone.input_size == 224
+    assert backbone.mean == (0.485, 0.456, 0.406)  # from the weights' own transforms
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(backbone.imagenet_head(backbone.features.eval()(x)), reference(x), atol=1e-6)
+
+
+def test_generic_backbones_refuse_what_they_cannot_use(tmp_path, monkeypatch):
+    import timm
+
+    with pytest.raises(UserInputError, match="timm has no model 'no_such_net'"):
+        build_backbone("timm:no_such_net", weights=None)
+    with pytest.raises(UserInputError, match="torchvision has no model 'no_such_net'"):
+        build_backbone("torchvision:no_such_net", weights=None)
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "resnet10t.pth")
+    with pytest.raises(UserInputError, match="resnet10t.pth does not fit timm:tf_efficientnet_lite0: "):
+        build_backbone("timm:tf_efficientnet_lite0", weights=str(tmp_path / "resnet10t.pth"))
+    with pytest.raises(UserInputError, match="has no linear ImageNet classifier"):  # SqueezeNet classifies by conv
+        build_backbone("torchvision:squeezenet1_0", weights=None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserInputError, match="not in the local cache"):
+        build_backbone("torchvision:resnet18", weights="imagenet")
+    with pytest.raises(UserInputError, match="ImageNet weights are not in the local cache"):
+        build_backbone("timm:resnet10t", weights="imagenet")

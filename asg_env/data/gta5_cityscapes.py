@@ -62,10 +62,11 @@ def _open(path: str, mode: str) -> Image.Image:
 
 class SegmentationFiles(Dataset):
     """(image, train-id label) pairs from files, through ``transform(image, label)`` which
-    takes PIL images and returns tensors."""
+    takes PIL images and returns tensors; ``lut`` maps the label files' values to train ids
+    (Cityscapes label ids by default)."""
 
-    def __init__(self, pairs: list[tuple[str, str]], transform):
-        self.pairs, self.transform = pairs, transform
+    def __init__(self, pairs: list[tuple[str, str]], transform, lut: np.ndarray = _LUT):
+        self.pairs, self.transform, self.lut = pairs, transform, lut  # lut: label file value → train id
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -75,7 +76,7 @@ class SegmentationFiles(Dataset):
         image, label = _open(image_path, "RGB"), _open(label_path, "L")
         if label.mode not in ("L", "P") or image.size != label.size:
             raise UserInputError(f"{label_path} is not a {image.size[0]}×{image.size[1]} map of label ids")
-        return self.transform(image, Image.fromarray(to_train_ids(np.asarray(label))))
+        return self.transform(image, Image.fromarray(self.lut[np.asarray(label)]))
 
 
 def gta5_pairs(root: str | None) -> list[tuple[str, str]]:
