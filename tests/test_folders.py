@@ -9,7 +9,7 @@ from PIL import Image
 
 import apply_policy
 import train_policy
-from asg_env import UserInputError
+from asg_env import ASGEnv, UserInputError
 
 CLASSES = ("circle", "square", "stripes")
 
@@ -126,3 +126,26 @@ def test_your_own_data_with_a_timm_and_a_torchvision_model_from_local_weights(tm
         assert summary["env"] == "ImageFolder-v0" and summary["decisions_made"] == 2
         assert 0 <= summary["final"]["target_mean_class_acc"] <= 1
         capsys.readouterr()
+
+
+def test_a_new_dataset_is_one_registry_entry(monkeypatch, tmp_path):
+    """A task builder registered by name runs through the env like the shipped ones, and its
+    kind picks the family that trains and measures it."""
+    from asg_env.tasks import TASKS, Task, TensorSource
+
+    def noise_task(o):
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (24, o.image_size, o.image_size, 3), dtype=np.uint8)
+        labels = (images.mean((1, 2, 3)) > 127).astype(np.int64)
+        source = TensorSource(images[:16], labels[:16], o.batch_size, o.device, o.mean, o.std)
+        heldout = TensorSource(images[16:20], labels[16:20], 4, o.device, o.mean, o.std).all()
+        target = TensorSource(images[20:], labels[20:], 4, o.device, o.mean, o.std)
+        return Task("Noise", 2, source, heldout, target, class_names=("dark", "bright"))
+
+    monkeypatch.setitem(TASKS, "noise", noise_task)
+    env = ASGEnv(task="noise", image_size=32, batch_size=4, episode_steps=2, imagenet_photos=0)
+    env.reset(seed=0)
+    *_, info = env.step(env.action_space.sample())
+    assert env.trainer.headline == "target_mean_class_acc" and "loss" in info
+    with pytest.raises(UserInputError, match="unknown task 'nope'; choose one of 'syndigits'"):
+        ASGEnv(task="nope")
