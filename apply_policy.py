@@ -17,9 +17,9 @@ A learned policy runs in the env configuration it was trained in (recorded in po
 η_base, λ, the reward batch, image size, SGD form, windows… Anything you set explicitly
 (--config, --set, --data-root, --amp…) overrides it, and the tool prints each override.
 Another env id (--env, or a --config naming another env.id) is another task: the run then
-starts from that id's registered settings plus yours, and takes from the policy only its run
-shape (decisions, windows, run length), and the policy must fit its coordinates (a policy for
-other coordinate names is refused).
+starts from that id's registered settings plus yours, none of the policy's (its run length
+and decisions too: set them with --steps or --epochs and --set env.kwargs.episode_steps=T), and
+the policy must fit its coordinates (a policy for other coordinate names is refused).
 
 The run length: a policy trained with fixed windows (episode_steps = T) keeps its T
 decisions, and --steps or --epochs hold each decision for proportionally more SGD steps, so
@@ -62,9 +62,6 @@ from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
 from asg_env.trainer import init_distributed
 
-# What a learned policy brings to another env id: its decisions and their windows (the run length
-# too, unless --steps or --epochs set it), so that t/T means what it meant in training.
-RUN_SHAPE = ("episode_steps", "window", "sgd_steps_per_action", "sgd_steps", "epochs")
 # Not reported as overrides: evaluation never changes the trajectory, and the run length is
 # printed as "T decisions over N SGD steps".
 NOT_OVERRIDES = ("evaluate_target", "eval_every", "target_eval_size", "device",
@@ -143,8 +140,8 @@ def resolve_env(args: argparse.Namespace) -> tuple[dict, dict, str | None, int |
     user = apply_overrides({"env": {"id": env_id, "kwargs": {}}}, args.set)["env"]
     env_id = user["id"]
     moved_from = trained_id if state is not None and trained_id and env_id != trained_id else None
-    if moved_from:  # another task: its registered settings, and of the policy's only its run shape
-        recorded = {k: recorded[k] for k in RUN_SHAPE if k in recorded}
+    if moved_from:  # another task: its registered settings and the user's, none of the policy's
+        recorded = {}
     explicit.update(user["kwargs"])
     explicit.update(baseline_env_kwargs(args.policy))
     if args.data_root:
@@ -264,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     if lead:
         if run_args.get("trained_env"):
             print(f"env: {run_args['env']['id']}, not the policy's {run_args['trained_env']}: the run takes "
-                  f"{run_args['env']['id']}'s registered settings and yours, and of the policy's only its run shape")
+                  f"{run_args['env']['id']}'s registered settings and yours, none of the policy's")
         for key, (old, new) in changed.items():
             print(f"override: {key} = {new!r} (the policy was trained with {old!r})")
     env = make_env({"env": run_args["env"]})

@@ -130,7 +130,7 @@ class EpisodeLog:
 def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
     """Batches of ``n_envs`` episodes (the total is rounded up to whole batches)."""
     seed0 = config["train"]["seed"]
-    trainer = ReinforceTrainer(env, ReinforceConfig(**config["agent"].get("reinforce", {})), seed=seed0)
+    trainer = ReinforceTrainer(env, ReinforceConfig(**(config["agent"].get("reinforce") or {})), seed=seed0)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if resume:
         trainer.load_checkpoint(resume)
@@ -156,7 +156,7 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
     from agents.sb3_agents import make_sb3, sb3_policy_state
 
     agent, seed = config["agent"]["name"], config["train"]["seed"]
-    model = make_sb3(agent, env, seed, config["agent"].get(agent, {}))
+    model = make_sb3(agent, env, seed, config["agent"].get(agent) or {})
     ckpt_path = os.path.join(out, "checkpoint.pt")
     done_episodes = 0
     if resume:

@@ -30,7 +30,7 @@ class _Loader(yaml.SafeLoader):
     dot, ``1.0e-3``, and PyYAML gives a string otherwise)."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
                               list("-+0123456789."))
 
 
@@ -77,7 +77,10 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise UserInputError(f"--set {item}: {key} holds {node!r}, not a mapping of settings")
-        node[leaf] = parse_yaml(raw)
+        try:
+            node[leaf] = parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"--set {item}: cannot parse the value: {str(exc).splitlines()[0]}") from None
     return config
 
 
@@ -99,8 +102,11 @@ def check_run_config(config: dict, agents: tuple[str, ...]) -> None:
         raise UserInputError(f"agent.{agent} must be a mapping of settings, not {section!r}")
     if agent == "reinforce":
         check_settings(section, REINFORCE_SETTINGS, f"agent.{agent}.")
-    else:  # SB3 checks the keywords it has beyond these
+    else:  # SB3 checks the values of the keywords it has beyond these
+        from agents.sb3_agents import check_hyperparams
+
         check_settings(section, SB3_SETTINGS, f"agent.{agent}.", known_only=False)
+        check_hyperparams(agent, section, f"agent.{agent}.")
 
 
 def make_env(config: dict, **extra) -> gym.Env:

@@ -19,6 +19,17 @@ from asg_env import UserInputError
 ALGOS = {"recurrent-ppo": (RecurrentPPO, "MlpLstmPolicy"), "ppo": (PPO, "MlpPolicy"), "a2c": (A2C, "MlpPolicy")}
 
 
+def check_hyperparams(agent: str, hyperparams: dict, prefix: str) -> None:
+    """Refuse a keyword that the SB3 algorithm does not take, before any env is built."""
+    import inspect
+
+    known = set(inspect.signature(ALGOS[agent][0].__init__).parameters) - {"self", "policy", "env"}
+    unknown = sorted(set(hyperparams) - known)
+    if unknown:
+        raise UserInputError(f"unknown setting {prefix}{unknown[0]}; {ALGOS[agent][0].__name__} takes "
+                             f"{', '.join(sorted(known))}")
+
+
 def make_sb3(agent: str, env: gym.Env, seed: int, hyperparams: dict | None = None, tensorboard_log: str | None = None):
     """Build an SB3 model on ``env`` (CPU: the policy is tiny next to the env's CNN)."""
     algo, policy = ALGOS[agent]

@@ -201,12 +201,11 @@ def timm_backbone(model_name: str, weights: str | None = "imagenet") -> Backbone
     """Any timm classifier, ``backbone="timm:<name>"``: its classifier is θ_o, ``reset_classifier(0)``
     leaves the pooled feature extractor, and the input normalisation and native resolution
     are its ``pretrained_cfg``'s. ``weights``: a file, ``"imagenet"`` (the local cache), None."""
-    if not timm.is_model(model_name):
-        raise UserInputError(f"timm has no model {model_name!r}")
-    model = timm.create_model(model_name, pretrained=False)
     name = f"timm:{model_name}"
+    mean, std = input_normalisation(name)  # an unknown model or tag is one error here
+    model = timm.create_model(model_name, pretrained=False)
     if weights is not None:
-        path = _timm_cached_file(model.pretrained_cfg) if weights == "imagenet" else weights
+        path = _timm_cached_file(timm.models.get_pretrained_cfg(model_name)) if weights == "imagenet" else weights
         if path is None or (weights == "imagenet" and not os.path.isfile(path)):
             raise UserInputError(f"{name}'s ImageNet weights are not in the local cache ({path}); "
                                  f"pass weights=/path/to/file (safetensors or a state dict)")
@@ -215,7 +214,6 @@ def timm_backbone(model_name: str, weights: str | None = "imagenet") -> Backbone
     if not isinstance(head, nn.Linear):
         raise UserInputError(f"{name}'s classifier is {type(head).__name__}, not one linear ImageNet head to keep as θ_o")
     model.reset_classifier(0)
-    mean, std = input_normalisation(name)
     return Backbone(features=model, imagenet_head=head, name=name, mean=mean, std=std,
                     input_size=int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]))
 
@@ -234,17 +232,22 @@ def torchvision_backbone(model_name: str, weights: str | None = "imagenet") -> B
         _fit(model, _torchvision_state(builder, weights), weights, name)
     parent, attr, head = _last_linear(model)
     setattr(parent, attr, nn.Identity())
-    mean, std = input_normalisation(name)
-    transforms = _torchvision_transforms(model_name)
+    transforms = _torchvision_transforms(model_name, weights)
+    mean, std = input_normalisation(name, weights)
     size = transforms.crop_size[0] if transforms is not None else 224
     return Backbone(features=model, imagenet_head=head, name=name, mean=mean, std=std, input_size=int(size))
 
 
-def _torchvision_transforms(model_name: str):
+def _torchvision_transforms(model_name: str, weights: str | None = "imagenet"):
+    """The preprocessing of the named weights (``"imagenet"``: IMAGENET1K_V1, as for the named
+    backbones); a weight file is taken to expect the model's default weights' preprocessing."""
     try:
-        return torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+        enum = torchvision.models.get_model_weights(model_name)
     except (ValueError, AttributeError):
         return None
+    key = "IMAGENET1K_V1" if weights == "imagenet" else weights
+    entry = enum.__members__.get(key) if key != "DEFAULT" else enum.DEFAULT
+    return (entry or enum.DEFAULT).transforms()
 
 
 # The smallest square input each backbone takes: its output stride, where the last feature map
@@ -261,18 +264,21 @@ def check_image_size(name: str, image_size: int) -> None:
         raise UserInputError(f"image_size must be at least {smallest} for {name} (its output stride), not {image_size}")
 
 
-def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The ``(mean, std)`` that backbone ``name``'s weights expect, without building it: for
-    ``timm:`` models their ``pretrained_cfg``'s, for ``torchvision:`` models their weights'
+def input_normalisation(name: str, weights: str | None = "imagenet") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` that backbone ``name``'s ``weights`` expect, without building it: for
+    ``timm:`` models their ``pretrained_cfg``'s, for ``torchvision:`` models the named weights'
     transforms (the ImageNet mean/std where a model has no weights)."""
     kind, _, model_name = name.partition(":")
     if kind == "timm" and model_name:
         if not timm.is_model(model_name):
             raise UserInputError(f"timm has no model {model_name!r}")
-        cfg = timm.models.get_pretrained_cfg(model_name)
+        try:
+            cfg = timm.models.get_pretrained_cfg(model_name)
+        except RuntimeError:  # a name with an unknown pretrained tag
+            raise UserInputError(f"timm has no pretrained tag {model_name!r}") from None
         return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
     if kind == "torchvision" and model_name:
-        transforms = _torchvision_transforms(model_name)
+        transforms = _torchvision_transforms(model_name, weights)
         return (tuple(transforms.mean), tuple(transforms.std)) if transforms is not None else (IMAGENET_MEAN, IMAGENET_STD)
     if name not in BACKBONES:
         raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}, "

@@ -188,7 +188,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.amp = bool(amp) and self.device.type == "cuda"
 
-        mean, std = input_normalisation(backbone)
+        mean, std = input_normalisation(backbone, weights)
         if isinstance(task, Task):  # a task built in code (benchmarks, research on new tasks)
             self.task: Task = task
         else:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from sklearn.datasets import load_sample_image
@@ -187,5 +189,28 @@ def test_generic_backbones_refuse_what_they_cannot_use(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(UserInputError, match="not in the local cache"):
         build_backbone("torchvision:resnet18", weights="imagenet")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
     with pytest.raises(UserInputError, match="ImageNet weights are not in the local cache"):
         build_backbone("timm:resnet10t", weights="imagenet")
+    with pytest.raises(UserInputError, match="timm has no pretrained tag 'resnet50.nosuchtag'"):
+        build_backbone("timm:resnet50.nosuchtag", weights=None)
+
+
+def test_a_timm_model_takes_its_imagenet_weights_from_the_local_cache(tmp_path, monkeypatch):
+    """weights="imagenet" looks in the Hugging Face cache, then the torch hub cache, on disk only."""
+    import huggingface_hub
+    import timm
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    named = build_backbone("efficientnet_lite0")
+    url = timm.models.get_pretrained_cfg("tf_efficientnet_lite0").url
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({**named.features.state_dict(), **{f"classifier.{k}": v for k, v in named.imagenet_head.state_dict().items()}},
+               tmp_path / "checkpoints" / os.path.basename(url))
+    cached = build_backbone("timm:tf_efficientnet_lite0")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(cached.imagenet_head(cached.features.eval()(x)), named.imagenet_head(named.features.eval()(x)))

@@ -96,7 +96,8 @@ def test_another_env_id_runs_that_envs_settings_not_the_policys(tmp_path, cache_
                  kwargs={**gym.spec("SynDigits-v0").kwargs, "image_size": 48, "lam": 0.3})
     (tmp_path / "other.yaml").write_text("env: {id: SynDigits48-v0}\n")
     mine = ["--set", "env.kwargs.source_size=160", "--set", "env.kwargs.batch_size=8", "--set",
-            "env.kwargs.synthetic_eval_size=40", "--set", "env.kwargs.imagenet_photos=4"]
+            "env.kwargs.synthetic_eval_size=40", "--set", "env.kwargs.imagenet_photos=4",
+            "--set", "env.kwargs.episode_steps=2"]
     try:
         for how in (["--env", "SynDigits48-v0"], ["--config", str(tmp_path / "other.yaml")]):
             out = str(tmp_path / how[0].strip("-"))
@@ -107,6 +108,7 @@ def test_another_env_id_runs_that_envs_settings_not_the_policys(tmp_path, cache_
             used = summary["env_kwargs"]
             assert (used["image_size"], used["lam"]) == (48, 0.3)  # the new id's, not the policy's 32 px and 0.1
             assert used["reward_batch"] == "train" and used["source_size"] == 160  # the env's default; the user's
+            assert used["episode_steps"] == 2 and summary["decisions"] == 2
             assert summary["env"] == "SynDigits48-v0" and summary["trained_env"] == "SynDigits-v0"
             assert summary["overrides"] == {}
     finally:
@@ -135,7 +137,7 @@ def test_the_run_length_text_says_what_happens_to_T(tmp_path, cache_dir, capsys,
     if decisions == 3:
         assert "3 decisions over 8 SGD steps" in text and "the policy's T, each decision held" in text
     else:
-        assert f"T follows the run length (the policy was trained with T = 3)" in text
+        assert "T follows the run length (the policy was trained with T = 3)" in text
 
 
 def test_apply_baseline_by_epochs(tmp_path, cache_dir):
@@ -191,6 +193,8 @@ BAD_INPUT = [
     ("train", ["--set", "agent.reinforce.hiden_size=8"], "unknown setting agent.reinforce.hiden_size"),
     ("train", ["--agent", "recurrent-ppo", "--set", "agent.recurrent-ppo.n_steps=0"],
      "agent.recurrent-ppo.n_steps must be a whole number ≥ 1, not 0"),
+    ("train", ["--agent", "ppo", "--set", "agent.ppo.n_step=4"], "unknown setting agent.ppo.n_step; PPO takes"),
+    ("train", ["--set", "env.kwargs.lam=["], "--set env.kwargs.lam=[: cannot parse the value"),
     ("train", ["--out", "{killed}", "--resume"], "is corrupt or is not a checkpoint that ASG-Gym wrote"),
     ("apply", ["--policy", "{corrupt}"], "is corrupt or is not a policy file that ASG-Gym wrote"),
     ("apply", ["--out", "{killed}", "--resume"], "is corrupt or is not a checkpoint that ASG-Gym wrote"),

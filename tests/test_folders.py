@@ -62,11 +62,14 @@ def test_imagefolder_layout_problems_are_one_line_each(tmp_path):
     other = _classification_tree(tmp_path / "other", classes=("circle", "square", "triangle"))
     (tmp_path / "empty").mkdir()
     os.makedirs(tmp_path / "hollow" / "circle")
+    broken = _classification_tree(tmp_path / "broken")
+    (broken / "square" / "0.png").write_bytes(b"\x89PNG garbage")
     cases = [({"target_root": str(other)}, "only in source_root: stripes; only in target_root: triangle"),
              ({"target_root": None}, "target_root is needed"),
              ({"target_root": str(tmp_path / "nope")}, "is not a folder"),
              ({"target_root": str(tmp_path / "empty")}, "holds no class folders"),
-             ({"target_root": str(tmp_path / "hollow")}, "no images in class folder(s) circle")]
+             ({"target_root": str(tmp_path / "hollow")}, "no images in class folder(s) circle"),
+             ({"target_root": str(broken)}, "corrupt image")]
     for kwargs, message in cases:
         with pytest.raises(UserInputError) as err:
             gym.make("ImageFolder-v0", source_root=str(source), **{**TINY, **kwargs})
@@ -91,8 +94,13 @@ def test_segfolder_layout_problems_are_one_line_each(tmp_path):
     unlabelled = _segmentation_tree(tmp_path / "unlabelled", count=2)
     os.remove(unlabelled / "labels" / "001.png")
     (tmp_path / "bare").mkdir()
+    rgb_labels = _segmentation_tree(tmp_path / "rgb", count=2)
+    Image.new("RGB", (40, 40)).save(rgb_labels / "labels" / "000.png")
+    broken = _segmentation_tree(tmp_path / "broken", count=2)
+    (broken / "images" / "001.jpg").write_bytes(b"not a jpeg")
     cases = [(renamed, "list different classes in classes.txt"), (unlabelled, "has no label file"),
-             (tmp_path / "bare", "has no classes.txt")]
+             (tmp_path / "bare", "has no classes.txt"), (rgb_labels, "is not a 40×40 single-channel map"),
+             (broken, "corrupt image")]
     for target, message in cases:
         with pytest.raises(UserInputError, match=message):
             gym.make("SegFolder-v0", source_root=str(source), target_root=str(target), **TINY)

@@ -56,6 +56,16 @@ def fingerprint(paths: list[str], labels: list[int], base: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _header(path: str) -> tuple[tuple[int, int], str]:
+    """An image's size and mode from its header alone, so a corrupt file is found before any
+    training starts (and not as a DataLoader worker's traceback)."""
+    try:
+        with Image.open(path) as img:
+            return img.size, img.mode
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserInputError(f"corrupt image {path}: {exc}") from None
+
+
 def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -88,6 +98,8 @@ class ImageFolderSplit(Dataset):
         self.samples = [(path, label) for label, name in enumerate(self.classes)
                         for path in sorted(glob.glob(os.path.join(root, name, "**", "*"), recursive=True))
                         if _is_image(path)]
+        for path, _ in self.samples:
+            _header(path)
         empty = [name for label, name in enumerate(self.classes) if not any(lab == label for _, lab in self.samples)]
         if empty:
             raise UserInputError(f"{setting} {root!r}: no images in class folder(s) {', '.join(empty)}; "
@@ -124,6 +136,9 @@ def segmentation_folder(root: str | None, setting: str) -> tuple[tuple[str, ...]
         label = os.path.join(root, "labels", os.path.splitext(os.path.basename(image))[0] + ".png")
         if not os.path.isfile(label):
             raise UserInputError(f"image {image} has no label file {label}; {SEGMENTATION_LAYOUT}")
+        (size, _), (label_size, mode) = _header(image), _header(label)
+        if mode not in ("L", "P") or label_size != size:
+            raise UserInputError(f"{label} is not a {size[0]}×{size[1]} single-channel map of label values")
         pairs.append((image, label))
     lut = np.full(256, 255, dtype=np.uint8)
     lut[: len(classes)] = np.arange(len(classes))
