@@ -13,13 +13,12 @@ Paths in ``image_list.txt`` are relative to the split's folder. Labels are 0-11.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from asg_env.data.folders import fingerprint, load_rgb
 from asg_env.errors import UserInputError
 
 VISDA_CLASSES = (
@@ -79,19 +78,9 @@ class VisDA17(Dataset):
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        """A short hash of the split's image list (paths, labels, file sizes and times), in order:
-        cheap to compute at every start, and it changes when an image is replaced."""
-        h = hashlib.sha1()
-        for path, label in self.samples:
-            st = os.stat(path)
-            h.update(f"{os.path.relpath(path, self.split_dir)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:16]
+        return fingerprint(*map(list, zip(*self.samples)), self.split_dir)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise UserInputError(f"corrupt image {path}: {exc}") from exc
+        img = load_rgb(path)
         return (self.transform(img) if self.transform else img), label
