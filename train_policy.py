@@ -7,6 +7,7 @@ Examples:
   python train_policy.py --config configs/reinforce_syndigits.yaml --out runs/r1
   python train_policy.py --out runs/r1 --resume --episodes 40   # continue to 40 episodes
   python train_policy.py --n-envs 4 --device cuda               # 4 episodes at once (one GPU each, if there are 4)
+  python train_policy.py --instances configs/instances/syndigits.yaml --split train   # a new instance each episode
 
 The run folder gets: policy.pt (the frozen policy: weights, observation normaliser and
 config, readable with torch.load(weights_only=True)), checkpoint.pt (to resume),
@@ -19,6 +20,12 @@ episodes; SB3's SubprocVecEnv for the SB3 agents), with the CPU threads shared o
 env per GPU when there are several. policy.pt records the env's whole configuration;
 apply_policy.py applies the policy in that same configuration. The real target set is never
 used unless the env config turns evaluation on, and then only for logging.
+
+--instances FILE --split train trains on a split of an instance file (asg_env/instances.py):
+the file's env and shared settings, and one of the split's instances per episode, drawn from
+the episode's seed (so every agent, and every --n-envs, sees a seeded sequence). policy.pt
+records the family, the split and the file's digest; episodes.csv records each episode's
+instance (its index in the split) and SGD steps, the compute the policy was trained with.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import apply_overrides, check_run_config, env_factories, load_config, make_env, merge, run_cli
+from agents.config import (apply_overrides, check_run_config, env_factories, load_config, make_env, merge,
+                           read_config_file, run_cli)
 from agents.loading import env_metadata, read_file, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
+from asg_env.instances import InstanceSet, load_instances
 
 AGENTS = ("reinforce", "recurrent-ppo", "ppo", "a2c")
 
@@ -56,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="dataset root (VisDA-17) or SynDigits cache folder")
     p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
     p.add_argument("--n-envs", type=int, help="episodes run at once, one process each (default 1)")
+    p.add_argument("--instances", metavar="FILE", help="instance file (configs/instances/): one of its instances per episode")
+    p.add_argument("--split", default="train", help="the instance file's split to train on (default: train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set env.kwargs.lam=0.05 (repeatable)")
     return p.parse_args(argv)
@@ -63,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
     if args.resume:
+        if args.instances:
+            raise UserInputError("--resume reads the instances from the run's config.yaml; drop --instances")
         if not args.out or not os.path.isfile(os.path.join(args.out, "config.yaml")):
             raise UserInputError("--resume needs --out pointing at an earlier run folder with config.yaml")
         config = load_config(os.path.join(args.out, "config.yaml"))
@@ -72,6 +85,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         check_run_config(config, AGENTS)
         return config, args.out
     config = load_config(args.config)
+    if args.instances:
+        in_file = read_config_file(args.config).get("env") if args.config else None
+        named = args.env or (in_file.get("id") if isinstance(in_file, dict) else None)
+        config = with_instances(config, load_instances(args.instances, args.split), named)
     cli = {"env": {"id": args.env} if args.env else {}, "agent": {"name": args.agent} if args.agent else {},
            "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("n_envs", args.n_envs))
                      if v is not None}}
@@ -83,6 +100,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
     return config, out
 
 
+def with_instances(config: dict, instances: InstanceSet, env_id: str | None) -> dict:
+    """The config on an instance split: the file's env and shared settings, and its instances."""
+    if env_id and env_id != instances.env_id:
+        raise UserInputError(f"{instances.path} holds instances of {instances.env_id}, not of {env_id}")
+    env = {"id": instances.env_id, "kwargs": {**instances.base, "instances": instances.instances}}
+    return merge(config, {"env": env, "instances": instances.describe()})
+
+
 class EpisodeLog:
     """episodes.csv, steps.csv and TensorBoard, appended to (so --resume keeps the history)."""
 
@@ -91,7 +116,7 @@ class EpisodeLog:
 
         self.names = coordinate_names
         self.writer = SummaryWriter(os.path.join(out, "tb"))
-        ep_fields = ["episode", "seed", "return", "length", "final_loss", "final_loss_xe", "final_loss_guidance",
+        ep_fields = ["episode", "seed", "instance", "sgd_steps", "return", "length", "final_loss", "final_loss_xe", "final_loss_guidance",
                      *EVAL_KEYS, *[f"mean_action/{n}" for n in coordinate_names], "seconds"]
         self.episodes = self._open(os.path.join(out, "episodes.csv"), ep_fields)
         self.steps = self._open(os.path.join(out, "steps.csv"), ["episode", "step", *[f"action/{n}" for n in coordinate_names]])
@@ -106,7 +131,8 @@ class EpisodeLog:
         return fh, writer
 
     def log(self, episode: int, seed: int, ep_return: float, actions: np.ndarray, info: dict, seconds: float) -> None:
-        row = {"episode": episode, "seed": seed, "return": ep_return, "length": len(actions),
+        row = {"episode": episode, "seed": seed, "instance": info.get("instance", -1), "sgd_steps": info.get("sgd_step"),
+               "return": ep_return, "length": len(actions),
                "final_loss": info.get("loss"), "final_loss_xe": info.get("loss_xe"),
                "final_loss_guidance": info.get("loss_guidance"), "seconds": round(seconds, 2),
                **{k: info[k] for k in EVAL_KEYS if k in info},
@@ -117,7 +143,7 @@ class EpisodeLog:
         for fh, _ in (self.episodes, self.steps):
             fh.flush()
         for key, value in row.items():
-            if key not in ("episode", "seed") and isinstance(value, (int, float)):
+            if key not in ("episode", "seed", "instance") and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, episode)
         self.writer.flush()
 
@@ -223,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(out, "config.yaml"), "w") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     metadata = env_metadata(env)
+    if "instances" in config:
+        metadata["instances"] = config["instances"]
     log = EpisodeLog(out, metadata["coordinate_names"])
     start = time.perf_counter()
     try:

@@ -24,7 +24,8 @@ from asg_env.env import observation
 from asg_env.trainer import Trainer, run_seeds
 
 EVAL_KEYS = ("target_acc", "target_mean_class_acc", "target_miou", "target_pixel_acc", "target_kl",
-             "teacher_agreement", "synthetic_acc", "synthetic_miou", "imagenet_top1", "imagenet_teacher_top1")
+             "teacher_agreement", "synthetic_acc", "synthetic_xe", "synthetic_miou", "imagenet_top1",
+             "imagenet_teacher_top1")
 
 
 def episode_seed(run_seed: int, episode: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from asg_env.backbones import Backbone
@@ -64,7 +65,7 @@ class Classification:
         metrics = {"target_acc": MulticlassAccuracy(k, average="micro"),
                    "target_mean_class_acc": MulticlassAccuracy(k, average="macro")}
         if task.source_eval is not None:
-            metrics["synthetic_acc"] = MulticlassAccuracy(k, average="micro")
+            metrics.update(synthetic_acc=MulticlassAccuracy(k, average="micro"), synthetic_xe=MeanMetric())
         return metrics
 
     def update_target(self, metrics: dict, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -79,7 +80,9 @@ class Classification:
         return old
 
     def update_synthetic(self, metrics: dict, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        metrics["synthetic_acc"].update(student(x)[0].argmax(1), y.long())
+        logits = student(x)[0].float()
+        metrics["synthetic_acc"].update(logits.argmax(1), y.long())
+        metrics["synthetic_xe"].update(F.cross_entropy(logits, y.long(), reduction="none"))
 
     def finish(self, out: dict, task: Task) -> dict:
         return out

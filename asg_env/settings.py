@@ -103,6 +103,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "target_eval_size": _whole(0),
     "tta_flip": FLAG,
     "source_size": _whole(1),
+    "render_seed": _whole(0),
     "synthetic_eval_size": _whole(0),
     "imagenet_photos": _whole(0, 20),
     "channels_last": FLAG,

@@ -307,6 +307,7 @@ def make_digitscenes_task(
     target_eval_size: int = 500,
     synthetic_eval_size: int = 0,
     label_dilation: int = 3,
+    render_seed: int = 0,
     shard: tuple[int, int] = (0, 1),
 ) -> Task:
     """Synthetic digit scenes (source, then the held-out batch, then ``synthetic_eval_size``
@@ -320,7 +321,7 @@ def make_digitscenes_task(
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
     root = data_root or default_cache_dir()
     images, labels = load_digit_scenes(root, "synthetic", source_size + batch_size + synthetic_eval_size, image_size,
-                                       seed=0)
+                                       seed=render_seed)
     labels = dilate_labels(labels, label_dilation)
     source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
     tx, ty = load_digit_scenes(root, "real", min(target_eval_size or REAL_SCENES, REAL_SCENES), image_size, seed=1)
@@ -480,17 +481,18 @@ class TaskOptions:
     shard: tuple[int, int] = (0, 1)
     source_root: str | None = None
     target_root: str | None = None
+    render_seed: int = 0
 
 
 # Registered task builders by name: a new syn→real dataset is one entry (its Task.kind names
 # the family, asg_env.families, that trains and measures it).
 TASKS: dict[str, Callable[[TaskOptions], Task]] = {
     "syndigits": lambda o: make_syndigits_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
-                                               o.source_size, o.target_eval_size,
+                                               o.source_size, o.target_eval_size, o.render_seed,
                                                synthetic_eval_size=o.synthetic_eval_size, shard=o.shard),
     "digitscenes": lambda o: make_digitscenes_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
                                                    o.source_size, o.target_eval_size, o.synthetic_eval_size,
-                                                   o.label_dilation, shard=o.shard),
+                                                   o.label_dilation, o.render_seed, shard=o.shard),
     "gta5": lambda o: make_gta5_cityscapes_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
                                                 o.target_eval_size, o.num_workers, shard=o.shard),
     "visda": lambda o: make_visda_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,

@@ -105,6 +105,8 @@ class Trainer:
         tta_flip: evaluate on the average of the sigmoid scores of each image and its
             horizontal flip (the official ``validate``).
         source_size: number of rendered SynDigits training images.
+        render_seed: the seed the embedded tasks render their synthetic images from (another
+            seed, other images; the real target never changes).
         synthetic_eval_size: further rendered SynDigits images, never trained on, on which
             evaluations report ``synthetic_acc`` (0: none).
         imagenet_photos: how many of the 20 ImageNet photos evaluations classify with θ_o.
@@ -156,6 +158,7 @@ class Trainer:
         target_eval_size: int = 1000,
         tta_flip: bool = False,
         source_size: int = 10_000,
+        render_seed: int = 0,
         synthetic_eval_size: int = 500,
         imagenet_photos: int = 20,
         device: str = "cpu",
@@ -195,7 +198,7 @@ class Trainer:
             self.task = build_task(task, TaskOptions(image_size, batch_size, self.device, mean, std, data_root,
                                                      source_size, target_eval_size, synthetic_eval_size,
                                                      label_dilation, num_workers, (self.rank, self.world_size),
-                                                     source_root, target_root))
+                                                     source_root, target_root, render_seed))
         self.family = FAMILIES[self.task.kind]
         self.family.check(self.config)
         parts = build_backbone(backbone, weights)
@@ -313,7 +316,8 @@ class Trainer:
           how much of the ImageNet model survives; ``teacher_agreement`` is its top-1 cousin.
         * ``imagenet_top1`` (θ_o) and ``imagenet_teacher_top1``: top-1 on the 20 real ImageNet
           validation photos of the ``foolbox`` wheel at the backbone's native resolution.
-        * ``synthetic_acc``: θ_n on held-out synthetic images, where the task has them.
+        * ``synthetic_acc`` and ``synthetic_xe`` (its cross-entropy): θ_n on held-out synthetic
+          images, where the task has them.
 
         Segmentation reports ``target_miou``, ``target_pixel_acc`` and ``target_iou/<class>``
         (torchmetrics' confusion matrix, label 255 ignored; the mean is over the classes that

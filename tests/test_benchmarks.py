@@ -148,3 +148,58 @@ def test_compare_segmentation_writes_fig7_and_fig8_and_resumes(tmp_path, cache_d
     monkeypatch.setattr(compare, "fine_tune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redone")))
     monkeypatch.setattr(compare, "ReinforceTrainer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert compare.main(argv) == 0
+
+
+@pytest.mark.slow
+def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, monkeypatch):
+    from test_cli import _tiny_instances
+
+    from asg_env.trainer import Trainer
+
+    bench = _load("l2o_benchmark")
+    out = tmp_path / "l2o"
+    argv = ["--instances", _tiny_instances(tmp_path, cache_dir), "--out", str(out), "--episodes", "2",
+            "--policy-seeds", "2", "--seeds", "2", "--tune-instances", "1", "--reference-trials", "2"]
+    evaluations = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluations.append(1) or evaluate(self))
+    assert bench.main(argv) == 0
+
+    runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    methods = {r["method"] for r in runs}
+    assert len(methods) == 12 and len(runs) == 12 * 2 * 2  # every method × test instance × seed, once
+    assert len(evaluations) == len(runs)  # the real target is read by the evaluation runs alone
+    assert {(r["instance"], r["seed"]) for r in runs} == {(j, s) for j in (0, 1) for s in (100, 101)}
+
+    episodes = [[int(r["sgd_steps"]) for r in _csv(out / "policies" / f"{a}-seed{k}" / "episodes.csv")]
+                for a in ("reinforce", "recurrent-ppo") for k in (0, 1)]
+    assert all(len(e) == 2 for e in episodes)
+    budget = round(np.mean([sum(e) for e in episodes]))
+    trials = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
+    for kind in ("llrd", "cosine"):
+        spent = [t["sgd_steps"] for t in trials if t["study"] == f"{kind}-train"]
+        assert spent and (sum(spent) <= budget or len(spent) == 1) and sum(spent) + spent[-1] > budget
+        for j in (0, 1):
+            assert len([t for t in trials if t["study"] == f"{kind}-test{j}"]) == 2
+    replay = json.loads((out / "policies" / "replay-reinforce-seed0.json").read_text())
+    assert np.array(replay["levels"]).shape == (2, 9)
+
+    table = (out / "results.md").read_text()
+    assert f"B = {budget:,} SGD steps" in table and "(upper reference)" in table and "outside the training range" in table
+    averaged = table.split("### Averaged over the test instances")[1]
+    reference = next(line for line in averaged.splitlines() if line.startswith("| tuned per test instance"))
+    assert reference.split("|")[2].strip().startswith("1.000 ±")  # the normalised score's reference is 1
+    for name in ("learning_curves.png", "scores.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = [(out / f).read_text() for f in ("results.jsonl", "tuning.jsonl")]
+    evaluations.clear()
+    assert bench.main(argv) == 0  # a rerun finds everything done
+    assert [(out / f).read_text() for f in ("results.jsonl", "tuning.jsonl")] == before and not evaluations
+
+
+def _csv(path):
+    import csv
+
+    with open(path) as fh:
+        return list(csv.DictReader(fh))

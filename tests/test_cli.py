@@ -390,3 +390,55 @@ def test_sb3_training_resumes_from_its_checkpoint(tmp_path, cache_dir):
     assert [r["episode"] for r in _rows(os.path.join(out, "episodes.csv"))] == ["0", "1", "2"]
     moved = [not torch.equal(a, last["policy"]["state_dict"][k]) for k, a in first["policy"]["state_dict"].items()]
     assert any(moved)  # the resumed run went on learning from the saved weights
+
+
+def _tiny_instances(tmp_path, cache_dir) -> str:
+    """An instance file at the tiny size: three train instances and two test ones."""
+    import yaml
+
+    from asg_env.instances import FILE_FORMAT
+
+    base = {"episode_steps": 2, "batch_size": 8, "target_eval_size": 24, "synthetic_eval_size": 16,
+            "imagenet_photos": 2, "image_size": 32, "reward_batch": "heldout", "data_root": cache_dir}
+    train = [{"lr_base": 0.01, "source_size": 16, "epochs": 1, "render_seed": 1},
+             {"lr_base": 0.02, "source_size": 16, "epochs": 2, "render_seed": 2},
+             {"lr_base": 0.005, "backbone": "efficientnet_lite1", "source_size": 24, "epochs": 1, "render_seed": 3}]
+    test = [{"lr_base": 0.04, "source_size": 16, "epochs": 1, "render_seed": 1001},
+            {"lr_base": 0.01, "backbone": "efficientnet_lite2", "source_size": 16, "epochs": 1, "render_seed": 1002}]
+    path = tmp_path / "tiny_instances.yaml"
+    path.write_text(yaml.safe_dump({"format": FILE_FORMAT, "family": "syndigits", "seed": 0, "env": "SynDigits-v0",
+                                    "base": base, "train": train, "test": test}))
+    return str(path)
+
+
+def test_train_on_an_instance_split_draws_a_seeded_instance_per_episode(tmp_path, cache_dir, capsys):
+    import gymnasium as gym
+
+    from asg_env.instances import load_instances
+
+    instances = _tiny_instances(tmp_path, cache_dir)
+    out = str(tmp_path / "run")
+    assert train_policy.main(["--instances", instances, "--episodes", "4", "--seed", "3", "--out", out]) == 0
+    rows = _rows(os.path.join(out, "episodes.csv"))
+    split = load_instances(instances, "train")
+    env = gym.make("SynDigits-v0", **split.base, instances=split.instances)
+    drawn = [env.reset(seed=episode_seed(3, i))[1]["instance"] for i in range(4)]
+    assert [int(r["instance"]) for r in rows] == drawn
+    steps = {0: 2, 1: 4, 2: 3}  # epochs × source_size // batch_size of each train instance
+    assert [int(r["sgd_steps"]) for r in rows] == [steps[i] for i in drawn]
+    policy = torch.load(os.path.join(out, "policy.pt"), weights_only=True)
+    assert policy["instances"] == {"file": instances, "family": "syndigits", "split": "train", "count": 3,
+                                   "digest": split.digest}
+    assert "instances" not in policy["env_kwargs"]  # apply_policy runs the env's own configuration
+    # the policy applies to a test instance's settings through --set
+    capsys.readouterr()
+    assert apply_policy.main(["--policy", os.path.join(out, "policy.pt"), "--out", str(tmp_path / "apply"),
+                              "--set", "env.kwargs.backbone=efficientnet_lite2", "--set", "env.kwargs.lr_base=0.04",
+                              "--set", "env.kwargs.source_size=16", "--set", "env.kwargs.epochs=1"]) == 0
+
+    assert train_policy.main(["--instances", instances, "--env", "SynDigitScenes-v0", "--out", str(tmp_path / "x")]) == 2
+    assert "holds instances of SynDigits-v0, not of SynDigitScenes-v0" in capsys.readouterr().err
+    assert train_policy.main(["--instances", instances, "--out", out, "--resume"]) == 2
+    assert "drop --instances" in capsys.readouterr().err
+    assert train_policy.main(["--instances", instances, "--split", "validation", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown split 'validation'" in capsys.readouterr().err

@@ -1,0 +1,486 @@
+"""Do learned layer-wise learning-rate policies beat schedules tuned with the same compute, on
+fine-tuning runs they were not trained on?
+
+An instance file (``configs/instances/``, see ``asg_env/instances.py``) gives a train split and a
+test split of one family (by default SynDigits on EfficientNet-Lite0/1 for training and
+Lite0/1/2, with η_base outside the training decade, for testing). Compute is counted in SGD
+steps; a learned policy's budget B is the SGD steps of its training episodes.
+
+Stages, each kept in --out as it finishes (a rerun continues where the last one stopped):
+
+1. **Learned policies.** REINFORCE and RecurrentPPO, ``--policy-seeds`` of each, trained by
+   ``train_policy.py --instances FILE --split train`` for ``--episodes`` episodes each.
+2. **Schedules tuned on the train split with B.** ``llrd:HEAD,DECAY`` (constant layer-wise
+   decay) and ``cosine:PEAK,WARMUP,DECAY`` (warm-up, cosine decay, layer-wise decay), searched
+   by Optuna TPE. Each trial runs the ``--tune-instances`` tuning instances (a seeded subset of
+   the train split); its value is the mean log final synthetic held-out loss, the objective the
+   policies' rewards add up to. The trial count is the most whose SGD steps fit in B.
+3. **Open-loop replay.** Each learned policy, run deterministically on the tuning instances;
+   its mean level per decision and coordinate, rounded, replayed without looking at the
+   observation. Its SGD steps are counted on top of the policy's.
+4. **Tuned per test instance (upper reference).** ``--reference-trials`` trials of each of the
+   two schedules on each test instance itself, on a tuning seed; the better one by held-out
+   loss. It spends compute on the test instance that no other method gets.
+5. **Evaluation.** Every method on every test instance with ``--seeds`` fresh run seeds
+   (learned method k uses policy seed k): the synthetic held-out loss and accuracy, the real
+   target's accuracy and ImageNet retention, and the normalised score (final held-out loss
+   divided by the upper reference's mean on that instance; below 1 beats it).
+
+The real target is only evaluated on, at the end of each evaluation run: no training,
+tuning, replay or choice reads it.
+
+Outputs in --out: results.jsonl (one line per evaluation run), tuning.jsonl (every trial, with
+its SGD steps), policies/ (the train_policy.py run folders, replays), results.md,
+learning_curves.png and scores.png.
+
+    python benchmarks/l2o_benchmark.py --quick    # a smaller version of every stage: about 12 min on 2 cores
+    python benchmarks/l2o_benchmark.py            # full: about 2.5 h on 2 cores, resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import asg_env  # noqa: E402,F401  (registers the ids)
+import train_policy  # noqa: E402
+from agents.loading import load_policy  # noqa: E402
+from agents.policies import OpenLoopPolicy, baseline_env_kwargs  # noqa: E402
+from agents.rollout import fine_tune  # noqa: E402
+from asg_env.instances import FAMILIES, load_instances  # noqa: E402
+from benchmarks.compare_policies import mean_ci  # noqa: E402
+
+PRESETS = {
+    # run-length overrides make --quick a smaller copy of every stage, not a claim
+    "full": dict(episodes=20, policy_seeds=3, seeds=3, tune_instances=3, reference_trials=4, test_instances=0,
+                 override={}),
+    "quick": dict(episodes=3, policy_seeds=3, seeds=3, tune_instances=1, reference_trials=1, test_instances=2,
+                  override={"source_size": 96, "episode_steps": 3, "image_size": 48, "target_eval_size": 200,
+                        "synthetic_eval_size": 100}),
+}
+LEARNED = {"reinforce": "REINFORCE", "recurrent-ppo": "RecurrentPPO"}
+SCHEDULES = ("llrd", "cosine")
+NAMED = {"random": "random", "hand-tuned": "hand-tuned (official poly, warm-up 4 steps)",
+         "small-backbone-large-classifier": "small backbone + large FC", "large-everywhere": "large everywhere",
+         "classifier-only": "classifier only"}
+NAMED_ENV = {"hand-tuned": {"warmup_steps": 4}}  # the official 100-step warm-up outlasts these runs
+REFERENCE = "tuned per test instance (upper reference)"
+FIRST_SEED = 100  # evaluation run seeds; policies train on seeds 0…, tuning runs on TUNING_SEED
+TUNING_SEED = 7
+
+
+class Bench:
+    """The family's env, runs of any policy on any instance, and the budget bookkeeping."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.train = load_instances(args.instances, "train")
+        self.test = load_instances(args.instances, "test")
+        override = dict(args.override)
+        self.base = {**self.train.base, **override, "evaluate_target": False}
+        if args.data_root:
+            self.base["data_root"] = args.data_root
+        self.override = override
+        self.train_instances = [{**i, **_axes(override)} for i in self.train.instances]
+        self.test_instances = [{**i, **_axes(override)} for i in self.test.instances]
+        if args.test_instances:
+            self.test_instances = self.test_instances[: args.test_instances]
+        order = np.random.default_rng(0).permutation(len(self.train_instances))
+        self.tuning_instances = [self.train_instances[i] for i in order[: args.tune_instances]]
+        self._env: tuple[str, gym.Env] | None = None
+
+    def env(self, instance: dict, extra: dict | None = None) -> gym.Env:
+        kwargs = {**self.base, **instance, **(extra or {})}
+        key = json.dumps(kwargs, sort_keys=True)
+        if self._env is None or self._env[0] != key:
+            if self._env is not None:
+                self._env[1].close()
+            self._env = (key, gym.make(self.train.env_id, **kwargs))
+        return self._env[1]
+
+    def run(self, spec: str, instance: dict, seed: int, extra: dict | None = None, evaluate: bool = False,
+            policy=None) -> dict:
+        """One fine-tuning run; ``spec`` a baseline or policy file (or ``policy`` given)."""
+        env = self.env(instance, extra)
+        trainer = env.unwrapped.trainer
+        policy = policy or load_policy(spec, env, deterministic=True, seed=seed)
+        history = fine_tune(trainer, policy, seed, evaluate=False)
+        last = history[-1]
+        # a diverged run counts as its initial loss: no better than no training (and counted as diverged)
+        out = {"loss": history[0]["loss"] if last.get("diverged") else last["loss"], "loss_xe": last["loss_xe"],
+               "diverged": bool(last.get("diverged")), "sgd_steps": trainer.sgd_step,
+               "actions": [[r[f"action/{c}"] for c in trainer.coordinate_names] for r in history[1:]]}
+        if evaluate:
+            out.update(trainer.evaluate())
+        return out
+
+
+def _axes(override: dict) -> dict:
+    """The overrides that are instance axes (they must win over the instance's own value)."""
+    axes = set().union(*(f.axes for f in FAMILIES.values()))
+    return {k: v for k, v in override.items() if k in axes}
+
+
+# ---------------------------------------------------------------------------------- stage 1
+def train_policies(bench: Bench, out: str) -> dict[str, list[str]]:
+    """``train_policy.py`` runs, continued when a rerun finds them unfinished."""
+    args, paths = bench.args, {}
+    T = bench.env(bench.train_instances[0]).unwrapped.T
+    for agent in LEARNED:
+        paths[agent] = []
+        for k in range(args.policy_seeds):
+            run = os.path.join(out, "policies", f"{agent}-seed{k}")
+            paths[agent].append(os.path.join(run, "policy.pt"))
+            done = len(_episodes(run))
+            if done >= args.episodes:
+                continue
+            argv = ["--out", run, "--episodes", str(args.episodes), "--device", "cpu"]
+            if done or os.path.isfile(os.path.join(run, "checkpoint.pt")):
+                argv += ["--resume"]
+            else:
+                argv += ["--instances", args.instances, "--split", "train", "--agent", agent, "--seed", str(k),
+                         "--n-envs", str(args.n_envs), *_sets(bench, agent, T)]
+            if train_policy.main(argv) != 0:
+                raise SystemExit(f"training {agent} seed {k} failed")
+    return paths
+
+
+def _sets(bench: Bench, agent: str, T: int) -> list[str]:
+    sets = [f"env.kwargs.{k}={json.dumps(v)}" for k, v in bench.override.items() if k not in _axes(bench.override)]
+    if bench.args.data_root:
+        sets.append(f"env.kwargs.data_root={bench.args.data_root}")
+    if _axes(bench.override):  # quick mode: the instances with the overrides on top
+        sets.append(f"env.kwargs.instances={json.dumps(bench.train_instances)}")
+    if agent == "recurrent-ppo":  # one rollout = one episode, one minibatch (a 1-sample minibatch has no advantage std)
+        sets += [f"agent.recurrent-ppo.n_steps={T}", f"agent.recurrent-ppo.batch_size={T}",
+                 "agent.recurrent-ppo.n_epochs=4", "agent.recurrent-ppo.ent_coef=0.01",
+                 "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}"]
+    return [item for s in sets for item in ("--set", s)]
+
+
+def _episodes(run: str) -> list[dict]:
+    path = os.path.join(run, "episodes.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def policy_budget(paths: dict[str, list[str]]) -> int:
+    """B: the mean SGD steps of one policy's training episodes (over agents and seeds)."""
+    return int(round(np.mean([sum(int(r["sgd_steps"]) for r in _episodes(os.path.dirname(p)))
+                              for ps in paths.values() for p in ps])))
+
+
+# ---------------------------------------------------------------------------------- stage 2
+class Trials:
+    """tuning.jsonl: every trial of every study, so a rerun continues each study."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows = _read_jsonl(path)
+
+    def of(self, study: str) -> list[dict]:
+        return [r for r in self.rows if r["study"] == study]
+
+    def add(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+
+
+BOUNDS = {"head": (0.1, 1.0), "decay": (0.3, 1.0), "peak": (0.1, 1.0), "warmup": (0.0, 0.5)}
+PARAMS = {"llrd": ("head", "decay"), "cosine": ("peak", "warmup", "decay")}
+
+
+def _space(kind: str, trial) -> str:
+    """A schedule spec from the trial's suggestions (agents.policies.schedule_levels)."""
+    values = [trial.suggest_float(name, *BOUNDS[name]) for name in PARAMS[kind]]
+    return f"{kind}:" + ",".join(f"{v:.3f}" for v in values)
+
+
+def tune(bench: Bench, trials: Trials, study_name: str, kind: str, instances: list[dict], budget: int) -> dict:
+    """Optuna TPE over one schedule's parameters on ``instances``, with trials as long as their
+    SGD steps fit in ``budget`` (at least one). Returns the best trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = trials.of(study_name)
+    sampler = optuna.samplers.TPESampler(seed=TUNING_SEED, n_startup_trials=3)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    for row in done:  # a rerun continues the study from its finished trials
+        dists = {k: optuna.distributions.FloatDistribution(*BOUNDS[k]) for k in row["params"]}
+        study.add_trial(optuna.trial.create_trial(params=row["params"], distributions=dists, value=row["value"]))
+    spent = sum(r["sgd_steps"] for r in done)
+    per_trial = done[-1]["sgd_steps"] if done else 0  # the same instances every trial: the same steps
+    with tqdm(total=budget, initial=min(spent, budget), desc=f"tuning {study_name} (SGD steps)", leave=False) as bar:
+        while not done or spent + per_trial <= budget:
+            trial = study.ask()
+            spec = _space(kind, trial)
+            runs = [bench.run(spec, inst, TUNING_SEED) for inst in instances]
+            value = float(np.mean([math.log(r["loss"]) for r in runs]))
+            study.tell(trial, value)
+            steps = sum(r["sgd_steps"] for r in runs)
+            row = {"study": study_name, "spec": spec, "params": trial.params, "value": value, "sgd_steps": steps}
+            trials.add(row)
+            done.append(row)
+            spent, per_trial = spent + steps, steps
+            bar.update(steps)
+    return min(done, key=lambda r: r["value"])
+
+
+# ---------------------------------------------------------------------------------- stage 3
+def replay_levels(bench: Bench, policy_path: str, out_path: str) -> dict:
+    """The policy's mean level per decision on the tuning instances (rounded), kept in a file."""
+    if os.path.isfile(out_path):
+        with open(out_path) as fh:
+            return json.load(fh)
+    runs = [bench.run(policy_path, inst, TUNING_SEED) for inst in bench.tuning_instances]
+    levels = np.rint(np.mean([r["actions"] for r in runs], axis=0)).astype(int).tolist()
+    state = {"levels": levels, "sgd_steps": sum(r["sgd_steps"] for r in runs)}
+    with open(out_path, "w") as fh:
+        json.dump(state, fh)
+    return state
+
+
+# ---------------------------------------------------------------------------------- stage 5
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+METRICS = (("normalised", "held-out loss / reference"), ("loss", "synthetic held-out loss"),
+           ("synthetic_xe", "synthetic eval XE"), ("synthetic_acc", "synthetic acc %"),
+           ("target_acc", "real-target acc %"), ("target_mean_class_acc", "real-target mean-class acc %"),
+           ("imagenet_top1", "ImageNet top-1 of θ_o %"))
+PERCENT = {"synthetic_acc", "target_acc", "target_mean_class_acc", "imagenet_top1", "target_miou", "synthetic_miou"}
+
+
+def cell(values, key: str) -> str:
+    m, s, ci = mean_ci(values)
+    scale = 100 if key in PERCENT else 1
+    digits = 1 if key in PERCENT else 3
+    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f} [±{scale * ci:.{digits}f}]"
+
+
+def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: dict[str, str], out: str,
+                 header: str) -> str:
+    seeds = sorted({r["seed"] for r in runs})
+    n_inst = len(bench.test_instances)
+    reference = {j: np.mean([r["loss"] for r in runs if r["method"] == REFERENCE and r["instance"] == j])
+                 for j in range(n_inst)}
+    for r in runs:
+        r["normalised"] = r["loss"] / reference[r["instance"]]
+    by = {(r["method"], r["instance"], r["seed"]): r for r in runs}
+    family = FAMILIES.get(bench.test.family)
+    lines = [header, "", "### Compute per method (SGD steps)", "", "| method | SGD steps before the evaluation runs |",
+             "|---|---|"] + [f"| {m} | {compute[m]} |" for m in methods]
+    lines += ["", "### Averaged over the test instances", "",
+              "Each seed's mean over the instances, then mean ± std over seeds [95 % Student-t CI half-width].", "",
+              "| method | " + " | ".join(t for _, t in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for m in methods:
+        cols = [cell([np.mean([by[(m, j, s)].get(k, np.nan) for j in range(n_inst)]) for s in seeds], k)
+                for k, _ in METRICS]
+        lines.append(f"| {m} | " + " | ".join(cols) + " |")
+    for j, inst in enumerate(bench.test_instances):
+        outside = family.outside_training(bench.test.instances[j]) if family else []
+        lines += ["", f"### Test instance {j}: {json.dumps(inst)}"
+                  + (f" (outside the training range: {', '.join(outside)})" if outside else " (inside the training ranges)"),
+                  "", "| method | " + " | ".join(t for _, t in METRICS) + " | diverged |", "|---|" + "---|" * (len(METRICS) + 1)]
+        for m in methods:
+            rs = [by[(m, j, s)] for s in seeds]
+            lines.append(f"| {m} | " + " | ".join(cell([r.get(k, np.nan) for r in rs], k) for k, _ in METRICS)
+                         + f" | {sum(r['diverged'] for r in rs)} |")
+    text = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(text + "\n")
+    return text
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(paths: dict[str, list[str]], window: int, path: str) -> None:
+    """Return against training episode: each seed's running mean over ``window`` episodes, then
+    the mean and 95 % CI over seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for agent, ps in paths.items():
+        curves = []
+        for p in ps:
+            r = np.array([float(e["return"]) for e in _episodes(os.path.dirname(p))])
+            curves.append(np.convolve(r, np.ones(window) / window, mode="valid"))
+        n = min(map(len, curves))
+        c = np.array([x[:n] for x in curves])
+        stats = np.array([mean_ci(c[:, i]) for i in range(n)])
+        x = np.arange(n) + window
+        line, = ax.plot(x, stats[:, 0], label=f"{LEARNED[agent]} ({len(ps)} seeds)")
+        ax.fill_between(x, stats[:, 0] - stats[:, 2], stats[:, 0] + stats[:, 2], color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="training episode", ylabel=f"return (running mean over {window})",
+           title="Learning curves on the train split (95 % CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scores(runs: list[dict], methods: list[str], path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(methods) + 1.2))
+    for i, m in enumerate(methods):
+        per_seed = {}
+        for r in runs:
+            if r["method"] == m:
+                per_seed.setdefault(r["seed"], []).append(r["normalised"])
+        mean, _, ci = mean_ci([np.mean(v) for v in per_seed.values()])
+        ax.errorbar(mean, i, xerr=ci if np.isfinite(ci) else 0, fmt="o", capsize=3)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set(yticks=range(len(methods)), yticklabels=methods, xlabel="final held-out loss / upper reference (lower is better)",
+           title="Test instances: normalised score (mean, 95 % CI over seeds)")
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smaller copy of every stage (shorter runs, fewer instances)")
+    p.add_argument("--instances", default="configs/instances/syndigits.yaml", help="instance file with train and test splits")
+    p.add_argument("--out", help="output folder (default: docs/l2o, or runs/l2o-quick with --quick)")
+    p.add_argument("--episodes", type=int, help="training episodes of each learned policy")
+    p.add_argument("--policy-seeds", type=int, help="policies trained per agent (their learning curves' CI)")
+    p.add_argument("--seeds", type=int, help="evaluation seeds per method and test instance (at least 3 for claims)")
+    p.add_argument("--tune-instances", type=int, help="train instances every tuning trial and replay runs")
+    p.add_argument("--reference-trials", type=int, help="trials of each schedule per test instance (upper reference)")
+    p.add_argument("--test-instances", type=int, help="use only the first N test instances (0: all)")
+    p.add_argument("--n-envs", type=int, default=1, help="episodes at once while policies train (train_policy.py --n-envs)")
+    p.add_argument("--override", help="JSON settings on top of every instance (for tests)")
+    p.add_argument("--data-root", help="cache folder of the rendered images")
+    args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if isinstance(args.override, str):
+        try:
+            args.override = {**preset["override"], **json.loads(args.override)}
+        except json.JSONDecodeError as exc:
+            p.error(f"--override is not JSON: {exc}")
+    if min(args.episodes, args.policy_seeds, args.seeds, args.tune_instances, args.reference_trials, args.n_envs) < 1 \
+            or args.test_instances < 0:
+        p.error("--episodes, --policy-seeds, --seeds, --tune-instances, --reference-trials and --n-envs must be at "
+                "least 1, and --test-instances at least 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out or ("runs/l2o-quick" if args.quick else os.path.join("docs", "l2o"))
+    os.makedirs(os.path.join(out, "policies"), exist_ok=True)
+    start = time.perf_counter()
+    bench = Bench(args)
+    if args.seeds > args.policy_seeds:
+        raise SystemExit("error: --seeds must not exceed --policy-seeds (learned method k is evaluated with policy seed k)")
+
+    paths = train_policies(bench, out)
+    budget = policy_budget(paths)
+    trials = Trials(os.path.join(out, "tuning.jsonl"))
+    specs, compute = {}, {}
+    for agent, name in LEARNED.items():
+        specs[f"{name} (learned)"] = ("policy", paths[agent])
+        compute[f"{name} (learned)"] = f"{budget:,} (training, mean over {len(paths[agent])} seeds)"
+    for agent, name in LEARNED.items():
+        replays = [replay_levels(bench, p, os.path.join(out, "policies", f"replay-{agent}-seed{k}.json"))
+                   for k, p in enumerate(paths[agent])]
+        specs[f"{name} open-loop replay"] = ("replay", [r["levels"] for r in replays])
+        compute[f"{name} open-loop replay"] = f"{budget:,} + {int(np.mean([r['sgd_steps'] for r in replays])):,} (replay runs)"
+    for kind in SCHEDULES:
+        best = tune(bench, trials, f"{kind}-train", kind, bench.tuning_instances, budget)
+        name = f"{kind} tuned on train ({best['spec']})"
+        specs[name] = ("baseline", best["spec"])
+        compute[name] = f"{sum(r['sgd_steps'] for r in trials.of(f'{kind}-train')):,} ({len(trials.of(f'{kind}-train'))} trials)"
+    reference = {}
+    for j, inst in enumerate(bench.test_instances):
+        best = [_reference(bench, trials, kind, j, inst) for kind in SCHEDULES]
+        reference[j] = min(best, key=lambda r: r["value"])["spec"]
+    steps = sum(r["sgd_steps"] for r in trials.rows if "-test" in r["study"])
+    specs[REFERENCE] = ("reference", reference)
+    compute[REFERENCE] = f"{steps:,} in all ({args.reference_trials} trials of each schedule on each test instance)"
+    for spec, name in NAMED.items():
+        specs[name] = ("baseline", spec)
+        compute[name] = "0"
+
+    path = os.path.join(out, "results.jsonl")
+    runs = {(r["method"], r["instance"], r["seed"]): r for r in _read_jsonl(path)}
+    seeds = [FIRST_SEED + k for k in range(args.seeds)]
+    cells = [(k, j, m) for k in range(args.seeds) for j in range(len(bench.test_instances)) for m in specs]
+    for k, j, m in tqdm(cells, desc="evaluation runs"):
+        if (m, j, seeds[k]) in runs:
+            continue
+        kind, value = specs[m]
+        inst, extra, policy, spec = bench.test_instances[j], {}, None, None
+        if kind == "policy":
+            spec = value[k]
+        elif kind == "replay":
+            policy = OpenLoopPolicy(value[k])
+        elif kind == "reference":
+            spec = value[j]
+        else:
+            spec = value
+            extra = {**baseline_env_kwargs(spec), **NAMED_ENV.get(spec, {})}
+        result = bench.run(spec, inst, seeds[k], extra, evaluate=True, policy=policy)
+        row = {"method": m, "instance": j, "seed": seeds[k], **{k_: v for k_, v in result.items() if k_ != "actions"}}
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        runs[(m, j, seeds[k])] = row
+
+    methods = list(specs)
+    rows = [runs[(m, j, s)] for m in methods for j in range(len(bench.test_instances)) for s in seeds]
+    plot_learning_curves(paths, max(1, min(len(bench.train_instances), args.episodes // 2)),
+                         os.path.join(out, "learning_curves.png"))
+    header = (f"{bench.test.family} family ({args.instances}), {'quick' if args.quick else 'full'} mode: "
+              f"{len(bench.train_instances)} train instances, {len(bench.test_instances)} test instances, "
+              f"evaluation seeds {seeds}. Learned policies: {args.episodes} episodes × {args.policy_seeds} seeds per "
+              f"agent, B = {budget:,} SGD steps each. Tuning instances: {args.tune_instances}. "
+              f"Wall time of this invocation {(time.perf_counter() - start) / 60:.1f} min.")
+    text = write_report(bench, rows, methods, compute, out, header)
+    plot_scores(rows, methods, os.path.join(out, "scores.png"))
+    print(text)
+    print(f"results in {out}/")
+    return 0
+
+
+def _reference(bench: Bench, trials: Trials, kind: str, j: int, inst: dict) -> dict:
+    """``--reference-trials`` trials of one schedule on test instance ``j`` (a trial budget)."""
+    done = trials.of(f"{kind}-test{j}")
+    if len(done) < bench.args.reference_trials:
+        per_trial = bench.env(inst).unwrapped.trainer.total_sgd_steps
+        tune(bench, trials, f"{kind}-test{j}", kind, [inst], per_trial * bench.args.reference_trials)
+    return min(trials.of(f"{kind}-test{j}"), key=lambda r: r["value"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
