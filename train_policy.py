@@ -111,11 +111,13 @@ def with_instances(config: dict, instances: InstanceSet, env_id: str | None) -> 
 class EpisodeLog:
     """episodes.csv, steps.csv and TensorBoard, appended to (so --resume keeps the history)."""
 
-    def __init__(self, out: str, coordinate_names: list[str]):
+    def __init__(self, out: str, coordinate_names: list[str], episodes_done: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.names = coordinate_names
-        self.writer = SummaryWriter(os.path.join(out, "tb"))
+        for name in ("episodes.csv", "steps.csv"):  # rows a killed run logged after its last checkpoint
+            _keep_episodes(os.path.join(out, name), episodes_done)
+        self.writer = SummaryWriter(os.path.join(out, "tb"), purge_step=episodes_done)
         ep_fields = ["episode", "seed", "instance", "sgd_steps", "return", "length", "final_loss", "final_loss_xe", "final_loss_guidance",
                      *EVAL_KEYS, *[f"mean_action/{n}" for n in coordinate_names], "seconds"]
         self.episodes = self._open(os.path.join(out, "episodes.csv"), ep_fields)
@@ -151,6 +153,18 @@ class EpisodeLog:
         self.writer.close()
         for fh, _ in (self.episodes, self.steps):
             fh.close()
+
+
+def _keep_episodes(path: str, episodes: int) -> None:
+    """Cut a log back to its first ``episodes`` episodes, which the checkpoint holds."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) < episodes] if rows else []
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
 
 
 def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
@@ -189,6 +203,7 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
         model.policy.load_state_dict(resume["policy"]["state_dict"])
         model.policy.optimizer.load_state_dict(resume["optimizer"])
         model.num_timesteps, done_episodes = int(resume["num_timesteps"]), int(resume["episodes_done"])
+        model.get_env().seed(episode_seed(seed, done_episodes))  # not the instances and runs of episodes 0, 1, …
     T = env.get_attr("T")[0] if hasattr(env, "get_attr") else env.unwrapped.T  # SB3 VecEnv or one env
     total = config["train"]["episodes"]
     returns: list[float] = []
@@ -251,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = env_metadata(env)
     if "instances" in config:
         metadata["instances"] = config["instances"]
-    log = EpisodeLog(out, metadata["coordinate_names"])
+    log = EpisodeLog(out, metadata["coordinate_names"], int(resume["episodes_done"]) if resume else 0)
     start = time.perf_counter()
     try:
         train = train_reinforce if agent == "reinforce" else train_sb3

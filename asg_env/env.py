@@ -14,9 +14,9 @@ the batch that ``reward_batch`` names (see :class:`~asg_env.trainer.Trainer`). T
 release likewise averages its observation over the window (``obs_avg=True``).
 
 Instances (:mod:`asg_env.instances`): ``reset(options={"instance": {...}})`` runs one episode in
-the env's configuration with those settings on top (another backbone, η_base, run length…);
-an env made with ``instances=[...]`` draws one of them per episode, uniformly, from the reset's
-seed. The trainer is rebuilt only when the instance changes, and every instance must give the
+the env's configuration with those settings on top (another backbone, η_base, run length…; the
+next plain reset returns to the env's own); an env made with ``instances=[...]`` draws one of
+them per episode, uniformly, from the reset's seed. The trainer is rebuilt only when the instance changes, and every instance must give the
 coordinates the spaces were made for (EfficientNet-Lite0/1/2 all give the same 9).
 ``info["instance"]`` is the index of the episode's instance in that list (-1: none).
 
@@ -106,6 +106,8 @@ class ASGEnv(gym.Env):
         elif self.instances:
             index = int(self.np_random.integers(len(self.instances)))
             self._use_instance(self.instances[index], index)
+        else:
+            self._use_instance({}, -1)  # the env's own configuration again
         self._values = self.trainer.reset(*seeds)
         self.diverged = False
         self.last_action = np.full(len(self.coordinate_names), N_LEVELS - 1, dtype=np.int64)
@@ -160,5 +162,8 @@ def _checked_instance(instance, base: dict) -> dict:
     """An instance's settings, checked on top of the env's before anything is built."""
     if not isinstance(instance, dict):
         raise UserInputError(f"an instance is a mapping of env settings, not {instance!r}")
+    own = sorted(set(instance) & {"evaluate_target", "divergence_penalty", "instances"})
+    if own:
+        raise UserInputError(f"an instance holds fine-tuning settings; {', '.join(own)} belong to the env itself")
     check_settings({**base, **instance}, ENV_SETTINGS, "instance: ", ignore=ENV_FREE_FORM)
     return dict(instance)

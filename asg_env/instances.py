@@ -166,7 +166,7 @@ def write_instances(family: str, n_train: int, n_test: int, seed: int) -> dict:
 @dataclass(frozen=True)
 class InstanceSet:
     """One split of an instance file, ready for an env: ``env_id``, the shared ``base`` settings
-    and the ``instances``; ``digest`` identifies the file's content (a resumed run checks it)."""
+    and the ``instances``; ``digest`` identifies the split's content (policies record it)."""
 
     path: str
     family: str

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -63,7 +64,7 @@ from benchmarks.compare_policies import mean_ci  # noqa: E402
 
 PRESETS = {
     # run-length overrides make --quick a smaller copy of every stage, not a claim
-    "full": dict(episodes=20, policy_seeds=3, seeds=3, tune_instances=3, reference_trials=4, test_instances=0,
+    "full": dict(episodes=20, policy_seeds=3, seeds=3, tune_instances=3, reference_trials=6, test_instances=0,
                  override={}),
     "quick": dict(episodes=3, policy_seeds=3, seeds=3, tune_instances=1, reference_trials=1, test_instances=2,
                   override={"source_size": 96, "episode_steps": 3, "image_size": 48, "target_eval_size": 200,
@@ -142,11 +143,10 @@ def train_policies(bench: Bench, out: str) -> dict[str, list[str]]:
         for k in range(args.policy_seeds):
             run = os.path.join(out, "policies", f"{agent}-seed{k}")
             paths[agent].append(os.path.join(run, "policy.pt"))
-            done = len(_episodes(run))
-            if done >= args.episodes:
+            if len(_episodes(run)) >= args.episodes:
                 continue
             argv = ["--out", run, "--episodes", str(args.episodes), "--device", "cpu"]
-            if done or os.path.isfile(os.path.join(run, "checkpoint.pt")):
+            if os.path.isfile(os.path.join(run, "checkpoint.pt")):
                 argv += ["--resume"]
             else:
                 argv += ["--instances", args.instances, "--split", "train", "--agent", agent, "--seed", str(k),
@@ -211,7 +211,7 @@ def _space(kind: str, trial) -> str:
 
 
 def tune(bench: Bench, trials: Trials, study_name: str, kind: str, instances: list[dict], budget: int) -> dict:
-    """Optuna TPE over one schedule's parameters on ``instances``, with trials as long as their
+    """Optuna TPE over one schedule's parameters on ``instances``, with as many trials as their
     SGD steps fit in ``budget`` (at least one). Returns the best trial."""
     import optuna
 
@@ -222,21 +222,21 @@ def tune(bench: Bench, trials: Trials, study_name: str, kind: str, instances: li
     for row in done:  # a rerun continues the study from its finished trials
         dists = {k: optuna.distributions.FloatDistribution(*BOUNDS[k]) for k in row["params"]}
         study.add_trial(optuna.trial.create_trial(params=row["params"], distributions=dists, value=row["value"]))
-    spent = sum(r["sgd_steps"] for r in done)
-    per_trial = done[-1]["sgd_steps"] if done else 0  # the same instances every trial: the same steps
-    with tqdm(total=budget, initial=min(spent, budget), desc=f"tuning {study_name} (SGD steps)", leave=False) as bar:
-        while not done or spent + per_trial <= budget:
+    # every trial is charged the SGD steps it plans (a diverged trial stops early and spends fewer)
+    per_trial = sum(bench.env(inst).unwrapped.trainer.total_sgd_steps for inst in instances)
+    with tqdm(total=budget, initial=min(len(done) * per_trial, budget), desc=f"tuning {study_name} (SGD steps)",
+              leave=False) as bar:
+        while not done or (len(done) + 1) * per_trial <= budget:
             trial = study.ask()
             spec = _space(kind, trial)
             runs = [bench.run(spec, inst, TUNING_SEED) for inst in instances]
             value = float(np.mean([math.log(r["loss"]) for r in runs]))
             study.tell(trial, value)
-            steps = sum(r["sgd_steps"] for r in runs)
-            row = {"study": study_name, "spec": spec, "params": trial.params, "value": value, "sgd_steps": steps}
+            row = {"study": study_name, "spec": spec, "params": trial.params, "value": value, "sgd_steps": per_trial,
+                   "diverged": sum(r["diverged"] for r in runs)}
             trials.add(row)
             done.append(row)
-            spent, per_trial = spent + steps, steps
-            bar.update(steps)
+            bar.update(per_trial)
     return min(done, key=lambda r: r["value"])
 
 
@@ -245,16 +245,28 @@ def replay_levels(bench: Bench, policy_path: str, out_path: str) -> dict:
     """The policy's mean level per decision on the tuning instances (rounded), kept in a file."""
     if os.path.isfile(out_path):
         with open(out_path) as fh:
-            return json.load(fh)
+            state = json.load(fh)
+        if state.get("policy") == _identity(policy_path):
+            return state
     runs = [bench.run(policy_path, inst, TUNING_SEED) for inst in bench.tuning_instances]
-    levels = np.rint(np.mean([r["actions"] for r in runs], axis=0)).astype(int).tolist()
-    state = {"levels": levels, "sgd_steps": sum(r["sgd_steps"] for r in runs)}
+    finished = [r["actions"] for r in runs if not r["diverged"]]  # a diverged run stops short of T
+    if not finished:  # every run diverged: each one's actions, the last repeated up to T
+        T = max(len(r["actions"]) for r in runs)
+        finished = [r["actions"] + r["actions"][-1:] * (T - len(r["actions"])) for r in runs]
+    levels = np.rint(np.mean(finished, axis=0)).astype(int).tolist()
+    state = {"levels": levels, "sgd_steps": sum(r["sgd_steps"] for r in runs), "policy": _identity(policy_path)}
     with open(out_path, "w") as fh:
         json.dump(state, fh)
     return state
 
 
 # ---------------------------------------------------------------------------------- stage 5
+def _identity(policy_path: str) -> str:
+    """A policy file's identity: a rerun that trained it further must redo what used it."""
+    with open(policy_path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
 def _read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
@@ -264,8 +276,9 @@ def _read_jsonl(path: str) -> list[dict]:
 
 METRICS = (("normalised", "held-out loss / reference"), ("loss", "synthetic held-out loss"),
            ("synthetic_xe", "synthetic eval XE"), ("synthetic_acc", "synthetic acc %"),
-           ("target_acc", "real-target acc %"), ("target_mean_class_acc", "real-target mean-class acc %"),
-           ("imagenet_top1", "ImageNet top-1 of θ_o %"))
+           ("synthetic_miou", "synthetic mIoU %"), ("target_acc", "real-target acc %"),
+           ("target_mean_class_acc", "real-target mean-class acc %"), ("target_miou", "real-target mIoU %"),
+           ("imagenet_top1", "ImageNet top-1 of θ_o %"))  # those a task reports (mIoU for segmentation)
 PERCENT = {"synthetic_acc", "target_acc", "target_mean_class_acc", "imagenet_top1", "target_miou", "synthetic_miou"}
 
 
@@ -286,23 +299,24 @@ def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: di
         r["normalised"] = r["loss"] / reference[r["instance"]]
     by = {(r["method"], r["instance"], r["seed"]): r for r in runs}
     family = FAMILIES.get(bench.test.family)
+    metrics = [(k, t) for k, t in METRICS if any(k in r for r in runs)]
     lines = [header, "", "### Compute per method (SGD steps)", "", "| method | SGD steps before the evaluation runs |",
              "|---|---|"] + [f"| {m} | {compute[m]} |" for m in methods]
     lines += ["", "### Averaged over the test instances", "",
               "Each seed's mean over the instances, then mean ± std over seeds [95 % Student-t CI half-width].", "",
-              "| method | " + " | ".join(t for _, t in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+              "| method | " + " | ".join(t for _, t in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for m in methods:
         cols = [cell([np.mean([by[(m, j, s)].get(k, np.nan) for j in range(n_inst)]) for s in seeds], k)
-                for k, _ in METRICS]
+                for k, _ in metrics]
         lines.append(f"| {m} | " + " | ".join(cols) + " |")
     for j, inst in enumerate(bench.test_instances):
         outside = family.outside_training(bench.test.instances[j]) if family else []
         lines += ["", f"### Test instance {j}: {json.dumps(inst)}"
                   + (f" (outside the training range: {', '.join(outside)})" if outside else " (inside the training ranges)"),
-                  "", "| method | " + " | ".join(t for _, t in METRICS) + " | diverged |", "|---|" + "---|" * (len(METRICS) + 1)]
+                  "", "| method | " + " | ".join(t for _, t in metrics) + " | diverged |", "|---|" + "---|" * (len(metrics) + 1)]
         for m in methods:
             rs = [by[(m, j, s)] for s in seeds]
-            lines.append(f"| {m} | " + " | ".join(cell([r.get(k, np.nan) for r in rs], k) for k, _ in METRICS)
+            lines.append(f"| {m} | " + " | ".join(cell([r.get(k, np.nan) for r in rs], k) for k, _ in metrics)
                          + f" | {sum(r['diverged'] for r in rs)} |")
     text = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as fh:
@@ -438,21 +452,21 @@ def main(argv=None) -> int:
     seeds = [FIRST_SEED + k for k in range(args.seeds)]
     cells = [(k, j, m) for k in range(args.seeds) for j in range(len(bench.test_instances)) for m in specs]
     for k, j, m in tqdm(cells, desc="evaluation runs"):
-        if (m, j, seeds[k]) in runs:
-            continue
         kind, value = specs[m]
         inst, extra, policy, spec = bench.test_instances[j], {}, None, None
         if kind == "policy":
-            spec = value[k]
+            spec, identity = value[k], _identity(value[k])
         elif kind == "replay":
-            policy = OpenLoopPolicy(value[k])
-        elif kind == "reference":
-            spec = value[j]
+            policy, identity = OpenLoopPolicy(value[k]), json.dumps(value[k])
         else:
-            spec = value
+            spec = value[j] if kind == "reference" else value
             extra = {**baseline_env_kwargs(spec), **NAMED_ENV.get(spec, {})}
+            identity = json.dumps([spec, extra, inst])
+        if runs.get((m, j, seeds[k]), {}).get("identity") == identity:
+            continue  # a rerun redoes a run whose policy or schedule has changed since
         result = bench.run(spec, inst, seeds[k], extra, evaluate=True, policy=policy)
-        row = {"method": m, "instance": j, "seed": seeds[k], **{k_: v for k_, v in result.items() if k_ != "actions"}}
+        row = {"method": m, "instance": j, "seed": seeds[k], "identity": identity,
+               **{k_: v for k_, v in result.items() if k_ != "actions"}}
         with open(path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         runs[(m, j, seeds[k])] = row

@@ -197,6 +197,19 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
     assert bench.main(argv) == 0  # a rerun finds everything done
     assert [(out / f).read_text() for f in ("results.jsonl", "tuning.jsonl")] == before and not evaluations
 
+    assert bench.main(argv[:-1] + ["3"]) == 0  # a third reference trial: only the reference is redone
+    trials = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
+    assert all(len([t for t in trials if t["study"] == f"{k}-test{j}"]) == 3 for k in ("llrd", "cosine") for j in (0, 1))
+    rows = {(r["method"], r["instance"], r["seed"]): r
+            for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    for j in (0, 1):
+        best = min((t for t in trials if t["study"].endswith(f"-test{j}")), key=lambda t: t["value"])["spec"]
+        assert all(json.loads(rows[(bench.REFERENCE, j, s)]["identity"])[0] == best for s in (100, 101))
+    text = (out / "results.jsonl").read_text()
+    assert text.startswith(before[0])  # appended to, never rewritten
+    new = [json.loads(line) for line in text[len(before[0]):].splitlines()]
+    assert len(new) == len(evaluations) <= 4 and all(r["method"] == bench.REFERENCE for r in new)
+
 
 def _csv(path):
     import csv

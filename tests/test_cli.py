@@ -436,6 +436,12 @@ def test_train_on_an_instance_split_draws_a_seeded_instance_per_episode(tmp_path
                               "--set", "env.kwargs.backbone=efficientnet_lite2", "--set", "env.kwargs.lr_base=0.04",
                               "--set", "env.kwargs.source_size=16", "--set", "env.kwargs.epochs=1"]) == 0
 
+    sb3 = str(tmp_path / "sb3")  # the SB3 agents draw instances too, and their episodes log them
+    assert train_policy.main(["--instances", instances, "--agent", "recurrent-ppo", "--episodes", "3", "--out", sb3,
+                              "--set", "agent.recurrent-ppo.n_steps=2", "--set", "agent.recurrent-ppo.batch_size=2"]) == 0
+    logged = _rows(os.path.join(sb3, "episodes.csv"))
+    assert len(logged) == 3 and all(int(r["sgd_steps"]) == steps[int(r["instance"])] for r in logged)
+
     assert train_policy.main(["--instances", instances, "--env", "SynDigitScenes-v0", "--out", str(tmp_path / "x")]) == 2
     assert "holds instances of SynDigits-v0, not of SynDigitScenes-v0" in capsys.readouterr().err
     assert train_policy.main(["--instances", instances, "--out", out, "--resume"]) == 2

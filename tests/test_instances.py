@@ -25,6 +25,8 @@ def test_instance_files_are_the_familys_seeded_draws_with_disjoint_splits(family
     train, test = ({instance_key(i) for i in data[s]} for s in ("train", "test"))
     assert len(train) == len(data["train"]) and len(test) == len(data["test"]) and not train & test
     assert not {i["render_seed"] for i in data["train"]} & {i["render_seed"] for i in data["test"]}
+    unseeded = lambda i: instance_key({k: v for k, v in i.items() if k != "render_seed"})  # noqa: E731
+    assert not {unseeded(i) for i in data["train"]} & {unseeded(i) for i in data["test"]}  # not only the images differ
     fam = FAMILIES[family]
     assert all(not fam.outside_training(i) for i in data["train"])
     outside = [fam.outside_training(i) for i in data["test"]]
@@ -103,8 +105,8 @@ def test_reset_with_an_instance_runs_that_configuration(tiny_env_kwargs):
         np.testing.assert_array_equal(a[0], b[0])
         assert a[1] == b[1]
     assert a[4]["instance"] == -1
-    env.reset(seed=5)  # no instance: the trainer of the last one stays
-    assert env.unwrapped.trainer.lr_base == 0.005
+    env.reset(seed=5)  # no instance: the env's own configuration again
+    assert env.unwrapped.trainer.lr_base == tiny_env_kwargs["lr_base"] and env.unwrapped.backbone_name.endswith("lite0")
 
 
 def test_env_draws_one_instance_per_episode_from_the_reset_seed(tiny_env_kwargs):
@@ -132,6 +134,8 @@ def test_instances_are_checked_before_anything_is_built(tiny_env_kwargs):
     env = gym.make("SynDigits-v0", **tiny_env_kwargs)
     with pytest.raises(UserInputError, match="unknown setting instance: lrbase"):
         env.reset(seed=0, options={"instance": {"lrbase": 0.1}})
+    with pytest.raises(UserInputError, match="evaluate_target belong to the env itself"):
+        env.reset(seed=0, options={"instance": {"evaluate_target": False}})
     with pytest.raises(UserInputError, match="spaces were made for"):  # another coordinate layout
         env.reset(seed=0, options={"instance": {"backbone": "resnet50", "weights": None}})
 
@@ -165,3 +169,16 @@ def test_open_loop_policies_never_read_the_observation():
 def test_bad_schedules_are_one_line_errors(spec):
     with pytest.raises(UserInputError):
         make_baseline(spec, 4, decisions=4)
+
+
+def test_segmentation_family_runs_a_lite2_test_instance(cache_dir):
+    split = load_instances(FILES["digitscenes"], "test")
+    instance = next(i for i in split.instances if i["backbone"] == LITE[2])
+    tiny = {"image_size": 32, "source_size": 16, "epochs": 1}
+    env = gym.make("SynDigitScenes-v0", **{**split.base, "batch_size": 8, "episode_steps": 2, "target_eval_size": 8,
+                                           "synthetic_eval_size": 8, "imagenet_photos": 2, "data_root": cache_dir})
+    lite0_names = env.unwrapped.coordinate_names
+    env.reset(seed=0, options={"instance": {**instance, **tiny}})
+    assert env.unwrapped.backbone_name == LITE[2] and env.unwrapped.coordinate_names == lite0_names
+    obs, reward, terminated, _, _ = env.step(np.full(env.action_space.shape, 5))
+    assert np.isfinite(reward) and not terminated
