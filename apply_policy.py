@@ -5,13 +5,16 @@ Examples:
   python apply_policy.py --policy runs/r1/policy.pt --steps 1000    # same decisions, longer windows
   python apply_policy.py --policy hand-tuned --epochs 2 --eval-every 25
   python apply_policy.py --policy constant:1,1,1,1,1,1,1,1,10 --steps 300
+  python apply_policy.py --policy cosine:1.0,0.1,0.7 --epochs 2
   python apply_policy.py --policy runs/r1/policy.pt --env VisDA-v0 --data-root /data/visda17 --amp
 
 --policy takes a policy.pt written by train_policy.py, or a baseline: random,
 hand-tuned (the official train.py: backbone 0.1, classifier 1.0, with its warm-up and
 poly decay), small-backbone-large-classifier (the same levels, constant), large-everywhere,
-classifier-only, or constant:L1,…,LC (levels 0-10 per coordinate). A learned policy acts
-greedily (argmax) unless --sample is given.
+classifier-only, constant:L1,…,LC (levels 0-10 per coordinate), llrd:HEAD,DECAY (layer-wise
+decay: the classifier at HEAD, each coordinate below at DECAY times the one above) or
+cosine:PEAK,WARMUP,DECAY (that decay from PEAK, under a warm-up over the first WARMUP fraction
+of the run and a cosine decay to 0). A learned policy acts greedily (argmax) unless --sample is given.
 
 A learned policy runs in the env configuration it was trained in (recorded in policy.pt):
 η_base, λ, the reward batch, image size, SGD form, windows… Anything you set explicitly
