@@ -115,8 +115,9 @@ ENV_SETTINGS: dict[str, Setting] = {
     "upsample": _one_of(*UPSAMPLING),
     "label_dilation": _whole(0),
 }
-# Names and paths, checked where they are resolved (an unknown one is one error there).
-ENV_FREE_FORM = ("task", "backbone", "weights", "data_root", "device", "source_root", "target_root")
+# Names and paths, checked where they are resolved (an unknown one is one error there), and the
+# env's list of instances, each checked against this table by the env (asg_env.env).
+ENV_FREE_FORM = ("task", "backbone", "weights", "data_root", "device", "source_root", "target_root", "instances")
 
 # agent.reinforce: agents.reinforce.ReinforceConfig.
 REINFORCE_SETTINGS: dict[str, Setting] = {
