@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         history = fine_tune(trainer, policy, run_args["seed"], progress=lead, desc=f"fine-tuning with {run_args['policy']}",
-                            on_row=on_row, checkpoints=checkpoints, resume=resume)
+                            on_row=on_row, checkpoints=checkpoints, resume=resume, control=u.control)
     except KeyboardInterrupt:
         print(f"\ninterrupted; steps.csv and curve.csv hold every decision so far. Continue from the last checkpoint with:\n"
               f"  python apply_policy.py --out {out} --resume", file=sys.stderr)

@@ -68,9 +68,11 @@ def check_compatible(state: dict, env: gym.Env, path: str) -> None:
 def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int | None = None) -> Policy:
     """A baseline by name (``random``, ``hand-tuned``, ``constant:…``, ``llrd:…``, ``cosine:…``…) or a saved policy file.
     ``seed`` seeds whatever the policy draws at random (sampled actions, the random baseline)."""
-    n = len(env.action_space.nvec)
     if is_baseline(spec):
-        return make_baseline(spec, n, seed, env.unwrapped.T)
+        control = getattr(env.unwrapped, "control", None)
+        if control is not None and control.kind != "levels":
+            raise UserInputError(f"the baselines act on the paper's 11 levels; this env has action={control.kind!r}")
+        return make_baseline(spec, len(env.action_space.nvec), seed, env.unwrapped.T)
     state = read_policy_file(spec)
     check_compatible(state, env, spec)
     if state["agent"] == "reinforce":

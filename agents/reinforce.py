@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from asg_env import N_LEVELS
+from asg_env import N_LEVELS, UserInputError
 
 POLICY_FORMAT = "asg-gym-policy/1"
 
@@ -71,14 +71,15 @@ class RunningMeanStd(nn.Module):
 
 
 class LSTMPolicy(nn.Module):
-    """obs → normalise → LSTM cell → one categorical head of 11 levels per coordinate."""
+    """obs → normalise → LSTM cell → one categorical head per coordinate, of 11 levels (the
+    paper's) or of as many as the env's discrete action space has."""
 
-    def __init__(self, obs_dim: int, n_coordinates: int, hidden_size: int = 20):
+    def __init__(self, obs_dim: int, n_coordinates: int, hidden_size: int = 20, n_levels: int = N_LEVELS):
         super().__init__()
         self.obs_rms = RunningMeanStd((obs_dim,))
         self.lstm = nn.LSTMCell(obs_dim, hidden_size)
-        self.heads = nn.Linear(hidden_size, n_coordinates * N_LEVELS)
-        self.n_coordinates, self.hidden_size = n_coordinates, hidden_size
+        self.heads = nn.Linear(hidden_size, n_coordinates * n_levels)
+        self.n_coordinates, self.hidden_size, self.n_levels = n_coordinates, hidden_size, n_levels
 
     def initial_state(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         zeros = torch.zeros(batch, self.hidden_size)
@@ -89,7 +90,7 @@ class LSTMPolicy(nn.Module):
         per-coordinate action distributions, (C,) or (N, C), and the next hidden state."""
         x = self.obs_rms.normalize(obs).view(-1, obs.shape[-1])
         h, c = self.lstm(x, state)
-        logits = self.heads(h).view(*obs.shape[:-1], self.n_coordinates, N_LEVELS)
+        logits = self.heads(h).view(*obs.shape[:-1], self.n_coordinates, self.n_levels)
         return Categorical(logits=logits), (h, c)
 
 
@@ -97,7 +98,7 @@ def sample(dist: Categorical, generator: torch.Generator) -> torch.Tensor:
     """One level per coordinate, drawn from the policy's own generator, so the draws depend
     only on the agent's seed and not on whatever else uses torch's global RNG."""
     probs = dist.probs
-    return torch.multinomial(probs.reshape(-1, N_LEVELS), 1, generator=generator).view(probs.shape[:-1])
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
 class ReinforcePolicy:
@@ -138,11 +139,14 @@ class ReinforceTrainer:
         if not isinstance(env, gym.vector.VectorEnv):
             env = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         self.envs, self.cfg = env, config or ReinforceConfig()
-        obs_dim = env.single_observation_space.shape[0]
-        n_coordinates = len(env.single_action_space.nvec)
+        obs_dim, space = env.single_observation_space.shape[0], env.single_action_space
+        if not isinstance(space, gym.spaces.MultiDiscrete) or len(set(space.nvec.tolist())) != 1:
+            raise UserInputError("the REINFORCE agent picks one of N levels per coordinate; with action=continuous "
+                                 "use an SB3 agent (ppo, a2c, recurrent-ppo)")
+        n_coordinates = len(space.nvec)
         with torch.random.fork_rng(devices=[]):  # the policy's initial weights, from its seed alone
             torch.manual_seed(seed)
-            self.net = LSTMPolicy(obs_dim, n_coordinates, self.cfg.hidden_size)
+            self.net = LSTMPolicy(obs_dim, n_coordinates, self.cfg.hidden_size, int(space.nvec[0]))
         self.generator = torch.Generator().manual_seed(seed)  # the sampled actions
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.cfg.optimizer]
         self.optimizer = opt(self.net.parameters(), lr=self.cfg.lr)
@@ -226,6 +230,7 @@ class ReinforceTrainer:
         return {
             "format": POLICY_FORMAT, "agent": "reinforce", "config": asdict(self.cfg),
             "obs_dim": self.net.obs_rms.mean.shape[0], "n_coordinates": self.net.n_coordinates,
+            "n_levels": self.net.n_levels,
             "state_dict": self.net.state_dict(), **metadata,
         }
 
@@ -258,6 +263,7 @@ def _env_info(info: dict, i: int) -> dict:
 
 
 def policy_from_state(state: dict, deterministic: bool = True, seed: int | None = None) -> ReinforcePolicy:
-    net = LSTMPolicy(state["obs_dim"], state["n_coordinates"], state["config"]["hidden_size"])
+    net = LSTMPolicy(state["obs_dim"], state["n_coordinates"], state["config"]["hidden_size"],
+                     state.get("n_levels", N_LEVELS))
     net.load_state_dict(state["state_dict"])
     return ReinforcePolicy(net, deterministic, seed)

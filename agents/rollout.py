@@ -19,8 +19,7 @@ from gymnasium.utils.seeding import np_random
 from tqdm.auto import tqdm
 
 from agents.policies import Policy
-from asg_env import N_LEVELS
-from asg_env.env import observation
+from asg_env.control import Control
 from asg_env.trainer import Trainer, run_seeds
 
 EVAL_KEYS = ("target_acc", "target_mean_class_acc", "target_miou", "target_pixel_acc", "target_kl",
@@ -68,7 +67,8 @@ def _same_on_every_rank(action: np.ndarray) -> None:
 
 def fine_tune(trainer: Trainer, policy: Policy, seed: int, *, evaluate: bool = True, progress: bool = False,
               desc: str = "fine-tuning", on_row: Callable[[dict], None] | None = None,
-              checkpoints: Checkpoints | None = None, resume: dict | None = None) -> list[dict]:
+              checkpoints: Checkpoints | None = None, resume: dict | None = None,
+              control: Control | None = None) -> list[dict]:
     """One run. Row 0 is the state after reset (with the target metrics when ``evaluate``);
     row t holds decision t's action, reward and losses, and the target metrics when the
     trainer said an evaluation was due. ``on_row`` sees each row as it is made.
@@ -77,11 +77,15 @@ def fine_tune(trainer: Trainer, policy: Policy, seed: int, *, evaluate: bool = T
     state as ``resume`` to continue that run: it ends exactly as the uninterrupted run would.
     """
     names = trainer.coordinate_names
+    control = control or Control(names)
+    if control.needs_coordinate_stats and not trainer.coordinate_stats:
+        raise ValueError("a per-coordinate observation needs a trainer built with coordinate_stats=True")
+    continuous = control.kind == "continuous"
     if resume is None:
         values = trainer.reset(*run_seeds(np_random(seed)[0]))
         policy.reset()
-        last_action = np.full(len(names), N_LEVELS - 1, dtype=np.int64)
-        obs = observation(values, 0.0, last_action)
+        control.reset()
+        obs = control.observe(values, 0.0, trainer.lr_base)
         row = {"step": 0, "sgd_step": 0, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")}}
         if evaluate:
             row.update(trainer.evaluate())
@@ -93,21 +97,22 @@ def fine_tune(trainer: Trainer, policy: Policy, seed: int, *, evaluate: bool = T
         trainer.load_state_dict(resume["trainer"])
         policy.reset()
         policy.load_state_dict(resume["policy"])
+        control.load_state_dict(resume.get("control", {"scale": [1.0] * len(names)}))
         values, obs, history = resume["values"], resume["obs"].numpy(), list(resume["history"])
     diverged = bool(history[-1].get("diverged"))
     with tqdm(total=trainer.T, initial=trainer.t, desc=desc, disable=not progress, leave=False) as bar:
         while trainer.t < trainer.T and not diverged:
-            action = np.asarray(policy.act(obs), dtype=np.int64).reshape(-1)
+            action = np.asarray(policy.act(obs), dtype=np.float64 if continuous else np.int64).reshape(-1)
             _same_on_every_rank(action)
             epoch_before = trainer.sgd_step // trainer.steps_per_epoch
-            new = trainer.step(action / (N_LEVELS - 1))
+            new = trainer.step(control.scales(action))
             diverged = not new["finite"]
             row = {"step": trainer.t, "sgd_step": trainer.sgd_step,
-                   "reward": None if diverged else values["loss"] - new["loss"],
+                   "reward": None if diverged else control.reward(values, new, trainer.t >= trainer.T),
                    **{k: new[k] for k in ("loss", "loss_xe", "loss_guidance")}, "diverged": diverged}
-            row.update({f"action/{n}": int(a) for n, a in zip(names, action)})
+            row.update({f"action/{n}": float(a) if continuous else int(a) for n, a in zip(names, action)})
             if not diverged:
-                values, obs = new, observation(new, trainer.t / trainer.T, action)
+                values, obs = new, control.observe(new, trainer.t / trainer.T, trainer.lr_base)
                 if evaluate and trainer.evaluation_due:
                     row.update(trainer.evaluate())
             history.append(row)
@@ -115,6 +120,8 @@ def fine_tune(trainer: Trainer, policy: Policy, seed: int, *, evaluate: bool = T
                 on_row(row)
             bar.update(1)
             if checkpoints is not None and not diverged and trainer.t < trainer.T and checkpoints.due(trainer, epoch_before):
-                checkpoints({"trainer": trainer.state_dict(), "policy": policy.state_dict(), "values": values,
-                             "obs": torch.from_numpy(obs.copy()), "history": list(history)})
+                saved = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+                checkpoints({"trainer": trainer.state_dict(), "policy": policy.state_dict(), "values": saved,
+                             "obs": torch.from_numpy(obs.copy()), "history": list(history),
+                             "control": control.state_dict()})
     return history

@@ -14,7 +14,8 @@ Registered ids:
 
 from gymnasium.envs.registration import register
 
-from asg_env.env import N_LEVELS, ASGEnv
+from asg_env.control import N_LEVELS
+from asg_env.env import ASGEnv
 from asg_env.errors import UserInputError
 
 __all__ = ["ASGEnv", "N_LEVELS", "UserInputError"]

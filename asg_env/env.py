@@ -13,6 +13,10 @@ Reward: ``r_t = L_{t-1} − L_t`` (Algorithm 1, line 8), a Python float, with ``
 the batch that ``reward_batch`` names (see :class:`~asg_env.trainer.Trainer`). The official
 release likewise averages its observation over the window (``obs_avg=True``).
 
+These are the defaults; ``action``, ``observation`` and ``reward`` choose others (log-spaced,
+continuous or relative learning rates, per-coordinate features, log or final-loss rewards; see
+:mod:`asg_env.control`).
+
 Instances (:mod:`asg_env.instances`): ``reset(options={"instance": {...}})`` runs one episode in
 the env's configuration with those settings on top (another backbone, η_base, run length…; the
 next plain reset returns to the env's own); an env made with ``instances=[...]`` draws one of
@@ -30,30 +34,13 @@ import inspect
 
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
-
+from asg_env.control import Control
 from asg_env.errors import UserInputError
 from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
 from asg_env.trainer import Trainer, run_seeds
 
-N_LEVELS = 11  # learning-rate scales 0, 0.1, …, 1.0
-_LOSS_MAX, _STAT_MAX = 1e4, 1e3  # finite observation bounds; values are clipped into them
-BASE_OBS_NAMES = ["loss_xe", "loss_guidance", "progress", "head_weight_mean", "head_weight_std"]
-
-
-def observation_bounds(n_coordinates: int) -> tuple[np.ndarray, np.ndarray]:
-    low = np.array([0.0, 0.0, 0.0, -_STAT_MAX, 0.0] + [0.0] * n_coordinates, np.float32)
-    high = np.array([_LOSS_MAX, _LOSS_MAX, 1.0, _STAT_MAX, _STAT_MAX] + [1.0] * n_coordinates, np.float32)
-    return low, high
-
-
-def observation(values: dict[str, float], progress: float, last_action: np.ndarray) -> np.ndarray:
-    """The policy's input after a decision: the losses, t/T, θ_n's statistics, the last action."""
-    obs = np.concatenate([
-        [values["loss_xe"], values["loss_guidance"], progress, values["head_weight_mean"], values["head_weight_std"]],
-        np.asarray(last_action) / (N_LEVELS - 1),
-    ]).astype(np.float32)
-    return np.clip(obs, *observation_bounds(len(last_action)))
+ENV_OWN = ("evaluate_target", "divergence_penalty", "action", "action_levels", "action_min", "action_max",
+           "observation", "reward")  # the env's settings; the others are the trainer's
 
 
 class ASGEnv(gym.Env):
@@ -61,6 +48,9 @@ class ASGEnv(gym.Env):
 
     Args:
         instances: a list of instances (mappings of trainer settings), one drawn per episode.
+        action, action_levels, action_min, action_max, observation, reward: what a decision
+            sets, what the policy sees and what it is rewarded for (:mod:`asg_env.control`;
+            the defaults are the paper's).
         evaluate_target: evaluate on the real target when the trainer says an evaluation is
             due (``eval_every``, and at the end); off makes policy training faster.
         divergence_penalty: reward when the loss becomes non-finite.
@@ -71,23 +61,29 @@ class ASGEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, evaluate_target: bool = True, divergence_penalty: float = -10.0,
-                 instances: list[dict] | None = None, **trainer_kwargs):
-        check_settings({"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty}, ENV_SETTINGS)
+                 instances: list[dict] | None = None, action: str = "levels", action_levels: int = 11,
+                 action_min: float = 0.01, action_max: float = 10.0, observation: str = "paper",
+                 reward: str = "loss_decrease", **trainer_kwargs):
+        own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
+               "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
+               "observation": observation, "reward": reward}
+        check_settings(own, ENV_SETTINGS)
+        if action_min >= action_max:
+            raise UserInputError(f"action_min ({action_min:g}) must be below action_max ({action_max:g})")
+        if observation == "per_coordinate":
+            trainer_kwargs["coordinate_stats"] = True
         self.instances = [_checked_instance(i, trainer_kwargs) for i in instances or []]
         self._base_kwargs = dict(trainer_kwargs)
         self.instance, self.instance_index = (self.instances[0], 0) if self.instances else ({}, -1)
         self.trainer = Trainer(**{**trainer_kwargs, **self.instance})
         # the env's own configuration, without an instance on top
-        self.config = {**_trainer_defaults(), **trainer_kwargs, "evaluate_target": evaluate_target,
-                       "divergence_penalty": divergence_penalty}
+        self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
         self.evaluate_target_enabled = bool(evaluate_target)
         self.divergence_penalty = float(divergence_penalty)
-        C = len(self.trainer.coordinates)
         self.coordinate_names = self.trainer.coordinate_names
-        self.obs_names = BASE_OBS_NAMES + [f"last_action/{n}" for n in self.coordinate_names]
-        self.observation_space = spaces.Box(*observation_bounds(C), dtype=np.float32)
-        self.action_space = spaces.MultiDiscrete([N_LEVELS] * C)
-        self.last_action = np.full(C, N_LEVELS - 1, dtype=np.int64)
+        self.control = Control(self.coordinate_names, action, action_levels, action_min, action_max, observation, reward)
+        self.obs_names = self.control.obs_names
+        self.observation_space, self.action_space = self.control.observation_space, self.control.action_space
 
     @property
     def T(self) -> int:
@@ -110,29 +106,29 @@ class ASGEnv(gym.Env):
             self._use_instance({}, -1)  # the env's own configuration again
         self._values = self.trainer.reset(*seeds)
         self.diverged = False
-        self.last_action = np.full(len(self.coordinate_names), N_LEVELS - 1, dtype=np.int64)
-        self._obs = observation(self._values, 0.0, self.last_action)
+        self.control.reset()
+        self._obs = self.control.observe(self._values, 0.0, self.trainer.lr_base)
         return self._obs.copy(), self._info(self._values)
 
     def step(self, action):
-        action = np.asarray(action, dtype=np.int64).reshape(-1)
+        continuous = isinstance(self.action_space, gym.spaces.Box)
+        action = np.asarray(action, dtype=np.float32 if continuous else np.int64).reshape(-1)
         if not self.action_space.contains(action):
             raise UserInputError(f"action {action.tolist()} is outside {self.action_space}")
         if self.diverged:
             return self._obs.copy(), 0.0, True, False, {"diverged": True}
-        self.last_action = action
-        values = self.trainer.step(action / (N_LEVELS - 1))
+        values = self.trainer.step(self.control.scales(action))
         t, T = self.trainer.t, self.trainer.T
         if not values["finite"]:
             self.diverged = True
             self._obs[2] = t / T
             return self._obs.copy(), self.divergence_penalty, True, False, self._info(values)
-        previous, self._values = self._values["loss"], values
-        self._obs = observation(values, t / T, action)
+        previous, self._values = self._values, values
+        self._obs = self.control.observe(values, t / T, self.trainer.lr_base)
         info = self._info(values)
         if self.evaluate_target_enabled and self.trainer.evaluation_due:
             info.update(self.trainer.evaluate())
-        return self._obs.copy(), previous - values["loss"], t >= T, False, info
+        return self._obs.copy(), self.control.reward(previous, values, t >= T), t >= T, False, info
 
     def _use_instance(self, instance: dict, index: int) -> None:
         self.instance_index = index
@@ -162,7 +158,7 @@ def _checked_instance(instance, base: dict) -> dict:
     """An instance's settings, checked on top of the env's before anything is built."""
     if not isinstance(instance, dict):
         raise UserInputError(f"an instance is a mapping of env settings, not {instance!r}")
-    own = sorted(set(instance) & {"evaluate_target", "divergence_penalty", "instances"})
+    own = sorted(set(instance) & {*ENV_OWN, "instances"})
     if own:
         raise UserInputError(f"an instance holds fine-tuning settings; {', '.join(own)} belong to the env itself")
     check_settings({**base, **instance}, ENV_SETTINGS, "instance: ", ignore=ENV_FREE_FORM)

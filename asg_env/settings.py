@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from asg_env.control import ACTIONS, OBSERVATIONS, REWARDS
 from asg_env.errors import UserInputError
 from asg_env.guidance import GUIDANCES
 from asg_env.optim import SGD_FORMS, WINDOWS
@@ -82,6 +83,12 @@ FLAG = Setting(bool)
 ENV_SETTINGS: dict[str, Setting] = {
     "evaluate_target": FLAG,
     "divergence_penalty": _number(),
+    "action": _one_of(*ACTIONS),
+    "action_levels": _whole(2),
+    "action_min": _number(0, above=True),
+    "action_max": _number(0, above=True),
+    "observation": _one_of(*OBSERVATIONS),
+    "reward": _one_of(*REWARDS),
     "episode_steps": _whole(1, optional=True),
     "sgd_steps_per_action": _whole(1),
     "sgd_steps": _whole(1, optional=True),
@@ -114,6 +121,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "patch_grid": _whole(1),
     "upsample": _one_of(*UPSAMPLING),
     "label_dilation": _whole(0),
+    "coordinate_stats": FLAG,
 }
 # Names and paths, checked where they are resolved (an unknown one is one error there), and the
 # env's list of instances, each checked against this table by the env (asg_env.env).

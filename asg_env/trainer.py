@@ -126,6 +126,10 @@ class Trainer:
         label_dilation: SynDigitScenes only: each digit's label also covers the background
             within this many pixels of its strokes (0: the strokes alone; see
             :func:`asg_env.data.digitscenes.dilate_labels`).
+        coordinate_stats: also measure, at the end of every window, each coordinate's gradient
+            norm (of the window's last SGD step), its update-to-weight ratio over the window and
+            its relative distance from where the run started (ImageNet weights, fresh θ_n), in the
+            same host–device transfer (``values["coordinate_stats"]``, C × 3; see :mod:`asg_env.control`).
         source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
             :mod:`asg_env.data.folders`): the synthetic training images and the real ones,
             which are only evaluated on.
@@ -172,6 +176,7 @@ class Trainer:
         label_dilation: int = 3,
         source_root: str | None = None,
         target_root: str | None = None,
+        coordinate_stats: bool = False,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -189,6 +194,7 @@ class Trainer:
         self.momentum, self.weight_decay = momentum, weight_decay
         self.reward_batch, self.eval_every, self.tta_flip = reward_batch, eval_every, bool(tta_flip)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.coordinate_stats = bool(coordinate_stats)
         self.amp = bool(amp) and self.device.type == "cuda"
 
         mean, std = input_normalisation(backbone, weights)
@@ -269,8 +275,10 @@ class Trainer:
         self.t = self.sgd_step = 0
         self.evaluation_due = False
         self.student.train(self.bn_stats == "train")
+        self._origin = self._weights() if self.coordinate_stats else None
         self._pending = self._train_losses()
-        return self._read(self._pending if self.reward_batch == "train" else self._heldout_losses())
+        return self._read(self._pending if self.reward_batch == "train" else self._heldout_losses(),
+                          stats=self._stats(self._origin) if self.coordinate_stats else None)
 
     def step(self, scales) -> dict[str, float]:
         """Hold learning-rate ``scales`` (one per coordinate, in [0, 1]) for the next window of
@@ -280,6 +288,7 @@ class Trainer:
             raise RuntimeError(f"the run is over: all {self.T} decisions were made")
         window = self.windows[self.t]
         epoch_before = self.sgd_step // self.steps_per_epoch
+        before = self._weights() if self.coordinate_stats else None
         sums = None
         for i in range(window):
             factor = poly_factor(self.sgd_step, self.total_sgd_steps, self.warmup_steps) if self.lr_schedule == "poly" else 1.0
@@ -294,7 +303,8 @@ class Trainer:
             losses = self._pending.detach()
             sums = losses if sums is None else sums + losses
         self.t += 1
-        values = self._read(sums / window if self.reward_batch == "train" else self._heldout_losses(), check=sums[0])
+        values = self._read(sums / window if self.reward_batch == "train" else self._heldout_losses(), check=sums[0],
+                            stats=self._stats(before) if self.coordinate_stats else None)
         if self.eval_every == "epoch":
             due = self.sgd_step // self.steps_per_epoch > epoch_before
         else:
@@ -469,19 +479,42 @@ class Trainer:
                 elif isinstance(layer, BilinearDeconv):
                     layer.reset_parameters()
 
-    def _read(self, losses: torch.Tensor, check: torch.Tensor | None = None) -> dict[str, float]:
+    def _read(self, losses: torch.Tensor, check: torch.Tensor | None = None,
+              stats: torch.Tensor | None = None) -> dict[str, float]:
         """``losses`` (L, L_XE, guidance; averaged over the ranks) and θ_n's weight statistics
-        as floats, in one host–device transfer. ``check`` (the window's summed training loss)
-        only decides ``finite``."""
+        as floats, in one host–device transfer, with the per-coordinate ``stats`` (C × 3, the
+        same on every rank) when given. ``check`` (the window's summed training loss) only
+        decides ``finite``."""
         w = self.student.classifier.weight.detach()
         check = losses[0] if check is None else check
         values = torch.cat([losses.detach().float(), check.detach().float().view(1), torch.stack([w.mean(), w.std()])])
         if self.world_size > 1:
             values[:4] = self._all_mean(values[:4])
+        if stats is not None:
+            values = torch.cat([values, stats.float().flatten()])
         numbers = values.tolist()
-        out = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:]))
-        out["finite"] = all(math.isfinite(v) for v in numbers)
+        out = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:6]))
+        out["finite"] = all(math.isfinite(v) for v in numbers[:6])
+        if stats is not None:
+            out["coordinate_stats"] = np.array(numbers[6:]).reshape(-1, 3)
         return out
+
+    def _weights(self) -> list[list[torch.Tensor]]:
+        return [[p.detach().clone() for p in c.params] for c in self.coordinates]
+
+    def _stats(self, reference: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Per coordinate: the gradient norm, the update-to-weight ratio since ``before`` (the
+        window's start) and the relative distance from the run's start, as one C × 3 tensor."""
+        rows = []
+        for c, ref, origin in zip(self.coordinates, reference, self._origin):
+            now = torch.cat([p.detach().flatten() for p in c.params])
+            grads = [p.grad.detach().flatten() for p in c.params if p.grad is not None]
+            grad = torch.cat(grads).norm() if grads else now.new_zeros(())
+            ref, origin = torch.cat([r.flatten() for r in ref]), torch.cat([o.flatten() for o in origin])
+            tiny = torch.finfo(now.dtype).tiny
+            rows.append(torch.stack([grad, (now - ref).norm() / ref.norm().clamp_min(tiny),
+                                     (now - origin).norm() / origin.norm().clamp_min(tiny)]))
+        return torch.stack(rows)
 
     @staticmethod
     def _all_mean(x: torch.Tensor) -> torch.Tensor:

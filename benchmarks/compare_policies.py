@@ -303,7 +303,7 @@ def main(argv=None) -> int:
             envs[env_key] = make_env(**kw)
         env = envs[env_key]
         policy = load_policy(policies.get(s.policy, s.policy), env, deterministic=True, seed=seed)
-        history = fine_tune(env.unwrapped.trainer, policy, seed)
+        history = fine_tune(env.unwrapped.trainer, policy, seed, control=env.unwrapped.control)
         u = env.unwrapped
         line = {"key": key, "setting": s.name, "seed": seed, "diverged": bool(history[-1].get("diverged")),
                 "final_heldout_xe": history[-1]["loss_xe"], "env_kwargs": {k: v for k, v in u.config.items()},

@@ -177,7 +177,8 @@ def main(argv=None) -> int:
                 continue
             env = envs.setdefault(lam, make_env(lam=lam))
             spec = policy_path if policy == "reinforce" else policy
-            history = fine_tune(env.unwrapped.trainer, load_policy(spec, env, deterministic=True, seed=seed), seed)
+            history = fine_tune(env.unwrapped.trainer, load_policy(spec, env, deterministic=True, seed=seed), seed,
+                                control=env.unwrapped.control)
             line = {"key": key, "setting": name, "seed": seed, "diverged": bool(history[-1].get("diverged")),
                     "curve": [{k: v for k, v in r.items() if not k.startswith("action/")} for r in history if "target_kl" in r],
                     "actions": [[r[f"action/{c}"] for c in env.unwrapped.coordinate_names] for r in history[1:]]}

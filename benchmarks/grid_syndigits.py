@@ -93,7 +93,7 @@ def run_grid(out: str, shard: tuple[int, int], data_root: str | None) -> None:
                 reward_batch="heldout", data_root=data_root)
         env = envs[(size, lr)]
         start = time.perf_counter()
-        history = fine_tune(env.unwrapped.trainer, load_policy(setting, env), seed)
+        history = fine_tune(env.unwrapped.trainer, load_policy(setting, env), seed, control=env.unwrapped.control)
         curve = [{k: v for k, v in r.items() if not k.startswith("action/")} for r in history if "target_acc" in r]
         line = {"key": run_key(size, lr, setting, seed), "image_size": size, "lr_base": lr, "setting": setting,
                 "seed": seed, "diverged": bool(history[-1].get("diverged")), "seconds": time.perf_counter() - start,

@@ -116,7 +116,7 @@ class Bench:
         env = self.env(instance, extra)
         trainer = env.unwrapped.trainer
         policy = policy or load_policy(spec, env, deterministic=True, seed=seed)
-        history = fine_tune(trainer, policy, seed, evaluate=False)
+        history = fine_tune(trainer, policy, seed, evaluate=False, control=env.unwrapped.control)
         last = history[-1]
         # a diverged run counts as its initial loss: no better than no training (and counted as diverged)
         out = {"loss": history[0]["loss"] if last.get("diverged") else last["loss"], "loss_xe": last["loss_xe"],

@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# ASG_TEST_THREADS=1 keeps the suite from fighting another job for the cores (two thread pools
+# on two cores each spin-wait for the other and run many times slower)
+torch.set_num_threads(int(os.environ.get("ASG_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
