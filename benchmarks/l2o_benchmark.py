@@ -33,8 +33,8 @@ Outputs in --out: results.jsonl (one line per evaluation run), tuning.jsonl (eve
 its SGD steps), policies/ (the train_policy.py run folders, replays), results.md,
 learning_curves.png and scores.png.
 
-    python benchmarks/l2o_benchmark.py --quick    # a smaller version of every stage: about 12 min on 2 cores
-    python benchmarks/l2o_benchmark.py            # full: about 2.5 h on 2 cores, resumable
+    python benchmarks/l2o_benchmark.py --quick    # a smaller version of every stage: 13 min on 2 cores
+    python benchmarks/l2o_benchmark.py            # full: about 3 h on 2 cores (estimated), resumable
 """
 
 from __future__ import annotations
