@@ -60,7 +60,7 @@ from agents.loading import load_policy  # noqa: E402
 from agents.policies import OpenLoopPolicy, baseline_env_kwargs  # noqa: E402
 from agents.rollout import fine_tune  # noqa: E402
 from asg_env.instances import FAMILIES, load_instances  # noqa: E402
-from benchmarks.compare_policies import mean_ci  # noqa: E402
+from benchmarks.compare_policies import _plt, mean_ci  # noqa: E402
 
 PRESETS = {
     # run-length overrides make --quick a smaller copy of every stage, not a claim
@@ -322,15 +322,6 @@ def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: di
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")
     return text
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_learning_curves(paths: dict[str, list[str]], window: int, path: str) -> None:
