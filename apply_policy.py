@@ -23,6 +23,8 @@ Another env id (--env, or a --config naming another env.id) is another task: the
 starts from that id's registered settings plus yours, none of the policy's (its run length
 and decisions too: set them with --steps or --epochs and --set env.kwargs.episode_steps=T), and
 the policy must fit its coordinates (a policy for other coordinate names is refused).
+A coordinate-wise policy (train_policy.py --set agent.reinforce.network=coordinate-wise) runs
+on any backbone, e.g. --set env.kwargs.backbone=resnet50, and the tool says when it does so.
 
 The run length: a policy trained with fixed windows (episode_steps = T) keeps its T
 decisions, and --steps or --epochs hold each decision for proportionally more SGD steps, so
@@ -59,7 +61,7 @@ import time
 import torch
 
 from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
-from agents.loading import load_policy, read_file, read_policy_file, save_policy
+from agents.loading import load_policy, read_file, read_policy_file, save_policy, transfer_note
 from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
@@ -271,6 +273,9 @@ def run(args: argparse.Namespace) -> int:
     u = env.unwrapped
     trainer = u.trainer
     policy = load_policy(run_args["policy"], env, deterministic=not run_args["sample"], seed=run_args["seed"])
+    note = transfer_note(run_args["policy"], env)
+    if lead and note:
+        print(note)
 
     names = [f"action/{n}" for n in u.coordinate_names]
     history = list(resume["history"]) if resume else []

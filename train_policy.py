@@ -21,6 +21,11 @@ env per GPU when there are several. policy.pt records the env's whole configurat
 apply_policy.py applies the policy in that same configuration. The real target set is never
 used unless the env config turns evaluation on, and then only for logging.
 
+The SB3 agents train behind VecNormalize (saved with the policy, frozen when it is applied;
+--set agent.ppo.normalize=false for raw inputs). --set agent.reinforce.network=coordinate-wise
+trains one LSTM shared by all coordinates, which then applies to any backbone
+(configs/coordinatewise_syndigits.yaml).
+
 --instances FILE --split train trains on a split of an instance file (asg_env/instances.py):
 the file's env and shared settings, and one of the split's instances per episode, drawn from
 the episode's seed (so every agent, and every --n-envs, sees a seeded sequence). policy.pt
@@ -94,6 +99,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
                      if v is not None}}
     config = apply_overrides(merge(config, cli), args.set)
     check_run_config(config, AGENTS)
+    agent = config["agent"]["name"]
+    if agent != "reinforce":  # recorded, so that --resume trains the way the run started
+        config["agent"][agent] = {"normalize": True, **(config["agent"].get(agent) or {})}
     out = args.out or os.path.join("runs", f"{config['env']['id']}-{config['agent']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise UserInputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -141,7 +149,7 @@ class EpisodeLog:
                **{f"mean_action/{n}": float(m) for n, m in zip(self.names, actions.mean(0))}}
         self.episodes[1].writerow(row)
         for t, a in enumerate(actions):
-            self.steps[1].writerow({"episode": episode, "step": t + 1, **{f"action/{n}": int(v) for n, v in zip(self.names, a)}})
+            self.steps[1].writerow({"episode": episode, "step": t + 1, **{f"action/{n}": v for n, v in zip(self.names, np.asarray(a).tolist())}})
         for fh, _ in (self.episodes, self.steps):
             fh.flush()
         for key, value in row.items():
@@ -193,16 +201,33 @@ def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog
 def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from agents.sb3_agents import make_sb3, sb3_policy_state
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
+
+    from agents.sb3_agents import load_normalizer_state, make_sb3, sb3_policy_state
 
     agent, seed = config["agent"]["name"], config["train"]["seed"]
-    model = make_sb3(agent, env, seed, config["agent"].get(agent) or {})
+    hyperparams = dict(config["agent"].get(agent) or {})
+    venv = env if isinstance(env, VecEnv) else DummyVecEnv([lambda: env])
+    normalize = hyperparams.pop("normalize", None)
+    if normalize is None:  # a run from before the option: as it was trained
+        normalize = resume is None or "vec_normalize" in resume["policy"]
+    if normalize:
+        venv = VecNormalize(venv)
+    model = make_sb3(agent, venv, seed, hyperparams)
+    normalizer = model.get_vec_normalize_env()
+    if normalizer is not None:
+        normalizer.gamma = model.gamma  # the discount of the returns whose scale it tracks
     ckpt_path = os.path.join(out, "checkpoint.pt")
     done_episodes = 0
     if resume:
         model.policy.load_state_dict(resume["policy"]["state_dict"])
         model.policy.optimizer.load_state_dict(resume["optimizer"])
         model.num_timesteps, done_episodes = int(resume["num_timesteps"]), int(resume["episodes_done"])
+        if normalizer is not None:
+            if "vec_normalize" not in resume["policy"]:
+                raise UserInputError(f"{ckpt_path} was trained without VecNormalize; set agent.{agent}.normalize: "
+                                     f"false in {os.path.join(out, 'config.yaml')}")
+            load_normalizer_state(normalizer, resume["policy"]["vec_normalize"])
         model.get_env().seed(episode_seed(seed, done_episodes))  # not the instances and runs of episodes 0, 1, …
     T = env.get_attr("T")[0] if hasattr(env, "get_attr") else env.unwrapped.T  # SB3 VecEnv or one env
     total = config["train"]["episodes"]
@@ -217,9 +242,10 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
         def _on_step(self) -> bool:
             actions = np.asarray(self.locals["actions"]).reshape(len(self.ret), -1)
+            rewards = self.locals["rewards"] if normalizer is None else normalizer.get_original_reward()
             for i, done in enumerate(self.locals["dones"]):
                 self.actions[i].append(actions[i])
-                self.ret[i] += float(self.locals["rewards"][i])
+                self.ret[i] += float(rewards[i])
                 if not done:
                     continue
                 info = self.locals["infos"][i]

@@ -51,18 +51,55 @@ def read_policy_file(path: str) -> dict:
     return state
 
 
+def is_coordinate_wise(state: dict) -> bool:
+    return state.get("agent") == "reinforce" and (state.get("config") or {}).get("network") == "coordinate-wise"
+
+
+def _feature_kinds(obs_names: list[str]) -> list[str]:
+    """Observation names without their coordinates: ``last_action/conv_stem`` → ``last_action``."""
+    return list(dict.fromkeys(name.split("/")[0] for name in obs_names))
+
+
 def check_compatible(state: dict, env: gym.Env, path: str) -> None:
+    """A policy drives an env whose observation and action mean what they meant in training:
+    the same coordinate names (any coordinates for a coordinate-wise policy, if it sees the
+    same kinds of features), the same action parametrisation and number of levels."""
     here = env_metadata(env)
     theirs = state.get("coordinate_names", [])
-    if theirs != here["coordinate_names"]:
+    if is_coordinate_wise(state):
+        if _feature_kinds(state.get("obs_names", [])) != _feature_kinds(here["obs_names"]):
+            raise UserInputError(f"{path} expects observations of {_feature_kinds(state.get('obs_names', []))} "
+                                 f"per coordinate, this env gives {_feature_kinds(here['obs_names'])}")
+    elif theirs != here["coordinate_names"]:
         raise UserInputError(
             f"{path} was trained for {len(theirs)} coordinates of {state.get('backbone')} ({', '.join(theirs)}); "
             f"this env has {len(here['coordinate_names'])} of {here['backbone']} ({', '.join(here['coordinate_names'])})"
         )
-    if state.get("obs_names") != here["obs_names"]:
+    elif state.get("obs_names") != here["obs_names"]:
         raise UserInputError(
             f"{path} expects observations {state.get('obs_names')}, this env gives {here['obs_names']}"
         )
+    control = getattr(env.unwrapped, "control", None)
+    if control is None:
+        return
+    trained = (state.get("env_kwargs") or {}).get("action", "levels")
+    if trained != control.kind:
+        raise UserInputError(f"{path} was trained with action={trained!r}; this env has action={control.kind!r}")
+    space = control.action_space
+    if isinstance(space, gym.spaces.MultiDiscrete) and state.get("n_levels", int(space.nvec[0])) != int(space.nvec[0]):
+        raise UserInputError(f"{path} picks one of {state['n_levels']} levels; this env has {int(space.nvec[0])}")
+
+
+def transfer_note(spec: str, env: gym.Env) -> str | None:
+    """What to tell the user when a coordinate-wise policy runs on other coordinates than its own."""
+    if is_baseline(spec):
+        return None
+    state = read_policy_file(spec)
+    here = env_metadata(env)
+    if not is_coordinate_wise(state) or state.get("coordinate_names") == here["coordinate_names"]:
+        return None
+    return (f"coordinate-wise policy trained on {len(state.get('coordinate_names', []))} coordinates of "
+            f"{state.get('backbone')}, applied to the {len(here['coordinate_names'])} of {here['backbone']}")
 
 
 def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int | None = None) -> Policy:

@@ -20,6 +20,13 @@ Choices the paper leaves open, and the defaults picked here:
   on the task's loss scale. Entropy bonus 0.01 keeps early exploration.
 * Observations are normalised with a running mean/std that is updated while training and
   saved (frozen) with the policy.
+
+Beside the paper's network (``network="paper"``: one LSTM over the whole observation, one head
+per coordinate) there is ``network="coordinate-wise"``: one small LSTM shared by all
+coordinates, as in learned optimizers (Andrychowicz et al. 2016, google/learned_optimization).
+Each coordinate's input is the global features, the coordinate's own ones (its last scale, and
+its four statistics with ``observation="per_coordinate"``) and its depth c/(C−1), so one policy
+runs on a backbone with any number of coordinates. REINFORCE trains either the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from asg_env import N_LEVELS, UserInputError
+from asg_env.control import BASE_OBS_NAMES
 
 POLICY_FORMAT = "asg-gym-policy/1"
 
@@ -47,6 +55,7 @@ class ReinforceConfig:
     baseline: str = "per-step"  # "per-step" or "none"
     baseline_decay: float = 0.9
     max_grad_norm: float = 1.0
+    network: str = "paper"  # "paper" or "coordinate-wise"
 
 
 class RunningMeanStd(nn.Module):
@@ -85,6 +94,9 @@ class LSTMPolicy(nn.Module):
         zeros = torch.zeros(batch, self.hidden_size)
         return zeros, zeros.clone()
 
+    def update_normalizer(self, obs: torch.Tensor) -> None:
+        self.obs_rms.update(obs)
+
     def forward(self, obs: torch.Tensor, state):
         """One step for one observation (obs_dim,) or a batch (N, obs_dim). Returns the
         per-coordinate action distributions, (C,) or (N, C), and the next hidden state."""
@@ -92,6 +104,56 @@ class LSTMPolicy(nn.Module):
         h, c = self.lstm(x, state)
         logits = self.heads(h).view(*obs.shape[:-1], self.n_coordinates, self.n_levels)
         return Categorical(logits=logits), (h, c)
+
+
+class CoordinateWisePolicy(nn.Module):
+    """One LSTM cell and one head shared by all coordinates: a coordinate's row is
+    ``[global features, its own features, its depth c/(C−1)]``, and the C rows of each
+    observation run as a batch, so C is read off the observation and may differ from the
+    training backbone's. The LSTM state holds one (h, c) per coordinate."""
+
+    def __init__(self, n_global: int, n_own: int, hidden_size: int = 20, n_levels: int = N_LEVELS):
+        super().__init__()
+        self.n_global, self.n_own = n_global, n_own
+        self.obs_rms = RunningMeanStd((n_global + n_own,))
+        self.lstm = nn.LSTMCell(n_global + n_own + 1, hidden_size)
+        self.head = nn.Linear(hidden_size, n_levels)
+        self.hidden_size, self.n_levels = hidden_size, n_levels
+
+    def initial_state(self, batch: int = 1) -> None:
+        return None  # zeros for however many coordinates the first observation has
+
+    def rows(self, obs: torch.Tensor) -> torch.Tensor:
+        """(…, D) observations → (…, C, n_global + n_own) rows. The observation holds the global
+        features, then one scale per coordinate, then n_own − 1 features per coordinate."""
+        C, extra = divmod(obs.shape[-1] - self.n_global, self.n_own)
+        if extra or C < 1:
+            raise ValueError(f"an observation of {obs.shape[-1]} values does not split into {self.n_global} global "
+                             f"and {self.n_own} per coordinate")
+        glob = obs[..., : self.n_global].unsqueeze(-2).expand(*obs.shape[:-1], C, self.n_global)
+        scale = obs[..., self.n_global : self.n_global + C].unsqueeze(-1)
+        own = obs[..., self.n_global + C :].reshape(*obs.shape[:-1], C, self.n_own - 1)
+        return torch.cat([glob, scale, own], -1)
+
+    def update_normalizer(self, obs: torch.Tensor) -> None:
+        self.obs_rms.update(self.rows(obs))
+
+    def forward(self, obs: torch.Tensor, state):
+        """Like :class:`LSTMPolicy`: distributions (C,) or (N, C) and the next state."""
+        rows = self.obs_rms.normalize(self.rows(obs))
+        C = rows.shape[-2]
+        depth = torch.linspace(0, 1, C) if C > 1 else torch.ones(1)
+        x = torch.cat([rows, depth.expand(*rows.shape[:-1]).unsqueeze(-1)], -1).reshape(-1, rows.shape[-1] + 1)
+        h, c = self.lstm(x, state)
+        logits = self.head(h).view(*obs.shape[:-1], C, self.n_levels)
+        return Categorical(logits=logits), (h, c)
+
+
+def build_network(config: ReinforceConfig, obs_dim: int, n_coordinates: int, n_levels: int) -> nn.Module:
+    if config.network == "paper":
+        return LSTMPolicy(obs_dim, n_coordinates, config.hidden_size, n_levels)
+    n_own = (obs_dim - len(BASE_OBS_NAMES)) // n_coordinates
+    return CoordinateWisePolicy(len(BASE_OBS_NAMES), n_own, config.hidden_size, n_levels)
 
 
 def sample(dist: Categorical, generator: torch.Generator) -> torch.Tensor:
@@ -119,10 +181,11 @@ class ReinforcePolicy:
         return action.numpy()
 
     def state_dict(self) -> dict:
-        return {"h": self.state[0], "c": self.state[1], "generator": self.generator.get_state()}
+        lstm = {} if self.state is None else {"h": self.state[0], "c": self.state[1]}
+        return {**lstm, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = (state["h"], state["c"])
+        self.state = (state["h"], state["c"]) if "h" in state else None
         self.generator.set_state(state["generator"])
 
 
@@ -146,7 +209,7 @@ class ReinforceTrainer:
         n_coordinates = len(space.nvec)
         with torch.random.fork_rng(devices=[]):  # the policy's initial weights, from its seed alone
             torch.manual_seed(seed)
-            self.net = LSTMPolicy(obs_dim, n_coordinates, self.cfg.hidden_size, int(space.nvec[0]))
+            self.net = build_network(self.cfg, obs_dim, n_coordinates, int(space.nvec[0]))
         self.generator = torch.Generator().manual_seed(seed)  # the sampled actions
         opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.cfg.optimizer]
         self.optimizer = opt(self.net.parameters(), lr=self.cfg.lr)
@@ -197,7 +260,7 @@ class ReinforceTrainer:
         t = 0
         while running.any():
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
-            self.net.obs_rms.update(obs_t[torch.from_numpy(running)])
+            self.net.update_normalizer(obs_t[torch.from_numpy(running)])
             dist, state = self.net(obs_t, state)
             action = sample(dist, self.generator)
             obs, reward, terminated, truncated, info = self.envs.step(action.numpy())
@@ -229,7 +292,7 @@ class ReinforceTrainer:
         """The frozen policy: weights, normaliser and config, loadable with weights_only=True."""
         return {
             "format": POLICY_FORMAT, "agent": "reinforce", "config": asdict(self.cfg),
-            "obs_dim": self.net.obs_rms.mean.shape[0], "n_coordinates": self.net.n_coordinates,
+            "obs_dim": self.envs.single_observation_space.shape[0], "n_coordinates": len(self.envs.single_action_space.nvec),
             "n_levels": self.net.n_levels,
             "state_dict": self.net.state_dict(), **metadata,
         }
@@ -263,7 +326,7 @@ def _env_info(info: dict, i: int) -> dict:
 
 
 def policy_from_state(state: dict, deterministic: bool = True, seed: int | None = None) -> ReinforcePolicy:
-    net = LSTMPolicy(state["obs_dim"], state["n_coordinates"], state["config"]["hidden_size"],
-                     state.get("n_levels", N_LEVELS))
+    config = ReinforceConfig(**state["config"])
+    net = build_network(config, state["obs_dim"], state["n_coordinates"], state.get("n_levels", N_LEVELS))
     net.load_state_dict(state["state_dict"])
     return ReinforcePolicy(net, deterministic, seed)

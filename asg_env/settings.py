@@ -137,6 +137,7 @@ REINFORCE_SETTINGS: dict[str, Setting] = {
     "baseline": _one_of("per-step", "none"),
     "baseline_decay": _number(0, 1, below=True),
     "max_grad_norm": _number(0, above=True),
+    "network": _one_of("paper", "coordinate-wise"),
 }
 # agent.<sb3 agent>: the numeric hyperparameters of SB3's PPO, RecurrentPPO and A2C. Any other
 # keyword goes to SB3 as it is, and an error there is one line too.
@@ -151,6 +152,7 @@ SB3_SETTINGS: dict[str, Setting] = {
     "vf_coef": _number(0),
     "clip_range": _number(0, above=True),
     "max_grad_norm": _number(0, above=True),
+    "normalize": FLAG,  # ASG-Gym's, not SB3's: train behind VecNormalize (observations and rewards)
 }
 TRAIN_SETTINGS: dict[str, Setting] = {
     "episodes": _whole(1),

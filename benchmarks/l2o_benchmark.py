@@ -165,7 +165,8 @@ def _sets(bench: Bench, agent: str, T: int) -> list[str]:
     if agent == "recurrent-ppo":  # one rollout = one episode, one minibatch (a 1-sample minibatch has no advantage std)
         sets += [f"agent.recurrent-ppo.n_steps={T}", f"agent.recurrent-ppo.batch_size={T}",
                  "agent.recurrent-ppo.n_epochs=4", "agent.recurrent-ppo.ent_coef=0.01",
-                 "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}"]
+                 "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}",
+                 "agent.recurrent-ppo.normalize=false"]  # raw observations, as the committed docs/l2o policies
     return [item for s in sets for item in ("--set", s)]
 
 

@@ -4,8 +4,8 @@ import torch
 
 from agents.loading import env_metadata, load_policy, save_policy
 from agents.policies import ConstantPolicy, RandomPolicy, hand_tuned_levels, make_baseline
-from agents.reinforce import LSTMPolicy, ReinforceConfig, ReinforcePolicy, ReinforceTrainer, policy_from_state
-from asg_env import UserInputError
+from agents.reinforce import CoordinateWisePolicy, LSTMPolicy, ReinforceConfig, ReinforcePolicy, ReinforceTrainer, policy_from_state
+from asg_env import N_LEVELS, UserInputError
 from toy_env import ToyLREnv
 
 META = {"obs_names": ToyLREnv().obs_names, "coordinate_names": ToyLREnv().coordinate_names,
@@ -190,3 +190,73 @@ def test_sb3_agents_learn_on_the_toy_env_and_round_trip(agent, tmp_path):
 def test_env_metadata_names_the_models_coordinates():
     meta = env_metadata(ToyLREnv())
     assert meta["coordinate_names"] == ["c0", "c1", "c2"] and meta["backbone"] == "toy"
+
+
+def test_coordinate_wise_rows_hold_the_global_features_and_each_coordinates_own():
+    net = CoordinateWisePolicy(n_global=5, n_own=3)  # its scale and two features per coordinate
+    glob, scales = [1.0, 2.0, 0.5, 0.0, 0.1], [0.1, 0.2, 0.3]
+    own = [[10.0, 11.0], [20.0, 21.0], [30.0, 31.0]]  # the env's layout: coordinate-major
+    rows = net.rows(torch.tensor(glob + scales + sum(own, [])))
+    expected = torch.tensor([glob + [s] + o for s, o in zip(scales, own)])
+    assert torch.equal(rows, expected)
+    with pytest.raises(ValueError, match="does not split"):
+        net.rows(torch.zeros(5 + 3 * 3 + 1))
+
+
+def test_coordinate_wise_policy_shares_one_network_and_fits_any_coordinate_count():
+    torch.manual_seed(0)
+    net = CoordinateWisePolicy(n_global=5, n_own=1)
+    obs = torch.rand(5 + 4)
+    dist, (h, _) = net(obs, None)
+    assert dist.probs.shape == (4, N_LEVELS) and h.shape == (4, net.hidden_size)
+    changed = obs.clone()
+    changed[5 + 2] += 0.5  # coordinate 2's last scale: only coordinate 2's distribution moves
+    moved = ~torch.isclose(net(changed, None)[0].logits, dist.logits).all(-1)
+    assert moved.tolist() == [False, False, True, False]
+    for C in (1, 7, 9):
+        assert net(torch.rand(2, 5 + C), None)[0].probs.shape == (2, C, N_LEVELS)
+
+
+def test_reinforce_trains_the_coordinate_wise_policy_and_it_runs_on_another_backbone(tmp_path):
+    torch.manual_seed(0)
+    env = ToyLREnv()
+    trainer = ReinforceTrainer(env, ReinforceConfig(lr=0.01, network="coordinate-wise"))
+    before = _best_level_probability(trainer.net, env)
+    returns = [trainer.run_episode(seed=i)["return"] for i in range(150)]
+    after = _best_level_probability(trainer.net, env)
+    assert before < 0.15 and after > 0.3, (before, after)
+    assert np.mean(returns[-20:]) > np.mean(returns[:20]) + 0.5
+    path = str(tmp_path / "cw.pt")
+    save_policy(trainer.policy_state(META), path)
+    five = ToyLREnv(best=(1, 2, 3, 4, 5))
+    five.backbone_name = "toy-5"
+    policy = load_policy(path, five)  # five coordinates, none of them named as in training
+    obs, _ = five.reset(seed=0)
+    assert five.action_space.contains(policy.act(obs))
+    paper = str(tmp_path / "paper.pt")
+    save_policy(ReinforceTrainer(env).policy_state(META), paper)
+    with pytest.raises(UserInputError, match="trained for 3 coordinates"):
+        load_policy(paper, five)
+
+
+def test_sb3_policy_applies_its_frozen_vecnormalize_statistics(tmp_path):
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from agents.sb3_agents import make_sb3, normalize_obs, sb3_policy_state
+
+    venv = VecNormalize(DummyVecEnv([ToyLREnv]))
+    model = make_sb3("ppo", venv, seed=0, hyperparams={"n_steps": 20, "batch_size": 20})
+    model.learn(total_timesteps=40)
+    path = str(tmp_path / "ppo.pt")
+    save_policy(sb3_policy_state("ppo", model, META), path)
+    stats = torch.load(path, weights_only=True)["vec_normalize"]
+    np.testing.assert_allclose(stats["obs_rms"]["mean"].numpy(), venv.obs_rms.mean)
+    assert stats["obs_rms"]["count"] > 40
+    policy, env = load_policy(path, ToyLREnv()), ToyLREnv()
+    obs, _ = env.reset(seed=0)
+    for _ in range(4):
+        np.testing.assert_allclose(normalize_obs(obs, stats), venv.normalize_obs(obs), rtol=1e-5)
+        a = policy.act(obs)
+        assert np.array_equal(a, model.predict(venv.normalize_obs(obs), deterministic=True)[0])
+        obs, *_ = env.step(a)
+    assert torch.equal(policy.normalizer["obs_rms"]["mean"], stats["obs_rms"]["mean"])  # frozen: applying never updates it

@@ -448,3 +448,43 @@ def test_train_on_an_instance_split_draws_a_seeded_instance_per_episode(tmp_path
     assert "drop --instances" in capsys.readouterr().err
     assert train_policy.main(["--instances", instances, "--split", "validation", "--out", str(tmp_path / "y")]) == 2
     assert "unknown split 'validation'" in capsys.readouterr().err
+
+
+def test_coordinate_wise_policy_trained_on_lite0_drives_resnet50(tmp_path, cache_dir, capsys):
+    out = str(tmp_path / "cw")
+    per_coordinate = ["--set", "env.kwargs.observation=per_coordinate", "--set", "agent.reinforce.network=coordinate-wise"]
+    assert train_policy.main(["--episodes", "2", "--out", out, "--data-root", cache_dir, *TINY, *per_coordinate]) == 0
+    policy = os.path.join(out, "policy.pt")
+    state = torch.load(policy, weights_only=True)
+    assert state["config"]["network"] == "coordinate-wise" and len(state["coordinate_names"]) == 9
+    resnet = ["--set", "env.kwargs.backbone=resnet50", "--set", "env.kwargs.weights=null"]  # no ImageNet weights offline
+    capsys.readouterr()
+    assert apply_policy.main(["--policy", policy, "--out", str(tmp_path / "r50"), "--data-root", cache_dir, *resnet]) == 0
+    said = capsys.readouterr().out
+    assert "coordinate-wise policy trained on 9 coordinates of efficientnet_lite0, applied to the 7 of resnet50" in said
+    steps = _rows(os.path.join(tmp_path, "r50", "steps.csv"))
+    assert len(steps) == 4 and {k for k in steps[0] if k.startswith("action/")} == {
+        f"action/{n}" for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "new_head")}
+    paper = str(tmp_path / "paper")
+    assert train_policy.main(["--episodes", "1", "--out", paper, "--data-root", cache_dir, *TINY]) == 0
+    assert apply_policy.main(["--policy", os.path.join(paper, "policy.pt"), "--out", str(tmp_path / "refused"),
+                              "--data-root", cache_dir, *resnet]) == 2
+    assert "trained for 9 coordinates of efficientnet_lite0" in capsys.readouterr().err
+
+
+def test_sb3_agents_train_behind_vecnormalize_and_log_raw_returns(tmp_path, cache_dir):
+    ppo = ["--agent", "ppo", "--set", "agent.ppo.n_steps=3", "--set", "agent.ppo.batch_size=3", "--data-root", cache_dir, *TINY]
+    runs = {}
+    for normalize in ("true", "false"):
+        out = str(tmp_path / normalize)
+        assert train_policy.main(["--episodes", "2", "--out", out, *ppo, "--set", f"agent.ppo.normalize={normalize}"]) == 0
+        runs[normalize] = (torch.load(os.path.join(out, "policy.pt"), weights_only=True),
+                           _rows(os.path.join(out, "episodes.csv")))
+    state, episodes = runs["true"]
+    assert state["vec_normalize"]["obs_rms"]["count"] >= 6 and "vec_normalize" not in runs["false"][0]
+    for a, b in zip(episodes, runs["false"][1]):  # the env's loss decreases (~1e-2), not VecNormalize's rewards (~1)
+        assert float(a["return"]) == pytest.approx(float(b["return"]), abs=0.05)
+    out = str(tmp_path / "true")
+    assert train_policy.main(["--out", out, "--resume", "--episodes", "3", "--data-root", cache_dir]) == 0
+    resumed = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["policy"]["vec_normalize"]
+    assert resumed["obs_rms"]["count"] > state["vec_normalize"]["obs_rms"]["count"]  # went on from the saved statistics

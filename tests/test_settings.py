@@ -1,6 +1,7 @@
 import dataclasses
 import inspect
 import math
+import os
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from asg_env.proxy import StudentNet
 from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, Setting,
                               check_settings)
 from asg_env.trainer import Trainer
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _parameters(fn) -> set[str]:
@@ -40,6 +44,16 @@ def test_every_default_is_allowed():
     for spec in ours:
         check_settings(spec.kwargs, ENV_SETTINGS, ignore=ENV_FREE_FORM)
     check_settings(dataclasses.asdict(ReinforceConfig()), REINFORCE_SETTINGS)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_every_shipped_config_passes_the_checks(name):
+    from agents.config import check_run_config, load_config
+    from train_policy import AGENTS
+
+    config = load_config(os.path.join(CONFIGS, name))
+    check_run_config(config, AGENTS)
+    check_settings(config["env"]["kwargs"], ENV_SETTINGS, ignore=ENV_FREE_FORM)
 
 
 NUMERIC = [(name, s) for table in (ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS)
