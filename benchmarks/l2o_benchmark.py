@@ -29,12 +29,19 @@ Stages, each kept in --out as it finishes (a rerun continues where the last one 
 The real target is only evaluated on, at the end of each evaluation run: no training,
 tuning, replay or choice reads it.
 
+``--variants`` adds learned policies trained with the env and agent options of
+``asg_env/control.py`` and ``agents/`` (:data:`VARIANTS`: other actions, observations, rewards,
+VecNormalize, the coordinate-wise network), each trained and evaluated like the two agents
+above and compared with the same baselines; each variant's own training steps are in the
+compute table, and B stays the two agents'.
+
 Outputs in --out: results.jsonl (one line per evaluation run), tuning.jsonl (every trial, with
 its SGD steps), policies/ (the train_policy.py run folders, replays), results.md,
 learning_curves.png and scores.png.
 
     python benchmarks/l2o_benchmark.py --quick    # a smaller version of every stage: 13 min on 2 cores
     python benchmarks/l2o_benchmark.py            # full: about 3 h on 2 cores (estimated), resumable
+    python benchmarks/l2o_benchmark.py --variants all   # and every option of issue 18 against them
 """
 
 from __future__ import annotations
@@ -71,6 +78,18 @@ PRESETS = {
                         "synthetic_eval_size": 100}),
 }
 LEARNED = {"reinforce": "REINFORCE", "recurrent-ppo": "RecurrentPPO"}
+# name: (agent, env options, agent settings), each one change from the paper's REINFORCE or
+# from the benchmark's RecurrentPPO (raw observations)
+VARIANTS = {
+    "reinforce+log_levels": ("reinforce", {"action": "log_levels"}, {}),
+    "reinforce+relative": ("reinforce", {"action": "relative"}, {}),
+    "reinforce+per_coordinate": ("reinforce", {"observation": "per_coordinate"}, {}),
+    "reinforce+log_loss_decrease": ("reinforce", {"reward": "log_loss_decrease"}, {}),
+    "reinforce+final": ("reinforce", {"reward": "final"}, {}),
+    "coordinate-wise": ("reinforce", {"observation": "per_coordinate"}, {"network": "coordinate-wise"}),
+    "recurrent-ppo+vecnormalize": ("recurrent-ppo", {}, {"normalize": True}),
+    "ppo+continuous": ("ppo", {"action": "continuous"}, {"normalize": True}),
+}
 SCHEDULES = ("llrd", "cosine")
 NAMED = {"random": "random", "hand-tuned": "hand-tuned (official poly, warm-up 4 steps)",
          "small-backbone-large-classifier": "small backbone + large FC", "large-everywhere": "large everywhere",
@@ -134,15 +153,16 @@ def _axes(override: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- stage 1
-def train_policies(bench: Bench, out: str) -> dict[str, list[str]]:
-    """``train_policy.py`` runs, continued when a rerun finds them unfinished."""
+def train_policies(bench: Bench, out: str, learners: dict[str, tuple[str, dict, dict]]) -> dict[str, list[str]]:
+    """``train_policy.py`` runs of each learner (name: agent, env options, agent settings),
+    continued when a rerun finds them unfinished."""
     args, paths = bench.args, {}
     T = bench.env(bench.train_instances[0]).unwrapped.T
-    for agent in LEARNED:
-        paths[agent] = []
+    for name, (agent, env_options, agent_settings) in learners.items():
+        paths[name] = []
         for k in range(args.policy_seeds):
-            run = os.path.join(out, "policies", f"{agent}-seed{k}")
-            paths[agent].append(os.path.join(run, "policy.pt"))
+            run = os.path.join(out, "policies", f"{name}-seed{k}")
+            paths[name].append(os.path.join(run, "policy.pt"))
             if len(_episodes(run)) >= args.episodes:
                 continue
             argv = ["--out", run, "--episodes", str(args.episodes), "--device", "cpu"]
@@ -150,14 +170,15 @@ def train_policies(bench: Bench, out: str) -> dict[str, list[str]]:
                 argv += ["--resume"]
             else:
                 argv += ["--instances", args.instances, "--split", "train", "--agent", agent, "--seed", str(k),
-                         "--n-envs", str(args.n_envs), *_sets(bench, agent, T)]
+                         "--n-envs", str(args.n_envs), *_sets(bench, agent, T, env_options, agent_settings)]
             if train_policy.main(argv) != 0:
-                raise SystemExit(f"training {agent} seed {k} failed")
+                raise SystemExit(f"training {name} seed {k} failed")
     return paths
 
 
-def _sets(bench: Bench, agent: str, T: int) -> list[str]:
-    sets = [f"env.kwargs.{k}={json.dumps(v)}" for k, v in bench.override.items() if k not in _axes(bench.override)]
+def _sets(bench: Bench, agent: str, T: int, env_options: dict, agent_settings: dict) -> list[str]:
+    sets = [f"env.kwargs.{k}={json.dumps(v)}" for k, v in {**bench.override, **env_options}.items()
+            if k not in _axes(bench.override)]
     if bench.args.data_root:
         sets.append(f"env.kwargs.data_root={bench.args.data_root}")
     if _axes(bench.override):  # quick mode: the instances with the overrides on top
@@ -167,6 +188,9 @@ def _sets(bench: Bench, agent: str, T: int) -> list[str]:
                  "agent.recurrent-ppo.n_epochs=4", "agent.recurrent-ppo.ent_coef=0.01",
                  "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}",
                  "agent.recurrent-ppo.normalize=false"]  # raw observations, as the committed docs/l2o policies
+    if agent == "ppo":  # the same rollout shape
+        sets += [f"agent.ppo.n_steps={T}", f"agent.ppo.batch_size={T}", "agent.ppo.n_epochs=4", "agent.ppo.ent_coef=0.01"]
+    sets += [f"agent.{agent}.{k}={json.dumps(v)}" for k, v in agent_settings.items()]
     return [item for s in sets for item in ("--set", s)]
 
 
@@ -182,6 +206,14 @@ def policy_budget(paths: dict[str, list[str]]) -> int:
     """B: the mean SGD steps of one policy's training episodes (over agents and seeds)."""
     return int(round(np.mean([sum(int(r["sgd_steps"]) for r in _episodes(os.path.dirname(p)))
                               for ps in paths.values() for p in ps])))
+
+
+def variant_names(text: str | None) -> list[str]:
+    names = list(VARIANTS) if text == "all" else [n for n in (text or "").split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)} or all")
+    return names
 
 
 # ---------------------------------------------------------------------------------- stage 2
@@ -325,7 +357,7 @@ def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: di
     return text
 
 
-def plot_learning_curves(paths: dict[str, list[str]], window: int, path: str) -> None:
+def plot_learning_curves(paths: dict[str, list[str]], labels: dict[str, str], window: int, path: str) -> None:
     """Return against training episode: each seed's running mean over ``window`` episodes, then
     the mean and 95 % CI over seeds."""
     plt = _plt()
@@ -339,7 +371,7 @@ def plot_learning_curves(paths: dict[str, list[str]], window: int, path: str) ->
         c = np.array([x[:n] for x in curves])
         stats = np.array([mean_ci(c[:, i]) for i in range(n)])
         x = np.arange(n) + window
-        line, = ax.plot(x, stats[:, 0], label=f"{LEARNED[agent]} ({len(ps)} seeds)")
+        line, = ax.plot(x, stats[:, 0], label=f"{labels[agent]} ({len(ps)} seeds)")
         ax.fill_between(x, stats[:, 0] - stats[:, 2], stats[:, 0] + stats[:, 2], color=line.get_color(), alpha=0.15)
     ax.set(xlabel="training episode", ylabel=f"return (running mean over {window})",
            title="Learning curves on the train split (95 % CI over seeds)")
@@ -385,6 +417,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-envs", type=int, default=1, help="episodes at once while policies train (train_policy.py --n-envs)")
     p.add_argument("--override", help="JSON settings on top of every instance (for tests)")
     p.add_argument("--data-root", help="cache folder of the rendered images")
+    p.add_argument("--variants", help=f"comma-separated learned variants to add, or all: {', '.join(VARIANTS)}")
+    p.add_argument("--train-only", action="store_true",
+                   help="stop after stage 1, the learned policies (e.g. to train the variants beside a running evaluation)")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     for key, value in preset.items():
@@ -411,13 +446,21 @@ def main(argv=None) -> int:
     if args.seeds > args.policy_seeds:
         raise SystemExit("error: --seeds must not exceed --policy-seeds (learned method k is evaluated with policy seed k)")
 
-    paths = train_policies(bench, out)
+    variants = variant_names(args.variants)
+    paths = train_policies(bench, out, {agent: (agent, {}, {}) for agent in LEARNED})
     budget = policy_budget(paths)
+    variant_paths = train_policies(bench, out, {v: VARIANTS[v] for v in variants})
+    if args.train_only:
+        print(f"policies in {out}/policies/")
+        return 0
     trials = Trials(os.path.join(out, "tuning.jsonl"))
     specs, compute = {}, {}
     for agent, name in LEARNED.items():
         specs[f"{name} (learned)"] = ("policy", paths[agent])
         compute[f"{name} (learned)"] = f"{budget:,} (training, mean over {len(paths[agent])} seeds)"
+    for v in variants:
+        specs[f"{v} (learned)"] = ("variant", (variant_paths[v], VARIANTS[v][1]))
+        compute[f"{v} (learned)"] = f"{policy_budget({v: variant_paths[v]}):,} (training, mean over {len(variant_paths[v])} seeds)"
     for agent, name in LEARNED.items():
         replays = [replay_levels(bench, p, os.path.join(out, "policies", f"replay-{agent}-seed{k}.json"))
                    for k, p in enumerate(paths[agent])]
@@ -448,6 +491,9 @@ def main(argv=None) -> int:
         inst, extra, policy, spec = bench.test_instances[j], {}, None, None
         if kind == "policy":
             spec, identity = value[k], _identity(value[k])
+        elif kind == "variant":
+            spec, extra = value[0][k], value[1]
+            identity = _identity(spec)
         elif kind == "replay":
             policy, identity = OpenLoopPolicy(value[k]), json.dumps(value[k])
         else:
@@ -465,12 +511,15 @@ def main(argv=None) -> int:
 
     methods = list(specs)
     rows = [runs[(m, j, s)] for m in methods for j in range(len(bench.test_instances)) for s in seeds]
-    plot_learning_curves(paths, max(1, min(len(bench.train_instances), args.episodes // 2)),
+    plot_learning_curves({**paths, **variant_paths}, {**LEARNED, **{v: v for v in variants}},
+                         max(1, min(len(bench.train_instances), args.episodes // 2)),
                          os.path.join(out, "learning_curves.png"))
     header = (f"{bench.test.family} family ({args.instances}), {'quick' if args.quick else 'full'} mode: "
               f"{len(bench.train_instances)} train instances, {len(bench.test_instances)} test instances, "
               f"evaluation seeds {seeds}. Learned policies: {args.episodes} episodes × {args.policy_seeds} seeds per "
-              f"agent, B = {budget:,} SGD steps each. Tuning instances: {args.tune_instances}. "
+              f"agent, B = {budget:,} SGD steps each"
+              + (f"; variants {', '.join(variants)}, as many episodes and seeds each" if variants else "")
+              + f". Tuning instances: {args.tune_instances}. "
               f"Wall time of this invocation {(time.perf_counter() - start) / 60:.1f} min.")
     text = write_report(bench, rows, methods, compute, out, header)
     plot_scores(rows, methods, os.path.join(out, "scores.png"))

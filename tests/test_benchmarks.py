@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 
 def _load(name):
@@ -209,6 +210,23 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
     assert text.startswith(before[0])  # appended to, never rewritten
     new = [json.loads(line) for line in text[len(before[0]):].splitlines()]
     assert len(new) == len(evaluations) <= 4 and all(r["method"] == bench.REFERENCE for r in new)
+
+    before = (out / "results.jsonl").read_text()
+    assert bench.main(argv[:-1] + ["3", "--variants", "coordinate-wise,ppo+continuous"]) == 0
+    new = [json.loads(line) for line in (out / "results.jsonl").read_text()[len(before):].splitlines()]
+    assert sorted({r["method"] for r in new}) == ["coordinate-wise (learned)", "ppo+continuous (learned)"]
+    assert len(new) == 2 * 2 * 2  # only the variants ran: each on both test instances with both seeds
+    cw = torch.load(out / "policies" / "coordinate-wise-seed1" / "policy.pt", weights_only=True)
+    assert cw["config"]["network"] == "coordinate-wise" and cw["env_kwargs"]["observation"] == "per_coordinate"
+    ppo = torch.load(out / "policies" / "ppo+continuous-seed0" / "policy.pt", weights_only=True)
+    assert ppo["env_kwargs"]["action"] == "continuous" and "vec_normalize" in ppo
+    steps = sum(int(r["sgd_steps"]) for r in _csv(out / "policies" / "ppo+continuous-seed0" / "episodes.csv"))
+    steps1 = sum(int(r["sgd_steps"]) for r in _csv(out / "policies" / "ppo+continuous-seed1" / "episodes.csv"))
+    table = (out / "results.md").read_text()
+    assert f"| ppo+continuous (learned) | {round((steps + steps1) / 2):,} (training" in table
+    assert f"B = {budget:,} SGD steps" in table  # B is still the two agents'
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.main(argv + ["--variants", "reinforce+adam"])
 
 
 def _csv(path):
