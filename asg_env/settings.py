@@ -154,6 +154,29 @@ SB3_SETTINGS: dict[str, Setting] = {
     "max_grad_norm": _number(0, above=True),
     "normalize": FLAG,  # ASG-Gym's, not SB3's: train behind VecNormalize (observations and rewards)
 }
+# adapt.py's self_training section: asg_env.self_training.SelfTrainingConfig.
+SELF_TRAINING_SETTINGS: dict[str, Setting] = {
+    "method": _one_of("cbst", "crst-mrkld", "crst-mrkld-lrent"),
+    "rounds": _whole(1),
+    "epochs_per_round": _whole(1),
+    "init_tgt_port": _number(0, 1, above=True),
+    "tgt_port_step": _number(0, 1),
+    "max_tgt_port": _number(0, 1, above=True),
+    "init_src_port": _number(0, 1),
+    "src_port_step": _number(0, 1),
+    "max_src_port": _number(0, 1),
+    "lr": _number(0, above=True, optional=True),
+    "lr_ratio": _number(0, above=True),
+    "head_lr_mult": _number(0),
+    "momentum": _number(0, 1, below=True),
+    "weight_decay": _number(0),
+    "batch_size": _whole(1, optional=True),
+    "ds_rate": _whole(1),
+    "mr_weight_kld": _number(0, optional=True),
+    "lr_weight_ent": _number(0, above=True, optional=True),
+    "kld_weight_squared": FLAG,
+    "seed": _whole(0),
+}
 TRAIN_SETTINGS: dict[str, Setting] = {
     "episodes": _whole(1),
     "seed": _whole(0),

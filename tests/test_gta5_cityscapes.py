@@ -125,3 +125,12 @@ def test_train_and_apply_a_policy_on_gta5_cityscapes_with_the_config(seg_root, t
     summary = json.load(open(os.path.join(applied, "summary.json")))
     assert summary["env"] == "GTA5-Cityscapes-v0" and summary["env_kwargs"]["lam"] == 75.0
     assert 0 <= summary["final"]["target_miou"] <= 1 and "target_iou/bicycle" in summary["final"]
+
+    import adapt  # CRST from that model, with the papers' settings, on the unlabelled Cityscapes images
+
+    adapted = str(tmp_path / "adapted")
+    assert adapt.main(["--model", applied, "--method", "crst-mrkld-lrent", "--rounds", "1", "--out", adapted,
+                       "--config", os.path.join(os.path.dirname(config), "uda_gta5.yaml"),
+                       "--data-root", str(seg_root)]) == 0
+    result = json.load(open(os.path.join(adapted, "summary.json")))
+    assert result["final"]["round"] == 1 and 0 <= result["final"]["target_miou"] <= 1

@@ -13,8 +13,9 @@ from asg_env import UserInputError
 from asg_env.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
 from asg_env.env import ASGEnv
 from asg_env.proxy import StudentNet
-from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, Setting,
-                              check_settings)
+from asg_env.self_training import SelfTrainingConfig
+from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
+                              TRAIN_SETTINGS, Setting, check_settings)
 from asg_env.trainer import Trainer
 
 
@@ -28,6 +29,7 @@ def _parameters(fn) -> set[str]:
 def test_every_env_and_agent_setting_has_an_entry():
     assert _parameters(Trainer.__init__) | _parameters(ASGEnv.__init__) == set(ENV_SETTINGS) | set(ENV_FREE_FORM)
     assert {f.name for f in dataclasses.fields(ReinforceConfig)} == set(REINFORCE_SETTINGS)
+    assert {f.name for f in dataclasses.fields(SelfTrainingConfig)} == set(SELF_TRAINING_SETTINGS)
     assert set(TRAIN_SETTINGS) == {"episodes", "seed", "n_envs"}
 
 
@@ -44,19 +46,25 @@ def test_every_default_is_allowed():
     for spec in ours:
         check_settings(spec.kwargs, ENV_SETTINGS, ignore=ENV_FREE_FORM)
     check_settings(dataclasses.asdict(ReinforceConfig()), REINFORCE_SETTINGS)
+    check_settings(dataclasses.asdict(SelfTrainingConfig()), SELF_TRAINING_SETTINGS)
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
 def test_every_shipped_config_passes_the_checks(name):
-    from agents.config import check_run_config, load_config
+    from agents.config import check_run_config, load_config, read_config_file
     from train_policy import AGENTS
 
+    raw = read_config_file(os.path.join(CONFIGS, name))
+    if "self_training" in raw:  # adapt.py's
+        assert set(raw) == {"self_training"}
+        check_settings(raw["self_training"], SELF_TRAINING_SETTINGS)
+        return
     config = load_config(os.path.join(CONFIGS, name))
     check_run_config(config, AGENTS)
     check_settings(config["env"]["kwargs"], ENV_SETTINGS, ignore=ENV_FREE_FORM)
 
 
-NUMERIC = [(name, s) for table in (ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS)
+NUMERIC = [(name, s) for table in (ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, SELF_TRAINING_SETTINGS)
            for name, s in table.items() if s.kind in (int, float)]
 
 

@@ -141,3 +141,24 @@ def test_official_two_layer_head_is_an_option(visda_root):
     obs, _ = env.reset(seed=0)
     assert obs[4] == pytest.approx(head[2].weight.std().item(), rel=1e-5)  # θ_n stats: the last layer
     assert _visda(visda_root).trainer.student.new_head.out_features == 12  # the paper's single layer by default
+
+
+def test_apply_then_adapt_on_the_fake_tree_with_the_uda_config(visda_root, tmp_path):
+    import json
+    import os
+
+    import adapt
+    import apply_policy
+
+    applied = str(tmp_path / "applied")
+    tiny = ["--set", "env.kwargs.backbone=efficientnet_lite0", "--set", "env.kwargs.image_size=32",
+            "--set", "env.kwargs.batch_size=4", "--set", "env.kwargs.num_workers=0", "--set", "env.kwargs.imagenet_photos=0"]
+    assert apply_policy.main(["--policy", "hand-tuned", "--env", "VisDA-v0", "--steps", "2", "--out", applied,
+                              "--data-root", str(visda_root), *tiny]) == 0
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "uda_visda.yaml")
+    out = str(tmp_path / "cbst")
+    assert adapt.main(["--model", applied, "--method", "cbst", "--rounds", "2", "--out", out, "--config", config,
+                       "--data-root", str(visda_root)]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["task"] == "VisDA-17" and summary["final"]["round"] == 2
+    assert 0 <= summary["final"]["target_mean_class_acc"] <= 1

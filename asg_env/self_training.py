@@ -1,0 +1,164 @@
+"""Class-balanced self-training (CBST, Zou et al. 2018) and confidence-regularised self-training
+(CRST, Zou et al. 2019): the unsupervised domain adaptation that ASG §3.5 starts from its model.
+
+This is **domain adaptation**: it trains on the target images, without their labels. Domain
+generalisation (the envs, policy training, ``apply_policy.py``) never sees a target image.
+
+Each round, following the official ``crst_seg.py`` (yzou2/CRST):
+
+1. Predict every target image (softmax of θ_n). For each class c, collect the confidence
+   (max probability) of the samples, or of every ``ds_rate``-th pixel per image, predicted as c;
+   sort it in descending order; the class's threshold λ_c is the value at ``floor(n · p) − 1``,
+   where p is the round's target portion (1.0 when no sample falls there).
+2. Pseudo-label: ``argmax_c p_c / λ_c``, ignored (255) where ``max_c p_c / λ_c < 1``. With
+   LRENT, soft labels ``ŷ ∝ (p / λ)^(1/α)`` instead, kept where
+   ``−Σ ŷ log p + α Σ ŷ log ŷ < −Σ ŷ log λ``.
+3. Train ``epochs_per_round`` epochs on all pseudo-labelled target images mixed with a fresh
+   random subset of the labelled source images. Both are shuffled together, and a new SGD is
+   built every round. The loss is the cross-entropy over all labelled samples or pixels,
+   plus, for MRKLD, ``w · mean over the target's labelled samples of −(1/C) Σ_c log p_c``
+   (KL(uniform ‖ p) up to a constant).
+
+The portions grow each round: the target portion from 0.2 by 0.05 to at most 0.5, the source
+portion from 0.03 by 0.0025 to at most 0.06. The official MRKLD code multiplies its weight in
+twice (0.1 → 0.01); the papers' weight is used here, and ``kld_weight_squared`` gives the code's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+# method: (MRKLD weight, LRENT α), as the official mrkld.sh and lrent.sh set them
+METHODS = {"cbst": (0.0, 0.0), "crst-mrkld": (0.1, 0.0), "crst-mrkld-lrent": (0.1, 0.25)}
+
+
+@dataclass
+class SelfTrainingConfig:
+    method: str = "cbst"
+    rounds: int = 3  # crst_seg.py: NUM_ROUNDS = 4, the last of which only evaluates
+    epochs_per_round: int = 2  # EPR
+    init_tgt_port: float = 0.2
+    tgt_port_step: float = 0.05
+    max_tgt_port: float = 0.5
+    init_src_port: float = 0.03
+    src_port_step: float = 0.0025
+    max_src_port: float = 0.06
+    lr: float | None = None  # None: lr_ratio × the fine-tuning run's η_base
+    lr_ratio: float = 0.2  # the official 5e-5 self-training / 2.5e-4 source training
+    head_lr_mult: float = 10.0  # the official 10× on the classifier
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int | None = None  # None: the fine-tuning run's
+    ds_rate: int = 4  # every ds_rate-th pixel's confidence counts for the thresholds
+    mr_weight_kld: float | None = None  # None: the method's
+    lr_weight_ent: float | None = None  # None: the method's
+    kld_weight_squared: bool = False  # the official code's effective w²
+    seed: int = 3  # RANDSEED
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        kld, ent = METHODS[self.method]
+        return (kld if self.mr_weight_kld is None else self.mr_weight_kld,
+                ent if self.lr_weight_ent is None else self.lr_weight_ent)
+
+    def portions(self, round_index: int) -> tuple[float, float]:
+        """(target portion, source portion) of round ``round_index`` (0-based)."""
+        tgt = min(self.init_tgt_port + round_index * self.tgt_port_step, self.max_tgt_port)
+        src = min(self.init_src_port + round_index * self.src_port_step, self.max_src_port)
+        return tgt, src
+
+
+class ConfidenceCollector:
+    """Step 1's confidences per predicted class, gathered batch by batch."""
+
+    def __init__(self, num_classes: int, ds_rate: int = 4):
+        self.values: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self.ds_rate = ds_rate
+
+    def add(self, probs: torch.Tensor) -> None:
+        """``probs``: (B, K) or (B, K, H, W) softmax outputs."""
+        conf, pred = probs.max(1)
+        if probs.dim() == 2:  # one confidence per image
+            conf, pred = conf.cpu().numpy(), pred.cpu().numpy()
+            for c in np.unique(pred):
+                self.values[c].append(conf[pred == c])
+            return
+        for b in range(len(probs)):
+            c_b, p_b = conf[b].flatten().cpu().numpy(), pred[b].flatten().cpu().numpy()
+            for c in np.unique(p_b):
+                self.values[c].append(c_b[p_b == c][:: self.ds_rate])
+
+    def thresholds(self, portion: float) -> np.ndarray:
+        """λ_c: the ``floor(n · portion)``-th largest confidence of class c (1.0 if that is 0)."""
+        out = np.ones(len(self.values))
+        for c, parts in enumerate(self.values):
+            if not parts:
+                continue
+            conf = np.sort(np.concatenate(parts))[::-1]
+            n = int(math.floor(len(conf) * portion))
+            if n:
+                out[c] = conf[n - 1]
+        return out
+
+
+def _per_class(thresholds: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+    shape = [1, -1] + [1] * (probs.dim() - 2)
+    return torch.as_tensor(thresholds, dtype=probs.dtype, device=probs.device).view(shape)
+
+
+def hard_labels(probs: torch.Tensor, thresholds: np.ndarray) -> torch.Tensor:
+    """CBST's pseudo-labels: ``argmax p/λ``, 255 where ``max p/λ < 1``."""
+    weighted = probs / _per_class(thresholds, probs)
+    best, label = weighted.max(1)
+    label[best < 1] = IGNORE
+    return label
+
+
+def soft_labels(probs: torch.Tensor, thresholds: np.ndarray, alpha: float) -> torch.Tensor:
+    """LRENT's soft pseudo-labels ``(p/λ)^(1/α)``, normalised, and all-zero where not selected."""
+    lam = _per_class(thresholds, probs)
+    soft = (probs / lam) ** (1.0 / alpha)
+    soft = soft / soft.sum(1, keepdim=True)
+    reg = (-soft * torch.log(probs + 1e-32) + alpha * soft * torch.log(soft + 1e-32)).sum(1)
+    sel = (-soft * torch.log(lam + 1e-32)).sum(1)
+    return soft * (reg < sel).unsqueeze(1).to(soft.dtype)
+
+
+def labelled_fraction(labels: torch.Tensor) -> float:
+    """The share of target samples (or pixels) that carry a pseudo-label."""
+    kept = labels.sum(1) > 0 if labels.is_floating_point() else labels != IGNORE
+    return float(kept.float().mean())
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Hard labels as soft ones, class dimension second; 255 becomes all-zero."""
+    valid = labels != IGNORE
+    out = F.one_hot(torch.where(valid, labels, 0).long(), num_classes).to(torch.float32)
+    out = out * valid.unsqueeze(-1)
+    return out.movedim(-1, 1)
+
+
+def self_training_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor,
+                       kld_weight: float = 0.0) -> torch.Tensor:
+    """The official ``reg_loss_calc`` (hard labels, 255 ignored) or ``reg_loss_calc_expand``
+    (soft labels): the cross-entropy summed over every labelled sample or pixel of the batch,
+    source and target together, divided by their count; plus ``kld_weight`` × the mean of
+    ``−(1/C) Σ_c log p_c`` over the target's labelled ones."""
+    logp = F.log_softmax(logits.float(), 1)
+    if labels.is_floating_point():
+        valid = labels.sum(1) > 0
+        ce = -(labels * logp).sum(1)
+    else:
+        valid = labels != IGNORE
+        ce = -logp.gather(1, torch.where(valid, labels, 0).long().unsqueeze(1)).squeeze(1)
+    loss = ce[valid].sum() / valid.sum().clamp(min=1)
+    if kld_weight:
+        target = valid & is_target.view(-1, *[1] * (valid.dim() - 1))
+        loss = loss + kld_weight * (-logp.mean(1))[target].sum() / target.sum().clamp(min=1)
+    return loss
