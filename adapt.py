@@ -37,14 +37,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from agents.config import apply_overrides, read_config_file, run_cli
 from agents.loading import read_file, save_policy
 from asg_env import UserInputError
 from asg_env.env import ENV_OWN
-from asg_env.self_training import (METHODS, ConfidenceCollector, SelfTrainingConfig, hard_labels, labelled_fraction,
+from asg_env.self_training import (IGNORE, METHODS, ConfidenceCollector, SelfTrainingConfig, hard_labels, labelled_fraction,
                                    one_hot, self_training_loss, soft_labels)
 from asg_env.settings import SELF_TRAINING_SETTINGS, check_settings
 from asg_env.tasks import TensorSource
@@ -56,7 +56,8 @@ CHECKPOINT_FORMAT = "asg-gym-adapt/1"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="apply_policy.py run folder, or the model.safetensors in one")
-    p.add_argument("--method", choices=tuple(METHODS), help="cbst, crst-mrkld or crst-mrkld-lrent (default: cbst)")
+    p.add_argument("--method", choices=tuple(METHODS),
+                   help="cbst (default), crst-mrkld, crst-lrent or crst-mrkld-lrent (Table 4's three: not crst-lrent)")
     p.add_argument("--config", help="YAML file with a self_training section (see configs/uda_*.yaml)")
     p.add_argument("--rounds", type=int, help="self-training rounds (default 3, the official code's)")
     p.add_argument("--seed", type=int, help="seed of the source subsets and the shuffles (default 3, the official RANDSEED)")
@@ -121,7 +122,8 @@ def load_model(path: str, device: str, data_root: str | None) -> Trainer:
 
 # ------------------------------------------------------------------------------- the data
 class Images(Dataset):
-    """The target images alone: adaptation never reads the target labels."""
+    """The target images alone: adaptation never reads the target labels (file datasets give
+    their image without opening the label file)."""
 
     def __init__(self, target):
         self.target = target
@@ -132,16 +134,20 @@ class Images(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if isinstance(self.target, TensorSource):
             return self.target.normalise(self.target.images[i : i + 1])[0]
-        return self.target.dataset[i][0]
+        dataset = self.target.dataset
+        while isinstance(dataset, Subset):
+            dataset, i = dataset.dataset, dataset.indices[i]
+        return dataset.image(i)
 
 
 class SelfTrainingSet(Dataset):
     """A round's training set: the source subset ``source_index`` with its labels, then every
     target image with its pseudo-label. Items are ``(x, label, is_target)``."""
 
-    def __init__(self, source, source_index: np.ndarray, target: Images, pseudo: torch.Tensor, num_classes: int):
+    def __init__(self, source, source_index: np.ndarray, target: Images, pseudo: torch.Tensor, num_classes: int,
+                 crop: int):
         self.source, self.source_index, self.target, self.pseudo = source, source_index, target, pseudo
-        self.soft, self.num_classes = pseudo.is_floating_point(), num_classes
+        self.soft, self.num_classes, self.crop = pseudo.is_floating_point(), num_classes, crop
 
     def __len__(self) -> int:
         return len(self.source_index) + len(self.target)
@@ -150,7 +156,10 @@ class SelfTrainingSet(Dataset):
         if i >= len(self.source_index):
             j = i - len(self.source_index)
             label = self.pseudo[j].float() if self.soft else self.pseudo[j].long()
-            return self.target[j], label, True
+            x = self.target[j]
+            if label.dim() >= 2 and tuple(x.shape[-2:]) != (self.crop, self.crop):
+                x, label = _random_crop(x, label, self.crop, self.soft)
+            return x, label, True
         k = int(self.source_index[i])
         if isinstance(self.source, TensorSource):
             x, y = self.source.normalise(self.source.images[k : k + 1])[0], self.source.labels[k].cpu()
@@ -161,18 +170,38 @@ class SelfTrainingSet(Dataset):
         return x, one_hot(y.unsqueeze(0), self.num_classes)[0] if self.soft else y, False
 
 
+def _random_crop(x: torch.Tensor, label: torch.Tensor, size: int, soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size × size`` crop of a larger target image and its pseudo-label (padded with
+    unlabelled pixels where the image is smaller), from torch's RNG (seeded per round)."""
+    h, w = x.shape[-2:]
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    x = F.pad(x, (0, pw, 0, ph))
+    label = F.pad(label, (0, pw, 0, ph), value=0.0 if soft else IGNORE)
+    top = int(torch.randint(x.shape[-2] - size + 1, ()))
+    left = int(torch.randint(x.shape[-1] - size + 1, ()))
+    return x[..., top : top + size, left : left + size], label[..., top : top + size, left : left + size]
+
+
 def _loader(dataset: Dataset, trainer: Trainer, batch_size: int, order=None) -> DataLoader:
-    on_device = isinstance(trainer.task.target, TensorSource)  # tensors already on the device: no workers
-    workers = 0 if on_device else trainer.task.source.num_workers
+    in_memory = isinstance(trainer.task.target, TensorSource) or isinstance(trainer.task.source, TensorSource)
+    workers = 0 if in_memory else trainer.task.source.num_workers  # no workers for tensors already on the device
     return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers)
 
 
 # ------------------------------------------------------------------------------ one round
 @torch.no_grad()
-def _probabilities(trainer: Trainer, images: Images, batch_size: int):
+def _probabilities(trainer: Trainer, images: Images, batch_size: int, flip: bool):
     trainer.student.eval()
     for x in _loader(images, trainer, batch_size):
-        yield F.softmax(trainer.student(x.to(trainer.device))[0].float(), 1)
+        x = x.to(trainer.device).contiguous(memory_format=trainer.memory_format)
+        probs = F.softmax(trainer.student(x)[0].float(), 1)
+        if flip:  # the mirror image's prediction, mirrored back for a map
+            mirrored = F.softmax(trainer.student(x.flip(-1))[0].float(), 1)
+            probs = (probs + (mirrored.flip(-1) if probs.dim() > 2 else mirrored)) / 2
+        yield probs
+
+
+SOFT_LABEL_LIMIT = 8 * 2**30  # bytes of LRENT soft labels kept in memory
 
 
 def pseudo_label(trainer: Trainer, images: Images, cfg: SelfTrainingConfig, portion: float,
@@ -180,12 +209,16 @@ def pseudo_label(trainer: Trainer, images: Images, cfg: SelfTrainingConfig, port
     """Steps 1 and 2 (see :mod:`asg_env.self_training`): two passes over the target images,
     one for the class thresholds and one for the labels, so no probability map is stored."""
     collector = ConfidenceCollector(trainer.task.num_classes, cfg.ds_rate)
-    for probs in _probabilities(trainer, images, batch_size):
+    alpha = cfg.weights[1]
+    for probs in _probabilities(trainer, images, batch_size, cfg.test_flipping):
+        need = 2 * probs[0].numel() * len(images)
+        if alpha and need > SOFT_LABEL_LIMIT:
+            raise UserInputError(f"LRENT's soft labels for {len(images)} target images of {tuple(probs.shape[1:])} would "
+                                 f"take {need / 2**30:.0f} GiB of memory; use cbst or crst-mrkld, or fewer target images")
         collector.add(probs)
     thresholds = collector.thresholds(portion)
-    alpha = cfg.weights[1]
     labels = [(soft_labels(p, thresholds, alpha).half() if alpha else hard_labels(p, thresholds).to(torch.uint8)).cpu()
-              for p in _probabilities(trainer, images, batch_size)]
+              for p in _probabilities(trainer, images, batch_size, cfg.test_flipping)]
     return torch.cat(labels), thresholds
 
 
@@ -236,12 +269,15 @@ def adapt(trainer: Trainer, cfg: SelfTrainingConfig, on_round=None, checkpoint=N
         start = time.perf_counter()
         tgt_portion, src_portion = cfg.portions(r)
         pseudo, thresholds = pseudo_label(trainer, images, cfg, tgt_portion, batch_size)
-        # the official 'r' source policy: a new random subset every round (its seed + 1 each round)
+        # the official 'r' source policy: a new random subset every round (from the seed's
+        # round-r spawn, where the official code seeds numpy with its seed + 1 each round)
         rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(r,)))
         n_source = int(math.floor(len(source) * src_portion))
         source_index = rng.choice(len(source), n_source, replace=False)
         generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-        dataset = SelfTrainingSet(source, source_index, images, pseudo, trainer.task.num_classes)
+        torch.manual_seed(int(rng.integers(2**31 - 1)))  # crops and augmentation, the loader's workers: a resume redraws them
+        dataset = SelfTrainingSet(source, source_index, images, pseudo, trainer.task.num_classes,
+                                  int(trainer.config["image_size"]))
         loss = train_round(trainer, dataset, cfg, lr, batch_size, generator)
         row = {"round": r + 1, "target_portion": tgt_portion, "source_portion": src_portion, "source_images": n_source,
                "pseudo_labelled": labelled_fraction(pseudo), "mean_threshold": float(np.mean(thresholds)),
@@ -276,11 +312,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise UserInputError("--resume needs --out, the folder of the run to continue")
+        given = [flag for flag, value in (("--model", args.model), ("--method", args.method), ("--seed", args.seed),
+                                          ("--config", args.config), ("--set", args.set)) if value]
+        if given:
+            raise UserInputError(f"--resume continues the run with its own settings; drop {', '.join(given)}")
         resume = read_file(os.path.join(args.out, "checkpoint.pt"), "checkpoint",
                            " (--resume needs --out pointing at an unfinished adapt.py run)")
-        if resume.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(resume, dict) or resume.get("format") != CHECKPOINT_FORMAT:
             raise UserInputError(f"{args.out}/checkpoint.pt is not an adapt.py checkpoint")
+        check_settings(resume["config"], SELF_TRAINING_SETTINGS, "self_training.")
         model, cfg = resume["model"], SelfTrainingConfig(**resume["config"])
+        args.data_root = args.data_root or resume.get("data_root")
         if args.rounds is not None:
             cfg.rounds = args.rounds
     else:
@@ -308,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
             writer.writerows(rows)
 
     def checkpoint(state: dict) -> None:
-        save_policy({"format": CHECKPOINT_FORMAT, "model": model, "config": dataclasses.asdict(cfg), **state},
+        save_policy({"format": CHECKPOINT_FORMAT, "model": model, "config": dataclasses.asdict(cfg),
+                     **({"data_root": args.data_root} if args.data_root else {}), **state},
                     os.path.join(out, "checkpoint.pt"))
 
     print(f"{cfg.method} on {trainer.task.name} from {model}: {cfg.rounds} rounds, {len(trainer.task.target)} unlabelled "

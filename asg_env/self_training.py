@@ -22,6 +22,10 @@ Each round, following the official ``crst_seg.py`` (yzou2/CRST):
 The portions grow each round: the target portion from 0.2 by 0.05 to at most 0.5, the source
 portion from 0.03 by 0.0025 to at most 0.06. The official MRKLD code multiplies its weight in
 twice (0.1 → 0.01); the papers' weight is used here, and ``kld_weight_squared`` gives the code's.
+Target images larger than the training crop (Cityscapes) are trained on in random crops of
+the source's size, with their pseudo-labels cropped alike (the official code crops 512×1024);
+pseudo-labels come from the whole image, flip-averaged with ``test_flipping`` as the official
+scripts ask. Not built: the official rare-class-centred crops (``mine_chance``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = 255
-# method: (MRKLD weight, LRENT α), as the official mrkld.sh and lrent.sh set them
-METHODS = {"cbst": (0.0, 0.0), "crst-mrkld": (0.1, 0.0), "crst-mrkld-lrent": (0.1, 0.25)}
+# method: (MRKLD weight, LRENT α). mrkld.sh sets 0.1 and lrent.sh 0.25, each alone (crst-lrent);
+# crst-mrkld-lrent is the pairing that ASG's Table 4 reports.
+METHODS = {"cbst": (0.0, 0.0), "crst-mrkld": (0.1, 0.0), "crst-lrent": (0.0, 0.25), "crst-mrkld-lrent": (0.1, 0.25)}
 
 
 @dataclass
@@ -59,6 +64,7 @@ class SelfTrainingConfig:
     mr_weight_kld: float | None = None  # None: the method's
     lr_weight_ent: float | None = None  # None: the method's
     kld_weight_squared: bool = False  # the official code's effective w²
+    test_flipping: bool = False  # pseudo-labels from the mean of each image's and its mirror's softmax
     seed: int = 3  # RANDSEED
 
     @property
@@ -68,9 +74,12 @@ class SelfTrainingConfig:
                 ent if self.lr_weight_ent is None else self.lr_weight_ent)
 
     def portions(self, round_index: int) -> tuple[float, float]:
-        """(target portion, source portion) of round ``round_index`` (0-based)."""
-        tgt = min(self.init_tgt_port + round_index * self.tgt_port_step, self.max_tgt_port)
-        src = min(self.init_src_port + round_index * self.src_port_step, self.max_src_port)
+        """(target portion, source portion) of round ``round_index`` (0-based), summed step by
+        step as the official loop does, so ``floor(n · p)`` rounds the same way."""
+        tgt, src = self.init_tgt_port, self.init_src_port
+        for _ in range(round_index):
+            tgt = min(tgt + self.tgt_port_step, self.max_tgt_port)
+            src = min(src + self.src_port_step, self.max_src_port)
         return tgt, src
 
 

@@ -156,7 +156,7 @@ SB3_SETTINGS: dict[str, Setting] = {
 }
 # adapt.py's self_training section: asg_env.self_training.SelfTrainingConfig.
 SELF_TRAINING_SETTINGS: dict[str, Setting] = {
-    "method": _one_of("cbst", "crst-mrkld", "crst-mrkld-lrent"),
+    "method": _one_of("cbst", "crst-mrkld", "crst-lrent", "crst-mrkld-lrent"),
     "rounds": _whole(1),
     "epochs_per_round": _whole(1),
     "init_tgt_port": _number(0, 1, above=True),
@@ -175,6 +175,7 @@ SELF_TRAINING_SETTINGS: dict[str, Setting] = {
     "mr_weight_kld": _number(0, optional=True),
     "lr_weight_ent": _number(0, above=True, optional=True),
     "kld_weight_squared": FLAG,
+    "test_flipping": FLAG,
     "seed": _whole(0),
 }
 TRAIN_SETTINGS: dict[str, Setting] = {

@@ -234,3 +234,27 @@ def _csv(path):
 
     with open(path) as fh:
         return list(csv.DictReader(fh))
+
+
+def test_uda_table4_adapts_every_starting_point_with_every_method_and_resumes(tmp_path, cache_dir):
+    table4 = _load("uda_table4")
+    out = tmp_path / "uda"
+    tiny = json.dumps({"source_size": 160, "batch_size": 8, "image_size": 32, "synthetic_eval_size": 40,
+                       "imagenet_photos": 4, "target_eval_size": 60, "epochs": None, "sgd_steps": 4, "episode_steps": 2})
+    argv = ["--out", str(out), "--seeds", "2", "--rounds", "1", "--override", tiny, "--data-root", cache_dir]
+    assert table4.main(argv) == 0
+    runs = sorted(p.name for p in (out / "adapted").iterdir())
+    assert len(runs) == 3 * 3 * 2 and len(list((out / "fine-tuned").iterdir())) == 3 * 2
+    source = json.load(open(out / "fine-tuned" / "source-only-seed100" / "summary.json"))
+    learned = json.load(open(out / "fine-tuned" / "asg--learned-seed101" / "summary.json"))
+    assert source["env_kwargs"]["lam"] == 0 and learned["env_kwargs"]["lam"] == 0.1
+    assert source["sgd_steps"] == learned["sgd_steps"] == 4  # the same configuration for every start
+    one = json.load(open(out / "adapted" / "asg--best-fixed-crst-mrkld-lrent-seed100" / "summary.json"))
+    assert one["method"] == "crst-mrkld-lrent" and one["final"]["round"] == 1
+    table = (out / "results.md").read_text()
+    for name in table4.INITS:
+        assert f"| {name} |" in table
+    assert "| starting point | fine-tuned (no adaptation) | cbst | crst-mrkld | crst-mrkld-lrent |" in table
+    stamps = {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "adapted").iterdir()}
+    assert table4.main(argv) == 0  # a rerun finds every run done
+    assert {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "adapted").iterdir()} == stamps

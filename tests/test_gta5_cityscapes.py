@@ -128,9 +128,16 @@ def test_train_and_apply_a_policy_on_gta5_cityscapes_with_the_config(seg_root, t
 
     import adapt  # CRST from that model, with the papers' settings, on the unlabelled Cityscapes images
 
-    adapted = str(tmp_path / "adapted")
-    assert adapt.main(["--model", applied, "--method", "crst-mrkld-lrent", "--rounds", "1", "--out", adapted,
-                       "--config", os.path.join(os.path.dirname(config), "uda_gta5.yaml"),
-                       "--data-root", str(seg_root)]) == 0
+    from safetensors.torch import load_file
+
+    weights = []
+    for k in range(2):  # half the GTA5 crops beside the full-size Cityscapes images (cropped): twice, the same
+        adapted = str(tmp_path / f"adapted{k}")
+        assert adapt.main(["--model", applied, "--method", "crst-mrkld-lrent", "--rounds", "1", "--out", adapted,
+                           "--config", os.path.join(os.path.dirname(config), "uda_gta5.yaml"),
+                           "--set", "init_src_port=0.5", "--data-root", str(seg_root)]) == 0
+        weights.append(load_file(os.path.join(adapted, "model.safetensors")))
     result = json.load(open(os.path.join(adapted, "summary.json")))
     assert result["final"]["round"] == 1 and 0 <= result["final"]["target_miou"] <= 1
+    assert result["config"]["test_flipping"] and result["final"]["source_images"] == 3
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -116,6 +116,11 @@ class ImageFolderSplit(Dataset):
         img = load_rgb(path)
         return (self.transform(img) if self.transform else img), label
 
+    def image(self, index: int):
+        """The transformed image alone (domain adaptation reads target images only)."""
+        img = load_rgb(self.samples[index][0])
+        return self.transform(img) if self.transform else img
+
 
 def segmentation_folder(root: str | None, setting: str) -> tuple[tuple[str, ...], list[tuple[str, str]], np.ndarray]:
     """The class names, the (image, label) file pairs, and the table that maps label values to

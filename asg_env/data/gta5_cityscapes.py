@@ -78,6 +78,12 @@ class SegmentationFiles(Dataset):
             raise UserInputError(f"{label_path} is not a {image.size[0]}×{image.size[1]} map of label ids")
         return self.transform(image, Image.fromarray(self.lut[np.asarray(label)]))
 
+    def image(self, index: int) -> torch.Tensor:
+        """The transformed image alone: its label file is not opened (domain adaptation reads
+        target images only)."""
+        image = _open(self.pairs[index][0], "RGB")
+        return self.transform(image, Image.new("L", image.size, 255))[0]
+
 
 def gta5_pairs(root: str | None) -> list[tuple[str, str]]:
     root = resolve_root(root)

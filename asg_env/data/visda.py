@@ -84,3 +84,8 @@ class VisDA17(Dataset):
         path, label = self.samples[index]
         img = load_rgb(path)
         return (self.transform(img) if self.transform else img), label
+
+    def image(self, index: int):
+        """The transformed image alone (domain adaptation reads target images only)."""
+        img = load_rgb(self.samples[index][0])
+        return self.transform(img) if self.transform else img
