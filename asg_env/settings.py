@@ -96,6 +96,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "window": _one_of(*WINDOWS),
     "lam": _number(0),
     "guidance": _one_of(*GUIDANCES),
+    "compile": Setting(str, choices=("inductor", "aot_eager", "eager"), optional=True),
     "lr_base": _number(0),  # 0 freezes the run (benchmarks measure speed with it)
     "momentum": _number(0, 1, below=True),
     "weight_decay": _number(0),

@@ -112,6 +112,9 @@ class Trainer:
         imagenet_photos: how many of the 20 ImageNet photos evaluations classify with θ_o.
         device: torch device. channels_last, amp: speed options (AMP only on CUDA: bf16
             autocast, losses and rewards in fp32).
+        compile: run the training step's forward and backward through ``torch.compile`` with
+            this backend (``"inductor"`` for speed on a GPU; ``"aot_eager"`` traces without
+            generating code, for tests); None: eager.
         cache_teacher: cache the teacher's outputs per source image when the source has no
             random augmentation (in memory for SynDigits, on disk for VisDA).
         num_workers: DataLoader workers for file-based tasks (persistent across epochs).
@@ -168,6 +171,7 @@ class Trainer:
         device: str = "cpu",
         channels_last: bool = True,
         amp: bool = False,
+        compile: str | None = None,
         cache_teacher: bool = True,
         num_workers: int = 2,
         bn_stats: str = "frozen",
@@ -239,6 +243,8 @@ class Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=bn_stats == "train",
             )
+        if compile is not None:
+            self._train_objective = torch.compile(self._train_objective, backend=compile, dynamic=False)
         needs_teacher = self.guidance.teacher_output is not None
         self._teacher_heldout = self._teacher_out(self.task.heldout[0]) if needs_teacher else None
         self._teacher_cache = self._make_teacher_cache(weights) if needs_teacher and cache_teacher else None

@@ -9,7 +9,11 @@ autocast:
   ``torch.optim.SGD``), with no guidance and with proxy guidance (the teacher run each step);
 * trainer: :class:`asg_env.trainer.Trainer.step`, one decision per SGD step (the most
   host–device reads), with no guidance, with the teacher run, and with the teacher cached;
-* ``env.step`` around the same trainer, teacher cached.
+* ``env.step`` around the same trainer, teacher cached;
+* with ``--compile BACKEND`` (``inductor`` by default on a GPU), the plain loop, the trainer
+  and ``env.step`` again with the step's forward and backward under ``torch.compile``
+  (the trainer's ``compile=`` option), beside their eager rows. Goal (issue 19): ≥ 30 % MFU
+  in bf16 at ``--batch-size 128`` for ResNet-101 at 224 px.
 
 It prints img/s, each row's ratio to the plain loop without guidance, the model FLOP
 utilisation (student forward + backward FLOPs per image, counted by
@@ -58,7 +62,7 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def plain_loop(args, device: torch.device, bf16: bool, guidance: bool):
+def plain_loop(args, device: torch.device, bf16: bool, guidance: bool, compile: str | None = None):
     """A fine-tuning loop as one would write it with torchvision, in the trainer's protocol
     (eval-mode BatchNorm, channels_last)."""
     parts = build_backbone(args.backbone, None)
@@ -67,15 +71,18 @@ def plain_loop(args, device: torch.device, bf16: bool, guidance: bool):
     teacher = make_teacher(parts).to(device, memory_format=torch.channels_last) if guidance else None
     imagenet_head = parts.imagenet_head.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    forward = torch.compile(model, backend=compile, dynamic=False) if compile else model
     source = random_task(args.source_size, args.image_size, args.classes, args.batch_size, device, args.backbone).source
 
     def step() -> None:
         x, y, *_ = source.next()
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, bf16):
-            features = model[0](x)
-            loss = F.cross_entropy(model[1](features).float(), y)
-            if teacher is not None:
+            if teacher is None:
+                loss = F.cross_entropy(forward(x).float(), y)
+            else:
+                features = model[0](x)
+                loss = F.cross_entropy(model[1](features).float(), y)
                 with torch.no_grad():
                     t = teacher(x)
                 loss = loss + 0.1 * kl_to_teacher(imagenet_head(features), t)
@@ -86,11 +93,12 @@ def plain_loop(args, device: torch.device, bf16: bool, guidance: bool):
     return step, None
 
 
-def trainer_loop(args, device: torch.device, bf16: bool, guidance: str, cached: bool, env: bool):
+def trainer_loop(args, device: torch.device, bf16: bool, guidance: str, cached: bool, env: bool,
+                 compile: str | None = None):
     task = random_task(args.source_size, args.image_size, args.classes, args.batch_size, device, args.backbone)
     e = ASGEnv(evaluate_target=False, task=task, backbone=args.backbone, weights=None, episode_steps=10**6,
                batch_size=args.batch_size, image_size=args.image_size, lam=0.1, guidance=guidance,
-               lr_base=0.0, device=str(device), amp=bf16, cache_teacher=cached, imagenet_photos=0)
+               lr_base=0.0, device=str(device), amp=bf16, cache_teacher=cached, imagenet_photos=0, compile=compile)
     e.reset(seed=0)
     action = np.full(len(e.coordinate_names), 10)
     scales = action / 10
@@ -147,7 +155,11 @@ def main(argv=None) -> int:
     p.add_argument("--source-size", type=int, default=512, help="random images on the device (one epoch fills the teacher cache)")
     p.add_argument("--steps", type=int, default=40, help="timed SGD steps per row")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (cached rows: plus one epoch)")
+    p.add_argument("--compile", default=None if not torch.cuda.is_available() else "inductor",
+                   help="torch.compile backend of the compiled rows (default: inductor on a GPU, none on a CPU); "
+                        "'none' skips them")
     args = p.parse_args(argv)
+    compile = None if args.compile in (None, "none") else args.compile
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -164,6 +176,14 @@ def main(argv=None) -> int:
             ("trainer + PG (teacher cached)", lambda: trainer_loop(args, device, bf16, "kl", True, False), epoch),
             ("env.step + PG (teacher cached)", lambda: trainer_loop(args, device, bf16, "kl", True, True), epoch),
         ]
+        if compile:
+            settings += [
+                ("plain loop, compiled", lambda: plain_loop(args, device, bf16, False, compile), 0),
+                ("trainer + PG (teacher cached), compiled",
+                 lambda: trainer_loop(args, device, bf16, "kl", True, False, compile), epoch),
+                ("env.step + PG (teacher cached), compiled",
+                 lambda: trainer_loop(args, device, bf16, "kl", True, True, compile), epoch),
+            ]
         for name, build, extra_warmup in settings:
             step, runner = build()
             ips = images_per_second(step, args, device, args.warmup + extra_warmup)
@@ -192,6 +212,11 @@ def main(argv=None) -> int:
         print(f"{precision}: trainer + PG (cached) / plain loop = {get['trainer + PG (teacher cached)'] / get['plain loop']:.2f} "
               f"(goal ≥ 0.7); trainer + PG (run) / plain loop = {get['trainer + PG (teacher run)'] / get['plain loop']:.2f}; "
               f"env.step / trainer = {get['env.step + PG (teacher cached)'] / get['trainer + PG (teacher cached)']:.2f} (goal ≥ 0.95)")
+        if compile:
+            t, e = get["trainer + PG (teacher cached), compiled"], get["env.step + PG (teacher cached), compiled"]
+            print(f"{precision}, compiled ({compile}): trainer / eager trainer = {t / get['trainer + PG (teacher cached)']:.2f}; "
+                  f"trainer + PG (cached) / compiled plain loop = {t / get['plain loop, compiled']:.2f} (goal ≥ 0.9); "
+                  f"env.step / trainer = {e / t:.2f} (goal ≥ 0.95)")
     return 0
 
 

@@ -90,15 +90,17 @@ def test_grid_rule_falls_back_to_retention_loss_without_a_clear_washout():
 def test_bench_gpu_runs_at_a_tiny_size_on_cpu(capsys):
     bench = _load("bench_gpu")
     argv = ["--device", "cpu", "--backbone", "efficientnet_lite0", "--image-size", "32", "--batch-size", "4",
-            "--steps", "2", "--warmup", "1", "--source-size", "8"]
+            "--steps", "2", "--warmup", "1", "--source-size", "8", "--compile", "aot_eager"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| fp32 |")]
     assert [r.split("|")[2].strip() for r in rows] == [
         "plain loop", "plain loop + PG (teacher run)", "trainer", "trainer + PG (teacher run)",
-        "trainer + PG (teacher cached)", "env.step + PG (teacher cached)"]
+        "trainer + PG (teacher cached)", "env.step + PG (teacher cached)", "plain loop, compiled",
+        "trainer + PG (teacher cached), compiled", "env.step + PG (teacher cached), compiled"]
     assert all(float(r.split("|")[3]) > 0 for r in rows)
     assert "env.step / trainer = " in out and "(goal ≥ 0.95)" in out
+    assert "compiled (aot_eager): trainer / eager trainer = " in out
 
 
 def test_fig8_action_table_averages_seeds_then_decisions():

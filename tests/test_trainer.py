@@ -10,6 +10,7 @@ from agents.policies import RandomPolicy
 from agents.rollout import Checkpoints, fine_tune
 from asg_env import UserInputError
 from asg_env.tasks import EpochOrder, LoaderSource
+from asg_env.trainer import Trainer
 
 
 def _env(kwargs, **kw):
@@ -161,3 +162,17 @@ def test_ranks_split_each_global_batch_in_the_single_process_order():
         whole, _ = single.next()
         parts = [order.next()[0] for order in ranks]
         assert torch.equal(torch.cat(parts), whole)
+
+
+def test_the_compiled_step_gives_the_eager_steps_losses(tiny_env_kwargs):
+    """``compile=`` runs the step's forward and backward through torch.compile (aot_eager here:
+    the same kernels, traced), and the run is the eager one."""
+    kwargs = {k: v for k, v in tiny_env_kwargs.items()}
+    runs = []
+    for backend in (None, "aot_eager"):
+        trainer = Trainer(**kwargs, compile=backend)
+        losses = [trainer.reset(1, 2)["loss"]]
+        losses += [trainer.step([0.5] * len(trainer.coordinate_names))["loss"] for _ in range(3)]
+        runs.append((losses, trainer.state_dict()["student"]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
+    assert all(torch.allclose(runs[0][1][k], runs[1][1][k], atol=1e-6) for k in runs[0][1])
