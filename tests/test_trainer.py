@@ -1,7 +1,6 @@
 import os
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
