@@ -207,7 +207,7 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
     agent, seed = config["agent"]["name"], config["train"]["seed"]
     hyperparams = dict(config["agent"].get(agent) or {})
-    venv = env if isinstance(env, VecEnv) else DummyVecEnv([lambda: env])
+    venv = env if isinstance(env, VecEnv) else DummyVecEnv([lambda: env])  # no Monitor: LogEpisodes logs the episodes
     normalize = hyperparams.pop("normalize", None)
     if normalize is None:  # a run from before the option: as it was trained
         normalize = resume is None or "vec_normalize" in resume["policy"]
@@ -242,6 +242,9 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
         def _on_step(self) -> bool:
             actions = np.asarray(self.locals["actions"]).reshape(len(self.ret), -1)
+            space = self.model.action_space
+            if isinstance(space, gym.spaces.Box):  # what the env received: SB3 clips Gaussian samples into the box
+                actions = np.clip(actions, space.low, space.high)
             rewards = self.locals["rewards"] if normalizer is None else normalizer.get_original_reward()
             for i, done in enumerate(self.locals["dones"]):
                 self.actions[i].append(actions[i])

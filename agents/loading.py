@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import gymnasium as gym
@@ -86,8 +87,16 @@ def check_compatible(state: dict, env: gym.Env, path: str) -> None:
     if trained != control.kind:
         raise UserInputError(f"{path} was trained with action={trained!r}; this env has action={control.kind!r}")
     space = control.action_space
-    if isinstance(space, gym.spaces.MultiDiscrete) and state.get("n_levels", int(space.nvec[0])) != int(space.nvec[0]):
-        raise UserInputError(f"{path} picks one of {state['n_levels']} levels; this env has {int(space.nvec[0])}")
+    recorded = state.get("env_kwargs") or {}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        levels = state.get("n_levels", recorded.get("action_levels") if control.kind == "log_levels" else None)
+        if levels is not None and int(levels) != int(space.nvec[0]):
+            raise UserInputError(f"{path} picks one of {levels} levels; this env has {int(space.nvec[0])}")
+    if control.kind != "levels":  # the range the actions and the observed scales are read on
+        here = {"action_min": 10.0 ** control.low, "action_max": 10.0 ** control.high}
+        for key, value in here.items():
+            if key in recorded and not math.isclose(float(recorded[key]), value, rel_tol=1e-9):
+                raise UserInputError(f"{path} was trained with {key}={recorded[key]:g}; this env has {value:g}")
 
 
 def transfer_note(spec: str, env: gym.Env) -> str | None:

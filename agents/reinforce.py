@@ -31,7 +31,7 @@ runs on a backbone with any number of coordinates. REINFORCE trains either the s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import gymnasium as gym
 import numpy as np
@@ -326,6 +326,10 @@ def _env_info(info: dict, i: int) -> dict:
 
 
 def policy_from_state(state: dict, deterministic: bool = True, seed: int | None = None) -> ReinforcePolicy:
+    known = {f.name for f in fields(ReinforceConfig)}
+    unknown = sorted(set(state["config"]) - known)
+    if unknown:
+        raise UserInputError(f"the policy's REINFORCE config has {unknown[0]!r}, which this ASG-Gym does not know")
     config = ReinforceConfig(**state["config"])
     net = build_network(config, state["obs_dim"], state["n_coordinates"], state.get("n_levels", N_LEVELS))
     net.load_state_dict(state["state_dict"])

@@ -56,6 +56,7 @@ def normalizer_state(venv) -> dict:
 
 
 def load_normalizer_state(venv, stats: dict) -> None:
+    venv.clip_obs, venv.clip_reward, venv.epsilon = stats["clip_obs"], stats["clip_reward"], stats["epsilon"]
     for name in ("obs_rms", "ret_rms"):
         rms = getattr(venv, name)
         rms.mean, rms.var, rms.count = (stats[name]["mean"].numpy().copy(), stats[name]["var"].numpy().copy(),

@@ -88,7 +88,7 @@ VARIANTS = {
     "reinforce+final": ("reinforce", {"reward": "final"}, {}),
     "coordinate-wise": ("reinforce", {"observation": "per_coordinate"}, {"network": "coordinate-wise"}),
     "recurrent-ppo+vecnormalize": ("recurrent-ppo", {}, {"normalize": True}),
-    "ppo+continuous": ("ppo", {"action": "continuous"}, {"normalize": True}),
+    "recurrent-ppo+continuous": ("recurrent-ppo", {"action": "continuous"}, {}),  # SB3's Gaussian, std 1 at the start
 }
 SCHEDULES = ("llrd", "cosine")
 NAMED = {"random": "random", "hand-tuned": "hand-tuned (official poly, warm-up 4 steps)",
@@ -188,8 +188,6 @@ def _sets(bench: Bench, agent: str, T: int, env_options: dict, agent_settings: d
                  "agent.recurrent-ppo.n_epochs=4", "agent.recurrent-ppo.ent_coef=0.01",
                  "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}",
                  "agent.recurrent-ppo.normalize=false"]  # raw observations, as the committed docs/l2o policies
-    if agent == "ppo":  # the same rollout shape
-        sets += [f"agent.ppo.n_steps={T}", f"agent.ppo.batch_size={T}", "agent.ppo.n_epochs=4", "agent.ppo.ent_coef=0.01"]
     sets += [f"agent.{agent}.{k}={json.dumps(v)}" for k, v in agent_settings.items()]
     return [item for s in sets for item in ("--set", s)]
 
@@ -419,7 +417,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="cache folder of the rendered images")
     p.add_argument("--variants", help=f"comma-separated learned variants to add, or all: {', '.join(VARIANTS)}")
     p.add_argument("--train-only", action="store_true",
-                   help="stop after stage 1, the learned policies (e.g. to train the variants beside a running evaluation)")
+                   help="stop after stage 1, the learned policies; with --variants, train only the variants (so it can "
+                        "run beside a run of the two agents)")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     for key, value in preset.items():
@@ -447,6 +446,10 @@ def main(argv=None) -> int:
         raise SystemExit("error: --seeds must not exceed --policy-seeds (learned method k is evaluated with policy seed k)")
 
     variants = variant_names(args.variants)
+    if args.train_only and variants:  # the variants alone, so this can run beside a run that trains the agents
+        train_policies(bench, out, {v: VARIANTS[v] for v in variants})
+        print(f"policies in {out}/policies/")
+        return 0
     paths = train_policies(bench, out, {agent: (agent, {}, {}) for agent in LEARNED})
     budget = policy_budget(paths)
     variant_paths = train_policies(bench, out, {v: VARIANTS[v] for v in variants})

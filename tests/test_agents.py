@@ -229,7 +229,8 @@ def test_reinforce_trains_the_coordinate_wise_policy_and_it_runs_on_another_back
     path = str(tmp_path / "cw.pt")
     save_policy(trainer.policy_state(META), path)
     five = ToyLREnv(best=(1, 2, 3, 4, 5))
-    five.backbone_name = "toy-5"
+    five.backbone_name, five.coordinate_names = "toy-5", [f"k{i}" for i in range(5)]
+    five.obs_names = five.obs_names[:5] + [f"last_action/k{i}" for i in range(5)]
     policy = load_policy(path, five)  # five coordinates, none of them named as in training
     obs, _ = five.reset(seed=0)
     assert five.action_space.contains(policy.act(obs))
@@ -259,4 +260,36 @@ def test_sb3_policy_applies_its_frozen_vecnormalize_statistics(tmp_path):
         a = policy.act(obs)
         assert np.array_equal(a, model.predict(venv.normalize_obs(obs), deterministic=True)[0])
         obs, *_ = env.step(a)
-    assert torch.equal(policy.normalizer["obs_rms"]["mean"], stats["obs_rms"]["mean"])  # frozen: applying never updates it
+    venv.reset()
+    venv.step(np.array([venv.action_space.sample()]))  # training would move the statistics…
+    assert not np.allclose(venv.obs_rms.mean, stats["obs_rms"]["mean"].numpy())
+    assert torch.equal(policy.normalizer["obs_rms"]["mean"], stats["obs_rms"]["mean"])  # …applying leaves them
+
+
+def test_coordinate_wise_policy_and_training_resume_exactly(tmp_path):
+    torch.manual_seed(0)
+    env = ToyLREnv()
+    config = ReinforceConfig(network="coordinate-wise")
+    a = ReinforceTrainer(env, config)
+    a.run_episode(seed=0)
+    save_policy(a.checkpoint(META), str(tmp_path / "ckpt.pt"))
+    a.run_episode(seed=1)
+    b = ReinforceTrainer(env, config)
+    b.load_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    b.run_episode(seed=1)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.net.parameters(), b.net.parameters()))
+
+    policy, obs = policy_from_state(a.policy_state(META)), env.reset(seed=2)[0]
+    state = policy.state_dict()
+    assert "h" not in state  # before its first step the state is the LSTM's zeros
+    for _ in range(2):
+        policy.act(obs)
+    mid = policy.state_dict()  # (h, c) of shape (C, hidden)
+    assert mid["h"].shape == (3, config.hidden_size)
+    after = policy.act(obs)
+    again = policy_from_state(a.policy_state(META))
+    again.load_state_dict(mid)
+    assert np.array_equal(again.act(obs), after)
+    fresh = policy_from_state(a.policy_state(META))
+    fresh.load_state_dict(state)
+    assert fresh.state is None

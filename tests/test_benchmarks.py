@@ -214,18 +214,24 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
     assert len(new) == len(evaluations) <= 4 and all(r["method"] == bench.REFERENCE for r in new)
 
     before = (out / "results.jsonl").read_text()
-    assert bench.main(argv[:-1] + ["3", "--variants", "coordinate-wise,ppo+continuous"]) == 0
+    assert bench.main(argv[:-1] + ["3", "--variants", "reinforce+final", "--train-only"]) == 0
+    assert (out / "results.jsonl").read_text() == before  # the variant's policies alone
+    assert len(_csv(out / "policies" / "reinforce+final-seed1" / "episodes.csv")) == 2
+    assert bench.main(argv[:-1] + ["3", "--variants", "coordinate-wise,recurrent-ppo+continuous"]) == 0
     new = [json.loads(line) for line in (out / "results.jsonl").read_text()[len(before):].splitlines()]
-    assert sorted({r["method"] for r in new}) == ["coordinate-wise (learned)", "ppo+continuous (learned)"]
+    assert sorted({r["method"] for r in new}) == ["coordinate-wise (learned)", "recurrent-ppo+continuous (learned)"]
     assert len(new) == 2 * 2 * 2  # only the variants ran: each on both test instances with both seeds
     cw = torch.load(out / "policies" / "coordinate-wise-seed1" / "policy.pt", weights_only=True)
     assert cw["config"]["network"] == "coordinate-wise" and cw["env_kwargs"]["observation"] == "per_coordinate"
-    ppo = torch.load(out / "policies" / "ppo+continuous-seed0" / "policy.pt", weights_only=True)
-    assert ppo["env_kwargs"]["action"] == "continuous" and "vec_normalize" in ppo
-    steps = sum(int(r["sgd_steps"]) for r in _csv(out / "policies" / "ppo+continuous-seed0" / "episodes.csv"))
-    steps1 = sum(int(r["sgd_steps"]) for r in _csv(out / "policies" / "ppo+continuous-seed1" / "episodes.csv"))
+    ppo = torch.load(out / "policies" / "recurrent-ppo+continuous-seed0" / "policy.pt", weights_only=True)
+    assert ppo["env_kwargs"]["action"] == "continuous" and "vec_normalize" not in ppo
+    steps = [sum(int(r["sgd_steps"]) for r in _csv(out / "policies" / f"recurrent-ppo+continuous-seed{k}" / "episodes.csv"))
+             for k in (0, 1)]
+    actions = [float(v) for r in _csv(out / "policies" / "recurrent-ppo+continuous-seed0" / "steps.csv")
+               for k, v in r.items() if k.startswith("action/")]
+    assert actions and all(-1 <= a <= 1 for a in actions)  # logged as applied: clipped into the Box
     table = (out / "results.md").read_text()
-    assert f"| ppo+continuous (learned) | {round((steps + steps1) / 2):,} (training" in table
+    assert f"| recurrent-ppo+continuous (learned) | {round(sum(steps) / 2):,} (training" in table
     assert f"B = {budget:,} SGD steps" in table  # B is still the two agents'
     with pytest.raises(SystemExit, match="unknown variant"):
         bench.main(argv + ["--variants", "reinforce+adam"])
