@@ -13,7 +13,9 @@ Every run uses the learned policy's recorded env configuration (the task's compa
 configuration), so the three differ only in their learning rates and guidance. Seed s
 fine-tunes with seed s and adapts with seed s. The table gives the target's headline measure
 (mean per-class accuracy, or mIoU) before and after each method, mean ± std over seeds and
-the 95 % Student-t CI, and the time per self-training round.
+the 95 % Student-t CI, and the time per self-training round. Once a start's three
+adaptations are done its models are deleted (``--keep-models`` keeps them), so that --out holds
+only the small summaries, logs and curves.
 
     python benchmarks/uda_table4.py --task syndigits      # resumable: finished runs are kept in --out
     python benchmarks/uda_table4.py --task digitscenes
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -61,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default: docs/uda/<task>)")
     p.add_argument("--override", default="{}", help="JSON env settings on top of the policy's (for tests)")
     p.add_argument("--data-root", help="cache folder of the rendered images")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep every model.safetensors (by default a start's are deleted once its three adaptations are done)")
     args = p.parse_args(argv)
     if args.seeds < 1 or (args.rounds is not None and args.rounds < 1):
         p.error("--seeds and --rounds must be at least 1")
@@ -82,9 +87,13 @@ def env_config(task: dict, override: dict, out: str) -> str:
 
 
 def fine_tune(name: str, seed: int, task: dict, config: str, args, out: str) -> str:
+    """The start's run folder, with its model (fine-tuned again, the same seeded run, when a
+    finished start's model was dropped before all its adaptations were done)."""
     run = os.path.join(out, "fine-tuned", f"{_slug(name)}-seed{seed}")
-    if os.path.isfile(os.path.join(run, "summary.json")):
+    if os.path.isfile(os.path.join(run, "model.safetensors")):
         return run
+    if os.path.isfile(os.path.join(run, "summary.json")):
+        shutil.rmtree(run)
     policy, lam = INITS[name]
     argv = ["--out", run, "--seed", str(seed), "--eval-every", "0", "--device", "cpu"]
     if os.path.isfile(os.path.join(run, "checkpoint.pt")):
@@ -144,13 +153,21 @@ def main(argv=None) -> int:
     round_seconds: list[float] = []
     for name in INITS:
         for seed in seeds:
-            model = fine_tune(name, seed, task, config, args, out)
+            runs = [os.path.join(out, "adapted", f"{_slug(name)}-{m}-seed{seed}") for m in METHODS]
+            model = os.path.join(out, "fine-tuned", f"{_slug(name)}-seed{seed}")
+            if not all(os.path.isfile(os.path.join(r, "summary.json")) for r in runs):
+                model = fine_tune(name, seed, task, config, args, out)
             with open(os.path.join(model, "summary.json")) as fh:
                 before.setdefault(name, []).append(json.load(fh)["final"][key])
             for method in METHODS:
                 summary = adapt_run(model, method, seed, task, args, out, name)
                 after.setdefault((name, method), []).append(summary["final"][key])
                 round_seconds.append(summary["seconds"] / summary["config"]["rounds"])
+            if not args.keep_models:  # 19 MB each: the summaries, logs and curves stay
+                for folder in (model, *runs):
+                    path = os.path.join(folder, "model.safetensors")
+                    if os.path.exists(path):
+                        os.remove(path)
     lines = [f"{args.task}: {len(seeds)} seeds {seeds}, the configuration of {task['policy']} "
              f"({config}), self-training settings {task['config']}. {task['label']}, mean ± std over seeds "
              f"[95 % Student-t CI half-width]. One self-training round took {np.mean(round_seconds):.0f} s on average "

@@ -263,6 +263,14 @@ def test_uda_table4_adapts_every_starting_point_with_every_method_and_resumes(tm
     for name in table4.INITS:
         assert f"| {name} |" in table
     assert "| starting point | fine-tuned (no adaptation) | cbst | crst-mrkld | crst-mrkld-lrent |" in table
+    assert not list(out.rglob("model.safetensors"))  # a finished start's models are dropped
     stamps = {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "adapted").iterdir()}
     assert table4.main(argv) == 0  # a rerun finds every run done
     assert {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "adapted").iterdir()} == stamps
+    lost = out / "adapted" / "source-only-crst-mrkld-seed101"
+    import shutil
+
+    shutil.rmtree(lost)  # a start missing one adaptation is fine-tuned again (the same seeded run) for it
+    assert table4.main(argv) == 0
+    assert json.load(open(lost / "summary.json"))["method"] == "crst-mrkld"
+    assert (out / "results.md").read_text().splitlines()[2:] == table.splitlines()[2:]
