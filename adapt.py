@@ -332,8 +332,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.rounds < 1:
         raise UserInputError(f"--rounds must be at least 1, not {cfg.rounds}")
     out = args.out or os.path.join("runs", f"adapt-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.resume and os.path.exists(os.path.join(out, "summary.json")) or \
-            not args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
+    if not args.resume and any(os.path.exists(os.path.join(out, f)) for f in ("summary.json", "checkpoint.pt")):
         raise UserInputError(f"{out} already holds a run; choose another --out (or --resume an unfinished one)")
     trainer = load_model(model, device, args.data_root)
     os.makedirs(out, exist_ok=True)
