@@ -14,10 +14,13 @@ config, readable with torch.load(weights_only=True)), checkpoint.pt (to resume),
 config.yaml (the resolved config, seed included), episodes.csv and steps.csv (plottable
 logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its sampled actions
 and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
-with different seeds never share an episode. --n-envs N runs N episodes at once, each env in
-its own process (gymnasium's AsyncVectorEnv for REINFORCE, which then updates on the batch of
-episodes; SB3's SubprocVecEnv for the SB3 agents), with the CPU threads shared out and one
-env per GPU when there are several. policy.pt records the env's whole configuration;
+with different seeds never share an episode. --n-envs N runs N episodes at once (REINFORCE then
+updates on the batch of episodes). --vector batched runs them as one batched model in this
+process (the native vector env of the embedded tasks, asg_env/vector.py; the default on one
+GPU); --vector processes runs each env in its own process (gymnasium's AsyncVectorEnv for
+REINFORCE, SB3's SubprocVecEnv for the SB3 agents) with the CPU threads shared out and one env
+per GPU (the default on a CPU, where it is faster, and wherever batching is impossible: an
+instance list, bn_stats=train, file-based tasks, several GPUs). It prints which, and why. policy.pt records the env's whole configuration;
 apply_policy.py applies the policy in that same configuration. The real target set is never
 used unless the env config turns evaluation on, and then only for logging.
 
@@ -69,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--data-root", help="dataset root (VisDA-17) or SynDigits cache folder")
     p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
-    p.add_argument("--n-envs", type=int, help="episodes run at once, one process each (default 1)")
+    p.add_argument("--n-envs", type=int, help="episodes run at once (default 1)")
+    p.add_argument("--vector", choices=("auto", "batched", "processes"),
+                   help="how --n-envs runs them: one batched model in this process, or one process each; auto "
+                        "(the default) batches on one GPU and uses processes on a CPU, where they are faster")
     p.add_argument("--instances", metavar="FILE", help="instance file (configs/instances/): one of its instances per episode")
     p.add_argument("--split", default="train", help="the instance file's split to train on (default: train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -84,7 +90,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         if not args.out or not os.path.isfile(os.path.join(args.out, "config.yaml")):
             raise UserInputError("--resume needs --out pointing at an earlier run folder with config.yaml")
         config = load_config(os.path.join(args.out, "config.yaml"))
-        for key in ("episodes", "n_envs"):
+        for key in ("episodes", "n_envs", "vector"):
             if getattr(args, key) is not None:
                 config["train"][key] = getattr(args, key)
         check_run_config(config, AGENTS)
@@ -95,8 +101,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         named = args.env or (in_file.get("id") if isinstance(in_file, dict) else None)
         config = with_instances(config, load_instances(args.instances, args.split), named)
     cli = {"env": {"id": args.env} if args.env else {}, "agent": {"name": args.agent} if args.agent else {},
-           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("n_envs", args.n_envs))
-                     if v is not None}}
+           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("n_envs", args.n_envs),
+                                       ("vector", args.vector)) if v is not None}}
     config = apply_overrides(merge(config, cli), args.set)
     check_run_config(config, AGENTS)
     agent = config["agent"]["name"]
@@ -273,8 +279,41 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
 
 def vector_env(config: dict, agent: str, data_root: str | None, device: str):
-    """``n_envs`` envs, each in its own process."""
-    builders = env_factories(config, config["train"]["n_envs"], device, data_root=data_root)
+    """``n_envs`` envs at once, as ``train.vector`` says: one batched model in this process (the
+    native vector env, :mod:`asg_env.vector`) or each env in its own process. ``auto`` batches
+    on one GPU, where the batched model fills the card; on a CPU, processes are faster
+    (benchmarks/bench_parallel_episodes.py). Prints which, and why."""
+    n, choice = config["train"]["n_envs"], config["train"].get("vector", "auto")
+    env_id, kwargs = config["env"]["id"], dict(config["env"].get("kwargs", {}))
+    kwargs.update({k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None})
+    why = None
+    if choice == "processes":
+        why = "train.vector: processes"
+    elif gym.spec(env_id).vector_entry_point is None:
+        why = f"{env_id} has no native vector env"
+    elif choice == "auto" and not device.startswith("cuda"):
+        why = "on a CPU, processes run more episodes per minute than one batched model"
+    elif device.startswith("cuda") and torch.cuda.device_count() > 1:
+        why = "several GPUs: one env per GPU"
+    if why is not None and choice == "batched":
+        raise UserInputError(f"train.vector: batched is not possible here: {why}")
+    if why is None:
+        mode = gym.vector.AutoresetMode.DISABLED if agent == "reinforce" else gym.vector.AutoresetMode.SAME_STEP
+        try:
+            venv = gym.make_vec(env_id, num_envs=n, vectorization_mode="vector_entry_point", autoreset_mode=mode, **kwargs)
+        except UserInputError as exc:
+            if choice == "batched":
+                raise
+            why = str(exc)
+    if why is None:
+        print(f"{n} envs as one batched model in this process (the native vector env)")
+        if agent == "reinforce":
+            return venv
+        from agents.sb3_vec import GymnasiumVecEnv
+
+        return GymnasiumVecEnv(venv)
+    print(f"{n} envs in {n} processes ({why})")
+    builders = env_factories(config, n, device, data_root=data_root)
     if agent == "reinforce":
         return gym.vector.AsyncVectorEnv(builders, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     from stable_baselines3.common.vec_env import SubprocVecEnv

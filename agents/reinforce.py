@@ -272,7 +272,7 @@ class ReinforceTrainer:
             for i in np.flatnonzero(running):
                 returns[i] += reward[i]
                 actions[i].append(action[i].numpy())
-                last_info[i] = _env_info(info, i)
+                last_info[i] = env_info(info, i)
             running &= ~(terminated | truncated)
             t += 1
             if len(rewards) == self.cfg.unroll or not running.any():  # (t+1) % U == 0 (line 10)
@@ -314,13 +314,13 @@ class ReinforceTrainer:
         self.generator.set_state(ckpt["sampler_rng"])
 
 
-def _env_info(info: dict, i: int) -> dict:
+def env_info(info: dict, i: int) -> dict:
     """Env ``i``'s entries of a vector env's batched info dict, as plain Python values."""
     out = {}
     for key, value in info.items():
         if key.startswith("_") or not info.get(f"_{key}", np.ones(i + 1, dtype=bool))[i]:
             continue
-        value = _env_info(value, i) if isinstance(value, dict) else value[i]
+        value = env_info(value, i) if isinstance(value, dict) else value[i]
         out[key] = value.item() if isinstance(value, np.generic) else value
     return out
 

@@ -1,6 +1,7 @@
 """ASG-Gym: syn→real fine-tuning with proxy guidance as Gymnasium environments.
 
-Registered ids:
+Registered ids (the two embedded ones also as a native vector env, ``gym.make_vec(id,
+num_envs=N)``: N runs as one batched model, :mod:`asg_env.vector`):
 
 * ``SynDigits-v0``: fonts-rendered digits → real MNIST, EfficientNet-Lite0, offline on a CPU.
 * ``SynDigitScenes-v0``: segmentation of rendered digit scenes → real-MNIST scenes, FCN-8s on
@@ -25,11 +26,13 @@ __all__ = ["ASGEnv", "N_LEVELS", "UserInputError"]
 register(
     id="SynDigits-v0",
     entry_point="asg_env.env:ASGEnv",
+    vector_entry_point="asg_env.vector:ASGVectorEnv",
     kwargs={"task": "syndigits", "image_size": 64, "lr_base": 3e-3, "source_size": 2000},
 )
 register(
     id="SynDigitScenes-v0",
     entry_point="asg_env.env:ASGEnv",
+    vector_entry_point="asg_env.vector:ASGVectorEnv",
     kwargs={"task": "digitscenes", "image_size": 64, "batch_size": 16, "lr_base": 5e-3, "source_size": 1000,
             "target_eval_size": 500, "synthetic_eval_size": 200},
 )

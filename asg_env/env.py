@@ -70,6 +70,9 @@ class ASGEnv(gym.Env):
         check_settings(own, ENV_SETTINGS)
         if action_min >= action_max:
             raise UserInputError(f"action_min ({action_min:g}) must be below action_max ({action_max:g})")
+        if trainer_kwargs.get("num_runs", 1) != 1:
+            raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
+                                 "(asg_env.vector.ASGVectorEnv)")
         if observation == "per_coordinate":
             trainer_kwargs["coordinate_stats"] = True
         self.instances = [_checked_instance(i, trainer_kwargs) for i in instances or []]

@@ -116,6 +116,16 @@ class TensorSource:
         key = idx.to(self.images.device, non_blocking=True)
         return TrainBatch(self.normalise(self.images[key]), self.labels[key], idx, key)
 
+    def next_runs(self, orders: list[EpochOrder]) -> TrainBatch:
+        """The next batch of each of ``orders`` (one per batched run), stacked: x is (R, B, …),
+        ``index`` and ``key`` are (R, B)."""
+        idx = torch.stack([order.next()[0] for order in orders])
+        if self.images.is_cuda:
+            idx = idx.pin_memory()
+        key = idx.to(self.images.device, non_blocking=True)
+        x = self.normalise(self.images[key.flatten()])
+        return TrainBatch(x.view(*key.shape, *x.shape[1:]), self.labels[key], idx, key)
+
     def batches(self, batch_size: int = 256, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
         """Every image once, in order; with ``shard=(r, w)`` only batches ``r, r + w, …``."""
         rank, world = shard

@@ -35,6 +35,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from asg_env.backbones import build_backbone, check_image_size, input_normalisation
+from asg_env.batched import StackedRuns
 from asg_env.coordinates import Coordinate, optimization_coordinates
 from asg_env.errors import UserInputError
 from asg_env.families import FAMILIES
@@ -44,7 +45,7 @@ from asg_env.optim import action_windows, make_sgd, poly_factor
 from asg_env.proxy import kl_to_teacher
 from asg_env.segmentation import BilinearDeconv
 from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
-from asg_env.tasks import Task, TaskOptions, TensorSource, build_task, default_cache_dir
+from asg_env.tasks import EpochOrder, Task, TaskOptions, TensorSource, build_task, default_cache_dir
 from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
@@ -136,6 +137,13 @@ class Trainer:
         source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
             :mod:`asg_env.data.folders`): the synthetic training images and the real ones,
             which are only evaluated on.
+        num_runs: N > 1 holds N runs of this configuration at once as one batched model
+            (:mod:`asg_env.batched`), each with its own θ_n, data order, learning rates and
+            SGD state, sharing the teacher and its cache; they are driven with
+            :meth:`reset_runs` and :meth:`step_runs` instead of :meth:`reset` and :meth:`step`.
+            Needs an in-memory source (the embedded tasks), ``bn_stats="frozen"``, one process,
+            no ``compile`` and a guidance that does not hold the weights (``kl``,
+            ``feature_l2``, ``none``).
     """
 
     def __init__(
@@ -181,6 +189,7 @@ class Trainer:
         source_root: str | None = None,
         target_root: str | None = None,
         coordinate_stats: bool = False,
+        num_runs: int = 1,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -251,6 +260,9 @@ class Trainer:
         self._target_reference: dict | None = None  # the teacher's target / ImageNet-photo predictions
         self.t = self.sgd_step = 0
         self.evaluation_due = False
+        self.num_runs = int(num_runs)
+        if self.num_runs > 1:
+            self._init_batched(guidance if self.lam > 0 else "none", compile)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -270,6 +282,7 @@ class Trainer:
     def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
         """Start a run from the ImageNet weights: a fresh θ_n from ``head_seed``, a fresh SGD,
         and the data order of ``data_seed``. Returns L_0 (Algorithm 1, line 2) as floats."""
+        self._require_single("reset")
         torch.manual_seed(head_seed)  # only stochastic layers (VGG's dropout, bn_stats="train") draw from it
         self.student.load_state_dict(self._imagenet_state, strict=False)
         self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
@@ -290,6 +303,7 @@ class Trainer:
         """Hold learning-rate ``scales`` (one per coordinate, in [0, 1]) for the next window of
         SGD steps. Returns the decision's losses and θ_n's statistics; ``finite`` is False when
         any loss of the window was not finite. Sets :attr:`evaluation_due`."""
+        self._require_single("step")
         if self.t >= self.T:
             raise RuntimeError(f"the run is over: all {self.T} decisions were made")
         window = self.windows[self.t]
@@ -321,6 +335,172 @@ class Trainer:
     @property
     def learning_rates(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    # ---------------------------------------------------------------- N runs at once (num_runs > 1)
+    def _init_batched(self, guidance: str, compile: str | None) -> None:
+        why = []
+        if self.world_size > 1:
+            why.append("one process (not torchrun)")
+        if not isinstance(self.task.source, TensorSource):
+            why.append("an in-memory source (the embedded tasks, not files)")
+        if self.bn_stats != "frozen":
+            why.append('bn_stats="frozen" (batch statistics update buffers in place, which vmap cannot batch)')
+        if compile is not None:
+            why.append("no compile")
+        if guidance not in ("kl", "feature_l2", "none"):
+            why.append(f"a guidance that does not hold the weights (kl, feature_l2, none; not {guidance!r})")
+        if why:
+            raise UserInputError(f"num_runs={self.num_runs} (batched runs) needs " + ", ".join(why))
+        N = self.num_runs
+        self.runs = StackedRuns(self.objective, self.coordinates, N, self.sgd, self.momentum, self.weight_decay)
+        self._orders = [EpochOrder(len(self.task.source), self.task.source.batch_size) for _ in range(N)]
+        self.run_t, self.run_sgd_step = [-1] * N, [0] * N  # -1: never started
+        self.runs_due = np.zeros(N, dtype=bool)
+        self._classifier_name = next(n for n, p in self.objective.named_parameters() if p is self.student.classifier.weight)
+        self._batch: list[torch.Tensor | None] | None = None  # every run's pending batch: x, y, teacher
+        self._origin_runs = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
+
+    def reset_runs(self, seeds: dict[int, tuple[int, int]]) -> dict[int, dict[str, float]]:
+        """Start the given runs afresh, ``{run: (head_seed, data_seed)}`` (as :meth:`reset` does
+        for one run); the others keep going. Returns each started run's L_0, in one transfer."""
+        self._require_batched("reset_runs")
+        for run, (head_seed, data_seed) in seeds.items():
+            self.student.load_state_dict(self._imagenet_state, strict=False)
+            self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
+            start = {n: p.detach() for n, p in self.objective.named_parameters() if n in self.runs.params}
+            self.runs.load_run(run, start)
+            if self._origin_runs is not None:
+                for n, w in start.items():
+                    self._origin_runs[n][run].copy_(w)
+            self._orders[run].reset(data_seed)
+            self.run_t[run] = self.run_sgd_step[run] = 0
+            self.runs_due[run] = False
+        runs = sorted(seeds)
+        self._draw(runs)
+        self._pending = self.runs.losses(*self._batch)
+        losses = self._pending if self.reward_batch == "train" else self._heldout_losses_runs()
+        stats = None
+        if self.coordinate_stats:
+            stats = self._stats_runs(self._origin_runs, torch.zeros(self.num_runs, len(self.coordinates), device=self.device))
+        return self._read_runs(losses, losses[:, 0], stats, runs)
+
+    def step_runs(self, scales: np.ndarray, runs: list[int]) -> dict[int, dict[str, float]]:
+        """Hold ``scales[r]`` (N × C) for the next window of each run ``r`` in ``runs``; the
+        other runs keep their weights and data position. Returns each stepped run's values, as
+        :meth:`step` does for one run, all in one transfer; sets :attr:`runs_due`."""
+        self._require_batched("step_runs")
+        for r in runs:
+            if not 0 <= self.run_t[r] < self.T:
+                raise RuntimeError(f"run {r} is {'over' if self.run_t[r] >= self.T else 'not started'}")
+        N, scales = self.num_runs, np.asarray(scales, dtype=float)
+        window = np.zeros(N, dtype=int)
+        window[runs] = [self.windows[self.run_t[r]] for r in runs]
+        epoch_before = {r: self.run_sgd_step[r] // self.steps_per_epoch for r in runs}
+        before = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
+        grad_norms = torch.zeros(N, len(self.coordinates), device=self.device)
+        sums = torch.zeros(N, 3, device=self.device)
+        for i in range(int(window.max())):
+            moving_runs = [r for r in runs if i < window[r]]
+            moving = torch.zeros(N, dtype=torch.bool)
+            moving[moving_runs] = True
+            moving = moving.to(self.device)
+            lrs = np.zeros((N, len(self.coordinates)))
+            for r in moving_runs:
+                factor = (poly_factor(self.run_sgd_step[r], self.total_sgd_steps, self.warmup_steps)
+                          if self.lr_schedule == "poly" else 1.0)
+                lrs[r] = scales[r] * self.lr_base * factor
+                self.run_sgd_step[r] += 1
+            self.runs.backward(self._pending, moving)
+            if self.coordinate_stats:  # the gradient of each run's last SGD step of its window
+                ending = torch.from_numpy(window == i + 1).to(self.device)
+                grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.runs.params.items()}
+                norms = torch.stack([g.norm(dim=1) for g in self.runs.coordinate_tensors(grads)], 1)
+                grad_norms = torch.where(ending[:, None], norms, grad_norms)
+            self.runs.sgd_step(torch.as_tensor(lrs, dtype=torch.float32, device=self.device), moving)
+            self._draw(moving_runs)
+            self._pending = self.runs.losses(*self._batch)
+            sums += torch.where(moving[:, None], self._pending.detach(), torch.zeros_like(sums))
+        for r in runs:
+            self.run_t[r] += 1
+            if self.eval_every == "epoch":
+                due = self.run_sgd_step[r] // self.steps_per_epoch > epoch_before[r]
+            else:
+                due = bool(self.eval_every) and self.run_t[r] % self.eval_every == 0
+            self.runs_due[r] = self.run_t[r] >= self.T or due
+        mean = sums / torch.as_tensor(np.maximum(window, 1), dtype=torch.float32, device=self.device)[:, None]
+        losses = mean if self.reward_batch == "train" else self._heldout_losses_runs()
+        stats = self._stats_runs(before, grad_norms) if self.coordinate_stats else None
+        return self._read_runs(losses, sums[:, 0], stats, runs)
+
+    def evaluate_run(self, run: int) -> dict[str, float]:
+        """:meth:`evaluate` of run ``run`` (its weights are copied into the trainer's student)."""
+        self._require_batched("evaluate_run")
+        with torch.no_grad():
+            for n, p in self.objective.named_parameters():
+                if n in self.runs.params:
+                    p.copy_(self.runs.params[n][run])
+        return self.evaluate()
+
+    def _require_single(self, method: str) -> None:
+        if self.num_runs > 1:
+            raise RuntimeError(f"{method} drives one run; a trainer of {self.num_runs} runs takes reset_runs and step_runs")
+
+    def _require_batched(self, method: str) -> None:
+        if self.num_runs == 1:
+            raise RuntimeError(f"{method} drives batched runs (num_runs > 1); use reset and step for one run")
+
+    def _draw(self, runs: list[int]) -> None:
+        """The next training batch of each of ``runs``, into the pending batches."""
+        if not runs:
+            return
+        x, y, index, key = self.task.source.next_runs([self._orders[r] for r in runs])
+        teacher = None
+        if self.guidance.teacher_output is not None:
+            flat = x.flatten(0, 1).contiguous(memory_format=self.memory_format)
+            if self._teacher_cache is not None:
+                teacher = self._teacher_cache(flat, index.flatten(), key.flatten(), self._teacher_out)
+            else:
+                teacher = self._teacher_out(flat)
+            teacher = teacher.view(len(runs), -1, *teacher.shape[1:])
+        if self._batch is None:
+            self._batch = [t.new_zeros((self.num_runs, *t.shape[1:])) if t is not None else None for t in (x, y, teacher)]
+        for store, new in zip(self._batch, (x, y, teacher)):
+            if new is not None:
+                store[runs] = new
+
+    def _heldout_losses_runs(self) -> torch.Tensor:
+        x, y = self.task.heldout
+        with self._autocast():
+            return self.runs.losses_on(x.contiguous(memory_format=self.memory_format), y, self._teacher_heldout)
+
+    def _read_runs(self, losses: torch.Tensor, check: torch.Tensor, stats: torch.Tensor | None,
+                   runs: list[int]) -> dict[int, dict[str, float]]:
+        """:meth:`_read` for every run at once (N × …), one transfer; the entries of ``runs``."""
+        w = self.runs.params[self._classifier_name].detach().flatten(1)
+        values = torch.cat([losses.detach().float(), check.detach().float()[:, None], w.mean(1, keepdim=True),
+                            w.std(1, keepdim=True)], 1)
+        if stats is not None:
+            values = torch.cat([values, stats.float().flatten(1)], 1)
+        rows = values[runs].tolist()
+        out = {}
+        for r, numbers in zip(runs, rows):
+            v = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:6]))
+            v["finite"] = all(math.isfinite(x) for x in numbers[:6])
+            if stats is not None:
+                v["coordinate_stats"] = np.array(numbers[6:]).reshape(-1, 3)
+            out[r] = v
+        return out
+
+    def _stats_runs(self, reference: dict[str, torch.Tensor], grad_norms: torch.Tensor) -> torch.Tensor:
+        """:meth:`_stats` for every run: N × C × 3."""
+        params = {n: p.detach() for n, p in self.runs.params.items()}
+        rows = []
+        for c, (now, ref, origin) in enumerate(zip(*(self.runs.coordinate_tensors(t) for t in
+                                                     (params, reference, self._origin_runs)))):
+            tiny = torch.finfo(now.dtype).tiny
+            rows.append(torch.stack([grad_norms[:, c], (now - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(tiny),
+                                     (now - origin).norm(dim=1) / origin.norm(dim=1).clamp_min(tiny)], 1))
+        return torch.stack(rows, 1)
 
     # ------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -390,6 +570,7 @@ class Trainer:
         pass is redone on loading). With ``bn_stats="train"`` that forward pass has already
         updated the BatchNorm running statistics, so the buffers are saved as they were
         before it, and loading counts the batch once."""
+        self._require_single("state_dict")
         pending = dict(self._before_pending)
         student = self.student.state_dict()
         student.update((k, v) for k, v in pending.pop("buffers", {}).items() if k in student)

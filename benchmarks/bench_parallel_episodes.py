@@ -1,9 +1,15 @@
-"""Policy-training throughput with 1 and N envs, side by side: episodes per minute of LSTM
-REINFORCE on SynDigits-v0 at the default config (configs/reinforce_syndigits.yaml), N envs in
-N processes (AsyncVectorEnv) sharing the machine's cores. A first batch warms every process
-up (imports, env construction, the teacher cache) and is not timed.
+"""Policy-training throughput with N envs at once, side by side in one run: episodes per
+minute of LSTM REINFORCE on SynDigits-v0 (configs/reinforce_syndigits.yaml), for each N
 
-    python benchmarks/bench_parallel_episodes.py [--n-envs 2] [--batches 2]
+* native: the N runs as one batched model in this process (``asg_env.vector``, vmap);
+* async: N envs in N processes (gymnasium's AsyncVectorEnv), the cores shared out;
+
+and one env alone as the reference (N = 1). A first batch warms every setting up (imports,
+env construction, the teacher cache) and is not timed. The ratios are what holds across
+machines; the episodes per minute are this machine's.
+
+    python benchmarks/bench_parallel_episodes.py                    # N = 1, 2, 4, 8, 16
+    python benchmarks/bench_parallel_episodes.py --n 2 4 --batches 1 --device cuda
 """
 
 from __future__ import annotations
@@ -18,20 +24,27 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agents.config import env_factories, load_config, make_env  # noqa: E402
+from agents.config import apply_overrides, env_factories, load_config, make_env  # noqa: E402
 from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
 from agents.rollout import episode_seed  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "reinforce_syndigits.yaml")
 
 
-def episodes_per_minute(config: dict, n: int, batches: int) -> float:
-    if n == 1:
-        torch.set_num_threads(os.cpu_count() or 1)
-        envs = make_env(config, device="cpu")
-    else:
-        envs = gym.vector.AsyncVectorEnv(env_factories(config, n, "cpu"), context="spawn",
-                                         autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+def make_envs(config: dict, kind: str, n: int, device: str):
+    kwargs = {**config["env"].get("kwargs", {}), "device": device}
+    if kind == "one":
+        return make_env(config, device=device)
+    if kind == "native":
+        return gym.make_vec(config["env"]["id"], num_envs=n, vectorization_mode="vector_entry_point",
+                            autoreset_mode=gym.vector.AutoresetMode.DISABLED, **kwargs)
+    return gym.vector.AsyncVectorEnv(env_factories(config, n, device), context="spawn",
+                                     autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+def episodes_per_minute(config: dict, kind: str, n: int, batches: int, device: str) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)
+    envs = make_envs(config, kind, n, device)
     trainer = ReinforceTrainer(envs, ReinforceConfig(), seed=0)
     trainer.run_episodes([episode_seed(0, i) for i in range(n)])  # warm-up, untimed
     start = time.perf_counter()
@@ -43,18 +56,22 @@ def episodes_per_minute(config: dict, n: int, batches: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-envs", type=int, default=2)
-    p.add_argument("--batches", type=int, default=2, help="timed batches of episodes per setting")
+    p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16], help="numbers of envs at once")
+    p.add_argument("--batches", type=int, default=1, help="timed batches of N episodes per setting")
+    p.add_argument("--kinds", nargs="+", default=["native", "async"], choices=["native", "async"])
+    p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="env override, e.g. env.kwargs.epochs=1")
     args = p.parse_args()
-    from agents.config import apply_overrides
-
+    if any(n < 1 for n in args.n) or args.batches < 1:
+        p.error("--n and --batches must be at least 1")
     config = apply_overrides(load_config(CONFIG), args.set)
-    one = episodes_per_minute(config, 1, args.batches)
-    many = episodes_per_minute(config, args.n_envs, args.batches)
-    print(f"{os.cpu_count()} cores, {config['env']['id']}, {config['env']['kwargs']}")
-    print(f"  1 env:  {one:.2f} episodes/min")
-    print(f"  {args.n_envs} envs: {many:.2f} episodes/min  ({many / one:.2f}x)")
+    print(f"{os.cpu_count()} cores, {args.device}, {config['env']['id']}, {config['env']['kwargs']}", flush=True)
+    one = episodes_per_minute(config, "one", 1, args.batches, args.device)
+    print(f"1 env: {one:.2f} episodes/min", flush=True)
+    print("N    " + "".join(f"{k + ' ep/min':>16}{'× one env':>11}" for k in args.kinds), flush=True)
+    for n in args.n:
+        rates = [episodes_per_minute(config, kind, n, args.batches, args.device) for kind in args.kinds]
+        print(f"{n:<5}" + "".join(f"{r:>16.2f}{r / one:>10.2f}×" for r in rates), flush=True)
 
 
 if __name__ == "__main__":

@@ -362,19 +362,30 @@ def test_torchrun_two_ranks_on_gloo_match_one_process(tmp_path, cache_dir):
     assert summary["world_size"] == 2
 
 
-@pytest.mark.parametrize("agent", ["reinforce", "recurrent-ppo"])
-def test_two_envs_run_episodes_in_parallel_processes(tmp_path, cache_dir, agent):
+@pytest.mark.parametrize("agent, vector", [("reinforce", "batched"), ("reinforce", "processes"),
+                                           ("recurrent-ppo", "batched"), ("recurrent-ppo", "auto")])
+def test_two_envs_run_episodes_at_once(tmp_path, cache_dir, agent, vector, capsys):
     out = str(tmp_path / agent)
-    argv = ["--agent", agent, "--episodes", "4", "--n-envs", "2", "--out", out, "--data-root", cache_dir, "--seed", "2", *TINY]
+    argv = ["--agent", agent, "--episodes", "4", "--n-envs", "2", "--vector", vector, "--out", out,
+            "--data-root", cache_dir, "--seed", "2", *TINY]
     if agent == "recurrent-ppo":
         argv += ["--set", "agent.recurrent-ppo.n_steps=3", "--set", "agent.recurrent-ppo.batch_size=6"]
     assert train_policy.main(argv) == 0
+    said = capsys.readouterr().out
+    assert ("as one batched model" in said) == (vector == "batched") and ("2 processes (on a CPU" in said) == (vector == "auto")
     episodes = _rows(os.path.join(out, "episodes.csv"))
     assert [r["episode"] for r in episodes] == ["0", "1", "2", "3"] and all(r["length"] == "3" for r in episodes)
     if agent == "reinforce":  # each batch of two ran two different episodes
         assert [int(r["seed"]) for r in episodes] == [episode_seed(2, i) for i in range(4)]
         assert len({r["final_loss"] for r in episodes}) == 4
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["episodes_done"] == 4
+
+
+def test_batched_envs_refuse_what_cannot_be_batched_in_one_line(tmp_path, cache_dir, capsys):
+    argv = ["--episodes", "2", "--n-envs", "2", "--vector", "batched", "--out", str(tmp_path / "r"),
+            "--data-root", cache_dir, *TINY, "--set", "env.kwargs.bn_stats=train"]
+    assert train_policy.main(argv) == 2
+    assert 'bn_stats="frozen"' in capsys.readouterr().err
 
 
 def test_sb3_training_resumes_from_its_checkpoint(tmp_path, cache_dir):

@@ -30,7 +30,7 @@ def test_every_env_and_agent_setting_has_an_entry():
     assert _parameters(Trainer.__init__) | _parameters(ASGEnv.__init__) == set(ENV_SETTINGS) | set(ENV_FREE_FORM)
     assert {f.name for f in dataclasses.fields(ReinforceConfig)} == set(REINFORCE_SETTINGS)
     assert {f.name for f in dataclasses.fields(SelfTrainingConfig)} == set(SELF_TRAINING_SETTINGS)
-    assert set(TRAIN_SETTINGS) == {"episodes", "seed", "n_envs"}
+    assert set(TRAIN_SETTINGS) == {"episodes", "seed", "n_envs", "vector"}
 
 
 def test_every_default_is_allowed():

@@ -1,0 +1,195 @@
+"""N ASG envs of one configuration in one process, as one batched trainer: Gymnasium's native
+vector env for the embedded tasks.
+
+``gym.make_vec("SynDigits-v0", num_envs=N)`` returns it (``vectorization_mode=
+"vector_entry_point"``, the default for ids that register one). Sub-env ``i`` behaves as
+:class:`~asg_env.env.ASGEnv` would with the same seed and actions: the same observation,
+reward, termination and info, within float tolerance, because its run is run ``i`` of a
+:class:`~asg_env.trainer.Trainer` with ``num_runs=N`` (:mod:`asg_env.batched`): its own θ_n,
+data order, learning rates and SGD state; one teacher and one cache for all. A decision of all
+N envs is one batched forward and backward pass per SGD step and one host–device transfer.
+
+Autoreset follows Gymnasium's modes (``autoreset_mode``): ``NEXT_STEP`` (the default: the
+step after an episode ends resets that env, ignores its action and returns reward 0),
+``SAME_STEP`` (reset at once; ``info["final_obs"]`` and ``info["final_info"]`` hold the ended
+episode's last observation and info) and ``DISABLED`` (``reset(options={"reset_mask": m})``
+resets some envs; stepping an env whose episode has ended returns its last observation, reward
+0 and ``terminated=True``, as a diverged :class:`~asg_env.env.ASGEnv` does).
+
+What it cannot batch it refuses, with the reason: instance lists (runs of one batched model
+share one backbone and configuration), ``bn_stats="train"``, file-based tasks, torchrun and
+``compile``. ``gym.make_vec(..., vectorization_mode="async")`` runs those in processes.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from asg_env.control import Control
+from asg_env.env import _trainer_defaults
+from asg_env.errors import UserInputError
+from asg_env.optim import poly_factor
+from asg_env.settings import ENV_SETTINGS, check_settings
+from asg_env.trainer import Trainer, run_seeds
+
+
+class ASGVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` ASG envs as one batched trainer; every other argument is
+    :class:`~asg_env.env.ASGEnv`'s."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, num_envs: int, autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+                 evaluate_target: bool = True, divergence_penalty: float = -10.0, action: str = "levels",
+                 action_levels: int = 11, action_min: float = 0.01, action_max: float = 10.0,
+                 observation: str = "paper", reward: str = "loss_decrease", **trainer_kwargs):
+        own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
+               "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
+               "observation": observation, "reward": reward}
+        check_settings(own, ENV_SETTINGS)
+        if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+            raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
+        if trainer_kwargs.get("instances"):
+            raise UserInputError("the native vector env runs one configuration (one batched model); for a list of "
+                                 "instances use vectorization_mode='async'")
+        trainer_kwargs.pop("instances", None)
+        if "num_runs" in trainer_kwargs:
+            raise UserInputError("num_runs is the vector env's num_envs")
+        if observation == "per_coordinate":
+            trainer_kwargs["coordinate_stats"] = True
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        self.num_envs = num_envs
+        self.trainer = Trainer(**trainer_kwargs, num_runs=num_envs)
+        self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
+        self.evaluate_target_enabled, self.divergence_penalty = bool(evaluate_target), float(divergence_penalty)
+        self.coordinate_names = self.trainer.coordinate_names
+        self.controls = [Control(self.coordinate_names, action, action_levels, action_min, action_max, observation, reward)
+                         for _ in range(num_envs)]
+        self.obs_names = self.controls[0].obs_names
+        self.single_observation_space = self.controls[0].observation_space
+        self.single_action_space = self.controls[0].action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._rngs: list[np.random.Generator | None] = [None] * num_envs
+        self._obs = np.zeros((num_envs, *self.single_observation_space.shape), dtype=np.float32)
+        self._values: list[dict | None] = [None] * num_envs
+        self._ended = np.zeros(num_envs, dtype=bool)  # the episode is over (DISABLED mode keeps it so)
+        self._diverged = np.zeros(num_envs, dtype=bool)
+        self._autoreset = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: reset at the next step
+
+    @property
+    def T(self) -> int:
+        return self.trainer.T
+
+    @property
+    def backbone_name(self) -> str:
+        return self.trainer.backbone_name
+
+    # ----------------------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        """Reset every env, or those of ``options["reset_mask"]``; ``seed`` as SyncVectorEnv takes it."""
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        if options:
+            raise UserInputError(f"the native vector env takes only reset_mask as an option, not {sorted(options)}")
+        if mask is None:
+            mask = np.ones(self.num_envs, dtype=bool)
+        elif not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (self.num_envs,)
+                  and mask.any()):
+            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with a True")
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"{len(seeds)} seeds for {self.num_envs} envs")
+        for i in np.flatnonzero(mask):
+            if seeds[i] is not None or self._rngs[i] is None:
+                self._rngs[i], _ = gym.utils.seeding.np_random(seeds[i])
+        info = self._reset_envs(list(np.flatnonzero(mask)))
+        return self._obs.copy(), self._batched(info)
+
+    def step(self, actions):
+        continuous = isinstance(self.single_action_space, gym.spaces.Box)
+        actions = np.asarray(actions, dtype=np.float32 if continuous else np.int64).reshape(self.num_envs, -1)
+        rewards = np.zeros(self.num_envs)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        resetting = list(np.flatnonzero(self._autoreset))
+        info = self._reset_envs(resetting) if resetting else {}
+        for i in np.flatnonzero(self._ended):  # DISABLED: an ended episode stays ended until reset
+            terminated[i] = True
+            info[i] = {"diverged": bool(self._diverged[i])}
+        stepping = [i for i in range(self.num_envs) if not self._ended[i] and i not in resetting]
+        scales = np.ones((self.num_envs, len(self.coordinate_names)))
+        for i in stepping:
+            if not self.single_action_space.contains(actions[i]):
+                raise UserInputError(f"action {actions[i].tolist()} of env {i} is outside {self.single_action_space}")
+            scales[i] = self.controls[i].scales(actions[i])
+        values = self.trainer.step_runs(scales, stepping) if stepping else {}
+        T = self.trainer.T
+        for i in stepping:
+            v, t = values[i], self.trainer.run_t[i]
+            if not v["finite"]:
+                self._diverged[i] = True
+                self._obs[i, 2] = t / T
+                rewards[i], terminated[i] = self.divergence_penalty, True
+                info[i] = self._info(i, v)
+                continue
+            previous, self._values[i] = self._values[i], v
+            self._obs[i] = self.controls[i].observe(v, t / T, self.trainer.lr_base)
+            rewards[i], terminated[i] = self.controls[i].reward(previous, v, t >= T), t >= T
+            info[i] = self._info(i, v)
+            if self.evaluate_target_enabled and self.trainer.runs_due[i]:
+                info[i].update(self.trainer.evaluate_run(i))
+        ended = [i for i in stepping if terminated[i]]
+        self._ended[ended] = True
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._autoreset[:] = False
+            self._autoreset[ended] = True
+        elif self.autoreset_mode == AutoresetMode.SAME_STEP and ended:
+            finals = {i: {"final_obs": self._obs[i].copy(), "final_info": info[i]} for i in ended}
+            info.update({i: {**finals[i], **new} for i, new in self._reset_envs(ended).items()})
+        return self._obs.copy(), rewards, terminated, truncated, self._batched(info)
+
+    def evaluate_target(self, env: int) -> dict[str, float]:
+        """The trainer's evaluation of env ``env``'s run."""
+        return self.trainer.evaluate_run(env)
+
+    # ---------------------------------------------------------------------------- helpers
+    def _reset_envs(self, envs: list[int]) -> dict[int, dict]:
+        """Start the runs of ``envs`` (one batched reset); their infos, by env."""
+        seeds = {}
+        for i in envs:
+            if self._rngs[i] is None:
+                self._rngs[i], _ = gym.utils.seeding.np_random(None)
+            seeds[i] = run_seeds(self._rngs[i])
+        values = self.trainer.reset_runs(seeds)
+        info = {}
+        for i in envs:
+            self.controls[i].reset()
+            self._values[i] = values[i]
+            self._obs[i] = self.controls[i].observe(values[i], 0.0, self.trainer.lr_base)
+            self._ended[i] = self._diverged[i] = self._autoreset[i] = False
+            info[i] = self._info(i, values[i])
+        return info
+
+    def _batched(self, info: dict[int, dict]) -> dict:
+        """Per-env infos as Gymnasium's batched info dict (arrays and ``_key`` masks)."""
+        out: dict = {}
+        for i in sorted(info):
+            out = self._add_info(out, info[i], i)
+        return out
+
+    def _info(self, i: int, values: dict) -> dict:
+        trainer = self.trainer
+        step = trainer.run_sgd_step[i]
+        factor = poly_factor(max(step - 1, 0), trainer.total_sgd_steps, trainer.warmup_steps) \
+            if trainer.lr_schedule == "poly" else 1.0
+        lr = {n: float(s) * trainer.lr_base * factor for n, s in zip(self.coordinate_names, self.controls[i].scale)}
+        return {"step": trainer.run_t[i], "sgd_step": step, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
+                "lr": lr, "diverged": bool(self._diverged[i]), "instance": -1}

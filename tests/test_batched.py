@@ -1,0 +1,193 @@
+"""N runs as one batched model (asg_env.batched, Trainer(num_runs=N)) and the native vector
+env (asg_env.vector): the same runs as N single ones, Gymnasium's autoreset semantics, and
+clear refusals of what cannot be batched.
+
+The embedded tasks' rendered digits have flat backgrounds, so many activations share one value
+and sit on ReLU6's kinks together: a 1e-7 change of the input moves some early-layer gradients
+by about 2 % (measured on one run alone). A batched forward pass rounds differently from a
+single one, so trainer-level comparisons use a loose relative tolerance over a few steps; the
+SGD itself is compared exactly on a smooth model.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import asg_env  # noqa: F401  (registers the ids)
+from asg_env.batched import StackedRuns
+from asg_env.coordinates import Coordinate
+from asg_env.errors import UserInputError
+from asg_env.optim import make_sgd
+from asg_env.trainer import Trainer
+from asg_env.vector import ASGVectorEnv
+
+KW = dict(task="syndigits", image_size=32, source_size=96, batch_size=8, episode_steps=3, sgd_steps_per_action=2,
+          target_eval_size=50, synthetic_eval_size=20, imagenet_photos=0, lr_base=3e-3)
+ENV_KW = dict(KW, episode_steps=2, evaluate_target=False)
+
+
+class _Smooth(nn.Module):
+    """A tanh MLP objective with the trainer's interface: ``[L, L, 0]`` of one batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x, y, teacher):
+        loss = nn.functional.cross_entropy(self.b(torch.tanh(self.a(x))), y)
+        return torch.stack([loss, loss, loss * 0])
+
+
+@pytest.mark.parametrize("form", ["official", "torch"])
+def test_stacked_sgd_takes_each_runs_own_steps(form):
+    torch.manual_seed(0)
+    template = _Smooth()
+    starts = [{n: torch.randn_like(p) for n, p in template.named_parameters()} for _ in range(3)]
+    data = [(torch.randn(4, 6, 5), torch.randint(0, 3, (4, 6))) for _ in range(3)]  # run r's batches
+    lrs = torch.rand(4, 3, 2)  # step, run, coordinate
+    coords = lambda m: [Coordinate("a", list(m.a.parameters())), Coordinate("b", list(m.b.parameters()))]  # noqa: E731
+    singles = []
+    for r in range(3):
+        m = _Smooth()
+        m.load_state_dict(starts[r])
+        opt = make_sgd(form, [{"params": c.params, "lr": 1.0} for c in coords(m)], lr=1.0, momentum=0.9, weight_decay=5e-4)
+        for s in range(4):
+            for group, lr in zip(opt.param_groups, lrs[s, r]):
+                group["lr"] = float(lr)
+            opt.zero_grad()
+            m(data[r][0][s], data[r][1][s], None)[0].backward()
+            opt.step()
+        singles.append(m)
+    runs = StackedRuns(template, coords(template), 3, form, 0.9, 5e-4)
+    for r in range(3):
+        runs.load_run(r, {f"{k}": v for k, v in starts[r].items()})
+    everyone = torch.ones(3, dtype=torch.bool)
+    for s in range(4):
+        x = torch.stack([data[r][0][s] for r in range(3)])
+        y = torch.stack([data[r][1][s] for r in range(3)])
+        runs.backward(runs.losses(x, y, None), everyone)
+        runs.sgd_step(lrs[s], everyone)
+    for r in range(3):
+        for n, p in singles[r].named_parameters():
+            torch.testing.assert_close(runs.params[n][r], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_that_is_not_moving_keeps_its_weights_and_velocity():
+    torch.manual_seed(1)
+    template = _Smooth()
+    runs = StackedRuns(template, [Coordinate("all", list(template.parameters()))], 2, "official", 0.9, 0.0)
+    x, y = torch.randn(2, 6, 5), torch.randint(0, 3, (2, 6))
+    runs.backward(runs.losses(x, y, None), torch.tensor([True, True]))
+    runs.sgd_step(torch.full((2, 1), 0.1), torch.tensor([True, True]))
+    frozen = {n: (p[1].clone(), runs.velocity[n][1].clone()) for n, p in runs.params.items()}
+    moved = {n: p[0].clone() for n, p in runs.params.items()}
+    runs.backward(runs.losses(x, y, None), torch.tensor([True, False]))
+    runs.sgd_step(torch.full((2, 1), 0.1), torch.tensor([True, False]))
+    for n, p in runs.params.items():
+        assert torch.equal(p[1], frozen[n][0]) and torch.equal(runs.velocity[n][1], frozen[n][1])
+    assert any(not torch.equal(p[0], moved[n]) for n, p in runs.params.items())
+
+
+def _close(a: dict, b: dict, rel: float = 2e-3) -> None:
+    for key in ("loss", "loss_xe", "head_weight_mean", "head_weight_std"):
+        assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-5), key
+    assert a["loss_guidance"] == pytest.approx(b["loss_guidance"], rel=0.05, abs=1e-4)
+
+
+def test_batched_trainer_gives_the_single_runs(cache_dir):
+    kw = dict(KW, data_root=cache_dir, coordinate_stats=True, reward_batch="heldout")
+    seeds = {0: (1, 2), 1: (3, 4), 2: (5, 6)}
+    scales = np.random.default_rng(0).uniform(0, 1, size=(2, 3, 9))
+    batched = Trainer(**kw, num_runs=3)
+    out = [batched.reset_runs(seeds)] + [batched.step_runs(scales[t], [0, 1, 2]) for t in range(2)]
+    for r, (head, data) in seeds.items():
+        single = Trainer(**kw)
+        ref = [single.reset(head, data)] + [single.step(scales[t, r]) for t in range(2)]
+        for a, b in zip(out, ref):
+            _close(a[r], b)
+            np.testing.assert_allclose(a[r]["coordinate_stats"], b["coordinate_stats"], rtol=0.05, atol=1e-6)
+    assert batched.run_t == [2, 2, 2] and batched.run_sgd_step == [4, 4, 4]
+    # run 1 starts again while the others go on: it is then a fresh run of its new seeds
+    batched.reset_runs({1: (7, 8)})
+    step = batched.step_runs(scales[0], [1])
+    single = Trainer(**kw)
+    single.reset(7, 8)
+    _close(step[1], single.step(scales[0, 1]))
+    assert batched.run_t == [2, 1, 2]
+    assert batched.evaluate_run(1)["synthetic_acc"] == pytest.approx(single.evaluate()["synthetic_acc"], abs=0.051)
+
+
+@pytest.mark.parametrize("setting, words", [({"bn_stats": "train"}, "bn_stats"), ({"guidance": "l2sp"}, "guidance"),
+                                            ({"compile": "aot_eager"}, "compile")])
+def test_batched_runs_refuse_what_vmap_cannot_batch(cache_dir, setting, words):
+    with pytest.raises(UserInputError, match=words):
+        Trainer(**KW, data_root=cache_dir, num_runs=2, **setting)
+
+
+def test_the_single_env_refuses_num_runs_and_the_vector_env_instances(cache_dir):
+    with pytest.raises(UserInputError, match="make_vec"):
+        gym.make("SynDigits-v0", **ENV_KW, data_root=cache_dir, num_runs=2)
+    with pytest.raises(UserInputError, match="async"):
+        ASGVectorEnv(2, **ENV_KW, data_root=cache_dir, instances=[{"lr_base": 1e-3}])
+
+
+def _both(cache_dir, mode, n=3):
+    kw = dict(ENV_KW, data_root=cache_dir)
+    native = gym.make_vec("SynDigits-v0", num_envs=n, autoreset_mode=mode, **kw)
+    ref = gym.vector.SyncVectorEnv([lambda: gym.make("SynDigits-v0", **kw) for _ in range(n)], autoreset_mode=mode)
+    return native, ref
+
+
+def _same_step(a, b, n):
+    np.testing.assert_allclose(a[0], b[0], rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(a[1], b[1], rtol=0.05, atol=2e-3)
+    assert np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
+    for i in range(n):
+        assert a[4]["_step"][i] == b[4]["_step"][i] and a[4]["step"][i] == b[4]["step"][i]
+
+
+@pytest.mark.parametrize("mode", ["NextStep", "SameStep"])
+def test_native_vector_env_matches_sync_vector_env(cache_dir, mode):
+    native, ref = _both(cache_dir, mode)
+    assert isinstance(native, ASGVectorEnv) and native.observation_space == ref.observation_space
+    assert native.action_space == ref.action_space
+    obs, _ = native.reset(seed=10)
+    np.testing.assert_allclose(obs, ref.reset(seed=10)[0], rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    for t in range(5):  # T = 2: two autoresets
+        a = rng.integers(0, 11, size=(3, 9))
+        got, want = native.step(a), ref.step(a)
+        assert native.observation_space.contains(got[0])
+        _same_step(got, want, 3)
+        if mode == "SameStep" and got[2].any():
+            np.testing.assert_allclose(got[4]["final_obs"][0], want[4]["final_obs"][0], rtol=2e-3, atol=1e-4)
+            assert got[4]["final_info"]["step"][0] == 2
+        if mode == "NextStep" and t == 2:  # the step after the end: reset, reward 0
+            assert not got[2].any() and np.all(got[1] == 0) and np.all(got[4]["step"] == 0)
+
+
+def test_native_vector_env_resets_a_masked_env_alone(cache_dir):
+    native, ref = _both(cache_dir, "Disabled", n=2)
+    native.reset(seed=3)
+    ref.reset(seed=3)
+    a = np.full((2, 9), 10)
+    _same_step(native.step(a), ref.step(a), 2)
+    mask = np.array([False, True])
+    got, want = native.reset(options={"reset_mask": mask}), ref.reset(options={"reset_mask": mask.copy()})
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-3, atol=1e-4)
+    _same_step(native.step(a), ref.step(a), 2)  # env 0 ends its episode while env 1 is at its first step
+    assert native.trainer.run_t == [2, 1]
+    again = native.step(a)  # env 0 has ended and is not reset: last observation, reward 0, still terminated
+    assert again[2][0] and again[1][0] == 0 and again[2][1]
+
+
+def test_the_same_seed_gives_the_same_episode_and_another_seed_another(cache_dir):
+    env = ASGVectorEnv(2, **ENV_KW, data_root=cache_dir)
+    first = env.reset(seed=[5, 5])[0]
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-5)
+    other = env.reset(seed=[5, 6])[0]
+    assert not np.allclose(other[0], other[1])
