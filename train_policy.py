@@ -301,6 +301,8 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
         mode = gym.vector.AutoresetMode.DISABLED if agent == "reinforce" else gym.vector.AutoresetMode.SAME_STEP
         try:
             venv = gym.make_vec(env_id, num_envs=n, vectorization_mode="vector_entry_point", autoreset_mode=mode, **kwargs)
+        except TypeError as exc:  # an unknown kwarg in a config file
+            raise UserInputError(f"bad env option: {exc}") from exc
         except UserInputError as exc:
             if choice == "batched":
                 raise

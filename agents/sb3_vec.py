@@ -23,15 +23,18 @@ class GymnasiumVecEnv(VecEnv):
     def __init__(self, venv: gym.vector.VectorEnv):
         if venv.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.SAME_STEP:
             raise ValueError("SB3 needs a vector env in SAME_STEP autoreset mode")
+        self.venv = venv  # before VecEnv's constructor, which reads attributes through get_attr
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
-        self.venv = venv
         self._actions: np.ndarray | None = None
 
     def reset(self):
+        if any(self._options):
+            raise ValueError("the batched vector env takes no reset options from SB3")
         seeds = None if all(s is None for s in self._seeds) else self._seeds
         obs, info = self.venv.reset(seed=seeds)
         self.reset_infos = [per_env(info, i) for i in range(self.num_envs)]
         self._reset_seeds()
+        self._reset_options()
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -43,9 +46,10 @@ class GymnasiumVecEnv(VecEnv):
         infos = []
         for i in range(self.num_envs):
             entry = per_env(info, i)
-            if dones[i]:  # SB3 reads the ended episode's info and last observation
-                entry = {**entry.pop("final_info"), "terminal_observation": entry.pop("final_obs"),
-                            "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+            if dones[i]:  # SB3 reads the ended episode's info and last observation; the rest is the reset's
+                final, last = entry.pop("final_info"), entry.pop("final_obs")
+                self.reset_infos[i] = entry
+                entry = {**final, "terminal_observation": last, "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
             infos.append(entry)
         return obs, rewards.astype(np.float32), dones, infos
 

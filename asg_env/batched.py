@@ -11,7 +11,7 @@ same first step as the optimizers' lazily created one.
 
 Runs need not be in step: a run that is not ``moving`` in an SGD step (its window is over, it
 is waiting for a reset, or it diverged) keeps its weights and velocity exactly, although the
-batched forward pass still computes it. :class:`~asg_env.trainer.Trainer` (``num_runs > 1``)
+batched forward pass still computes it. :class:`~asg_env.trainer.Trainer` (``num_runs=N``)
 holds one of these; the data order, the teacher and the decisions stay in the trainer.
 """
 

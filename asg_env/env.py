@@ -70,7 +70,7 @@ class ASGEnv(gym.Env):
         check_settings(own, ENV_SETTINGS)
         if action_min >= action_max:
             raise UserInputError(f"action_min ({action_min:g}) must be below action_max ({action_max:g})")
-        if trainer_kwargs.get("num_runs", 1) != 1:
+        if trainer_kwargs.get("num_runs") is not None:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
                                  "(asg_env.vector.ASGVectorEnv)")
         if observation == "per_coordinate":

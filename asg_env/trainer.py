@@ -137,7 +137,8 @@ class Trainer:
         source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
             :mod:`asg_env.data.folders`): the synthetic training images and the real ones,
             which are only evaluated on.
-        num_runs: N > 1 holds N runs of this configuration at once as one batched model
+        num_runs: None (the default) is one run, driven by :meth:`reset` and :meth:`step`. A
+            number N holds N runs of this configuration at once as one batched model
             (:mod:`asg_env.batched`), each with its own θ_n, data order, learning rates and
             SGD state, sharing the teacher and its cache; they are driven with
             :meth:`reset_runs` and :meth:`step_runs` instead of :meth:`reset` and :meth:`step`.
@@ -189,7 +190,7 @@ class Trainer:
         source_root: str | None = None,
         target_root: str | None = None,
         coordinate_stats: bool = False,
-        num_runs: int = 1,
+        num_runs: int | None = None,
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -260,8 +261,8 @@ class Trainer:
         self._target_reference: dict | None = None  # the teacher's target / ImageNet-photo predictions
         self.t = self.sgd_step = 0
         self.evaluation_due = False
-        self.num_runs = int(num_runs)
-        if self.num_runs > 1:
+        self.batched, self.num_runs = num_runs is not None, 1 if num_runs is None else int(num_runs)
+        if self.batched:
             self._init_batched(guidance if self.lam > 0 else "none", compile)
 
     @property
@@ -294,6 +295,8 @@ class Trainer:
         self.t = self.sgd_step = 0
         self.evaluation_due = False
         self.student.train(self.bn_stats == "train")
+        for p in self.student.parameters():  # the previous run's last gradient is not this run's
+            p.grad = None
         self._origin = self._weights() if self.coordinate_stats else None
         self._pending = self._train_losses()
         return self._read(self._pending if self.reward_batch == "train" else self._heldout_losses(),
@@ -336,7 +339,7 @@ class Trainer:
     def learning_rates(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
-    # ---------------------------------------------------------------- N runs at once (num_runs > 1)
+    # ---------------------------------------------------------------- N runs at once (num_runs=N)
     def _init_batched(self, guidance: str, compile: str | None) -> None:
         why = []
         if self.world_size > 1:
@@ -377,7 +380,8 @@ class Trainer:
             self.runs_due[run] = False
         runs = sorted(seeds)
         self._draw(runs)
-        self._pending = self.runs.losses(*self._batch)
+        with self._autocast():
+            self._pending = self.runs.losses(*self._batch)
         losses = self._pending if self.reward_batch == "train" else self._heldout_losses_runs()
         stats = None
         if self.coordinate_stats:
@@ -418,7 +422,8 @@ class Trainer:
                 grad_norms = torch.where(ending[:, None], norms, grad_norms)
             self.runs.sgd_step(torch.as_tensor(lrs, dtype=torch.float32, device=self.device), moving)
             self._draw(moving_runs)
-            self._pending = self.runs.losses(*self._batch)
+            with self._autocast():
+                self._pending = self.runs.losses(*self._batch)
             sums += torch.where(moving[:, None], self._pending.detach(), torch.zeros_like(sums))
         for r in runs:
             self.run_t[r] += 1
@@ -442,12 +447,12 @@ class Trainer:
         return self.evaluate()
 
     def _require_single(self, method: str) -> None:
-        if self.num_runs > 1:
-            raise RuntimeError(f"{method} drives one run; a trainer of {self.num_runs} runs takes reset_runs and step_runs")
+        if self.batched:
+            raise RuntimeError(f"{method} drives one run; a trainer of num_runs={self.num_runs} takes reset_runs and step_runs")
 
     def _require_batched(self, method: str) -> None:
-        if self.num_runs == 1:
-            raise RuntimeError(f"{method} drives batched runs (num_runs > 1); use reset and step for one run")
+        if not self.batched:
+            raise RuntimeError(f"{method} drives batched runs (num_runs=N); use reset and step for one run")
 
     def _draw(self, runs: list[int]) -> None:
         """The next training batch of each of ``runs``, into the pending batches."""

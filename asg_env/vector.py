@@ -50,6 +50,8 @@ class ASGVectorEnv(gym.vector.VectorEnv):
                "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
                "observation": observation, "reward": reward}
         check_settings(own, ENV_SETTINGS)
+        if action_min >= action_max:
+            raise UserInputError(f"action_min ({action_min:g}) must be below action_max ({action_max:g})")
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
         if trainer_kwargs.get("instances"):
@@ -188,8 +190,8 @@ class ASGVectorEnv(gym.vector.VectorEnv):
     def _info(self, i: int, values: dict) -> dict:
         trainer = self.trainer
         step = trainer.run_sgd_step[i]
-        factor = poly_factor(max(step - 1, 0), trainer.total_sgd_steps, trainer.warmup_steps) \
-            if trainer.lr_schedule == "poly" else 1.0
+        poly = trainer.lr_schedule == "poly" and step > 0  # a fresh run reports η_base, as ASGEnv's SGD does
+        factor = poly_factor(step - 1, trainer.total_sgd_steps, trainer.warmup_steps) if poly else 1.0
         lr = {n: float(s) * trainer.lr_base * factor for n, s in zip(self.coordinate_names, self.controls[i].scale)}
         return {"step": trainer.run_t[i], "sgd_step": step, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
                 "lr": lr, "diverged": bool(self._diverged[i]), "instance": -1}

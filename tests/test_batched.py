@@ -191,3 +191,36 @@ def test_the_same_seed_gives_the_same_episode_and_another_seed_another(cache_dir
     np.testing.assert_allclose(first[0], first[1], rtol=1e-5)
     other = env.reset(seed=[5, 6])[0]
     assert not np.allclose(other[0], other[1])
+
+
+def test_one_native_env_is_a_batch_of_one(cache_dir):
+    env = gym.make_vec("SynDigits-v0", **ENV_KW, data_root=cache_dir)  # num_envs defaults to 1
+    obs, _ = env.reset(seed=4)
+    single = gym.make("SynDigits-v0", **ENV_KW, data_root=cache_dir)
+    np.testing.assert_allclose(obs[0], single.reset(seed=4)[0], rtol=1e-5, atol=1e-6)
+    assert env.step(np.full((1, 9), 10))[0].shape == (1, single.observation_space.shape[0])
+
+
+def test_sb3_sees_the_ended_episode_and_the_reset(cache_dir):
+    from agents.sb3_vec import GymnasiumVecEnv
+
+    venv = GymnasiumVecEnv(ASGVectorEnv(2, autoreset_mode="SameStep", **ENV_KW, data_root=cache_dir))
+    venv.seed(3)
+    first = venv.reset()
+    assert venv.reset_infos[0]["step"] == 0
+    venv.step(np.full((2, 9), 10))
+    obs, rewards, dones, infos = venv.step(np.full((2, 9), 10))  # T = 2: both end and are reset at once
+    assert dones.all() and rewards.dtype == np.float32
+    assert infos[0]["step"] == 2 and infos[0]["terminal_observation"][2] == 1.0  # t/T of the ended episode
+    assert obs[0][2] == 0.0 and venv.reset_infos[0]["step"] == 0
+    venv.seed(3)
+    np.testing.assert_allclose(venv.reset(), first, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reset_does_not_report_the_previous_runs_gradient(cache_dir):
+    trainer = Trainer(**KW, data_root=cache_dir, coordinate_stats=True)
+    first = trainer.reset(1, 2)["coordinate_stats"]
+    trainer.step(np.ones(9))
+    again = trainer.reset(1, 2)["coordinate_stats"]
+    assert np.all(first[:, 0] == 0)
+    np.testing.assert_array_equal(again, first)
