@@ -21,6 +21,11 @@ utilisation (student forward + backward FLOPs per image, counted by
 syncs per decision that ``torch.cuda.set_sync_debug_mode`` reports. Goals: trainer + PG
 ≥ 0.7× the plain loop without it; ``env.step`` ≥ 0.95× the trainer.
 
+On a GPU (or with ``--episode``) it also times one SynDigits-v0 episode in the comparison
+configuration (configs/reinforce_syndigits.yaml: EfficientNet-Lite0 at 64 px, batch 32, T = 32
+decisions over 124 SGD steps, proxy guidance, held-out reward batch), eager and compiled, after
+an untimed first episode.
+
     python benchmarks/bench_gpu.py                     # about 2 minutes on an H100
     python benchmarks/bench_gpu.py --device cpu --backbone efficientnet_lite0 --image-size 32 \\
         --batch-size 4 --steps 2 --warmup 1            # tiny, for the test suite
@@ -145,6 +150,29 @@ def images_per_second(step, args, device: torch.device, warmup: int) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
+def episode_seconds(device: torch.device, compile: str | None) -> float:
+    """Wall time of one SynDigits-v0 episode in the comparison configuration (level 10 everywhere)."""
+    import os
+
+    from agents.config import load_config, make_env
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                      "reinforce_syndigits.yaml"))
+    env = make_env(config, device=str(device), compile=compile)
+    action = np.full(len(env.unwrapped.coordinate_names), 10)
+    for seed in (0, 1):  # the first fills the teacher cache and compiles
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            done = env.step(action)[2]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default=None if not torch.cuda.is_available() else "inductor",
                    help="torch.compile backend of the compiled rows (default: inductor on a GPU, none on a CPU); "
                         "'none' skips them")
+    p.add_argument("--episode", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time one SynDigits-v0 episode (default: on a GPU only)")
     args = p.parse_args(argv)
     compile = None if args.compile in (None, "none") else args.compile
     device = torch.device(args.device)
@@ -217,6 +247,12 @@ def main(argv=None) -> int:
             print(f"{precision}, compiled ({compile}): trainer / eager trainer = {t / get['trainer + PG (teacher cached)']:.2f}; "
                   f"trainer + PG (cached) / compiled plain loop = {t / get['plain loop, compiled']:.2f} (goal ≥ 0.9); "
                   f"env.step / trainer = {e / t:.2f} (goal ≥ 0.95)")
+    if args.episode if args.episode is not None else device.type == "cuda":
+        times = {"eager": episode_seconds(device, None)}
+        if compile:
+            times[f"compiled ({compile})"] = episode_seconds(device, compile)
+        print("SynDigits-v0 episode (Lite0, 64 px, batch 32, T = 32 over 124 SGD steps, PG, held-out reward): "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     return 0
 
 
