@@ -16,11 +16,12 @@ logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its samp
 and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
 with different seeds never share an episode. --n-envs N runs N episodes at once (REINFORCE then
 updates on the batch of episodes). --vector batched runs them as one batched model in this
-process (the native vector env of the embedded tasks, asg_env/vector.py; the default on one
-GPU); --vector processes runs each env in its own process (gymnasium's AsyncVectorEnv for
-REINFORCE, SB3's SubprocVecEnv for the SB3 agents) with the CPU threads shared out and one env
-per GPU (the default on a CPU, where it is faster, and wherever batching is impossible: an
-instance list, bn_stats=train, file-based tasks, several GPUs). It prints which, and why. policy.pt records the env's whole configuration;
+process, or on several GPUs one per GPU in its own process (the native vector env of the
+embedded tasks, asg_env/vector.py; the default on GPUs); --vector processes runs each env in
+its own process (gymnasium's AsyncVectorEnv for REINFORCE, SB3's SubprocVecEnv for the SB3
+agents) with the CPU threads shared out and one env per GPU (the default on a CPU, where it is
+faster, and wherever batching is impossible: an instance list, bn_stats=train, file-based
+tasks). It prints which, and why. policy.pt records the env's whole configuration;
 apply_policy.py applies the policy in that same configuration. The real target set is never
 used unless the env config turns evaluation on, and then only for logging.
 
@@ -74,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
     p.add_argument("--n-envs", type=int, help="episodes run at once (default 1)")
     p.add_argument("--vector", choices=("auto", "batched", "processes"),
-                   help="how --n-envs runs them: one batched model in this process, or one process each; auto "
-                        "(the default) batches on one GPU and uses processes on a CPU, where they are faster")
+                   help="how --n-envs runs them: as one batched model (one per GPU on several), or one process "
+                        "each; auto (the default) batches on GPUs and uses processes on a CPU, where they are faster")
     p.add_argument("--instances", metavar="FILE", help="instance file (configs/instances/): one of its instances per episode")
     p.add_argument("--split", default="train", help="the instance file's split to train on (default: train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -279,13 +280,17 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
 
 def vector_env(config: dict, agent: str, data_root: str | None, device: str):
-    """``n_envs`` envs at once, as ``train.vector`` says: one batched model in this process (the
-    native vector env, :mod:`asg_env.vector`) or each env in its own process. ``auto`` batches
-    on one GPU, where the batched model fills the card; on a CPU, processes are faster
+    """``n_envs`` envs at once, as ``train.vector`` says: batched (the native vector env,
+    :mod:`asg_env.vector`: one batched model in this process, or on several GPUs one per GPU, each
+    in its own process) or each env in its own process. ``auto`` batches on GPUs, where the
+    batched model fills the card; on a CPU, processes are faster
     (benchmarks/bench_parallel_episodes.py). Prints which, and why."""
+    from asg_env.vector import DeviceSplitVectorEnv
+
     n, choice = config["train"]["n_envs"], config["train"].get("vector", "auto")
     env_id, kwargs = config["env"]["id"], dict(config["env"].get("kwargs", {}))
     kwargs.update({k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None})
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     why = None
     if choice == "processes":
         why = "train.vector: processes"
@@ -293,14 +298,20 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
         why = f"{env_id} has no native vector env"
     elif choice == "auto" and not device.startswith("cuda"):
         why = "on a CPU, processes run more episodes per minute than one batched model"
-    elif device.startswith("cuda") and torch.cuda.device_count() > 1:
-        why = "several GPUs: one env per GPU"
     if why is not None and choice == "batched":
         raise UserInputError(f"train.vector: batched is not possible here: {why}")
     if why is None:
         mode = gym.vector.AutoresetMode.DISABLED if agent == "reinforce" else gym.vector.AutoresetMode.SAME_STEP
         try:
-            venv = gym.make_vec(env_id, num_envs=n, vectorization_mode="vector_entry_point", autoreset_mode=mode, **kwargs)
+            if gpus > 1:
+                devices = [f"cuda:{i}" for i in range(min(gpus, n))]
+                kwargs.pop("device")
+                venv = DeviceSplitVectorEnv(n, devices, autoreset_mode=mode, **kwargs)
+                where = f"{len(devices)} batched models, one per GPU, each in its own process"
+            else:
+                venv = gym.make_vec(env_id, num_envs=n, vectorization_mode="vector_entry_point", autoreset_mode=mode,
+                                    **kwargs)
+                where = "one batched model in this process"
         except TypeError as exc:  # an unknown kwarg in a config file
             raise UserInputError(f"bad env option: {exc}") from exc
         except UserInputError as exc:
@@ -308,7 +319,7 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
                 raise
             why = str(exc)
     if why is None:
-        print(f"{n} envs as one batched model in this process (the native vector env)")
+        print(f"{n} envs as {where} (the native vector env)")
         if agent == "reinforce":
             return venv
         from agents.sb3_vec import GymnasiumVecEnv

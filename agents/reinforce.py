@@ -41,6 +41,7 @@ from torch.distributions import Categorical
 
 from asg_env import N_LEVELS, UserInputError
 from asg_env.control import BASE_OBS_NAMES
+from asg_env.vector import env_info
 
 POLICY_FORMAT = "asg-gym-policy/1"
 
@@ -312,17 +313,6 @@ class ReinforceTrainer:
         self.reward_rms.load_state_dict(ckpt["reward_rms"])
         self.episodes_done = int(ckpt["episodes_done"])
         self.generator.set_state(ckpt["sampler_rng"])
-
-
-def env_info(info: dict, i: int) -> dict:
-    """Env ``i``'s entries of a vector env's batched info dict, as plain Python values."""
-    out = {}
-    for key, value in info.items():
-        if key.startswith("_") or not info.get(f"_{key}", np.ones(i + 1, dtype=bool))[i]:
-            continue
-        value = env_info(value, i) if isinstance(value, dict) else value[i]
-        out[key] = value.item() if isinstance(value, np.generic) else value
-    return out
 
 
 def policy_from_state(state: dict, deterministic: bool = True, seed: int | None = None) -> ReinforcePolicy:

@@ -19,6 +19,9 @@ resets some envs; stepping an env whose episode has ended returns its last obser
 What it cannot batch it refuses, with the reason: instance lists (runs of one batched model
 share one backbone and configuration), ``bn_stats="train"``, file-based tasks, torchrun and
 ``compile``. ``gym.make_vec(..., vectorization_mode="async")`` runs those in processes.
+
+:class:`DeviceSplitVectorEnv` spreads N envs over several GPUs: one batched env per device, each
+in its own process.
 """
 
 from __future__ import annotations
@@ -195,3 +198,126 @@ class ASGVectorEnv(gym.vector.VectorEnv):
         lr = {n: float(s) * trainer.lr_base * factor for n, s in zip(self.coordinate_names, self.controls[i].scale)}
         return {"step": trainer.run_t[i], "sgd_step": step, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
                 "lr": lr, "diverged": bool(self._diverged[i]), "instance": -1}
+
+
+class DeviceSplitVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` envs split over ``devices`` (several GPUs), one batched :class:`ASGVectorEnv`
+    per device, each in its own process; env ``i`` belongs to the device of its contiguous
+    chunk. Same arguments, semantics and infos as :class:`ASGVectorEnv`."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, num_envs: int, devices: list[str], autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+                 threads: int = 1, **kwargs):
+        import multiprocessing as mp
+
+        if not 1 <= len(devices) <= num_envs:
+            raise UserInputError(f"{num_envs} envs cannot be split over {len(devices)} devices")
+        self.num_envs, self.autoreset_mode = num_envs, AutoresetMode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        self.chunks = [list(c) for c in np.array_split(np.arange(num_envs), len(devices))]
+        ctx = mp.get_context("spawn")
+        self._pipes, self._processes = [], []
+        for chunk, device in zip(self.chunks, devices):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=_worker, args=(child, len(chunk), device, self.autoreset_mode, threads, kwargs),
+                                  daemon=True)
+            process.start()
+            child.close()
+            self._pipes.append(parent)
+            self._processes.append(process)
+        first, *_ = [self._receive(pipe) for pipe in self._pipes]
+        self.single_observation_space, self.single_action_space = first["spaces"]
+        for key in ("T", "coordinate_names", "obs_names", "backbone_name", "config"):
+            setattr(self, key, first[key])
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._obs = np.zeros((num_envs, *self.single_observation_space.shape), dtype=np.float32)
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        options = dict(options or {})
+        mask = options.pop("reset_mask", np.ones(self.num_envs, dtype=bool))
+        if seed is None or isinstance(seed, int):
+            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
+        asked = []
+        for pipe, chunk in zip(self._pipes, self.chunks):
+            if mask[chunk].any():
+                pipe.send(("reset", {"seed": [seed[i] for i in chunk],
+                                     "options": {**options, "reset_mask": np.asarray(mask[chunk])}}))
+                asked.append((pipe, chunk))
+        info = {}
+        for pipe, chunk in asked:
+            obs, sub = self._receive(pipe)
+            self._obs[chunk] = obs
+            info = self._gather(info, sub, chunk)
+        return self._obs.copy(), info
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        for pipe, chunk in zip(self._pipes, self.chunks):
+            pipe.send(("step", actions[chunk]))
+        rewards = np.zeros(self.num_envs)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        info = {}
+        for pipe, chunk in zip(self._pipes, self.chunks):
+            obs, rewards[chunk], terminated[chunk], truncated[chunk], sub = self._receive(pipe)
+            self._obs[chunk] = obs
+            info = self._gather(info, sub, chunk)
+        return self._obs.copy(), rewards, terminated, truncated, info
+
+    def close_extras(self, **kwargs) -> None:
+        for pipe in self._pipes:
+            try:
+                pipe.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for process in self._processes:
+            process.join(timeout=30)
+
+    def _gather(self, info: dict, sub: dict, chunk: list[int]) -> dict:
+        """A worker's batched info dict, at its envs' global indices."""
+        for j, i in enumerate(chunk):
+            one = env_info(sub, j)
+            if one:
+                info = self._add_info(info, one, i)
+        return info
+
+    @staticmethod
+    def _receive(pipe):
+        status, payload = pipe.recv()
+        if status == "error":
+            kind, message = payload
+            raise UserInputError(message) if kind == "UserInputError" else RuntimeError(f"a worker failed: {kind}: {message}")
+        return payload
+
+
+def _worker(pipe, n: int, device: str, mode: AutoresetMode, threads: int, kwargs: dict) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        env = ASGVectorEnv(n, autoreset_mode=mode, device=device, **kwargs)
+        pipe.send(("ok", {"spaces": (env.single_observation_space, env.single_action_space), "T": env.T,
+                          "coordinate_names": env.coordinate_names, "obs_names": env.obs_names,
+                          "backbone_name": env.backbone_name, "config": env.config}))
+        while True:
+            command, data = pipe.recv()
+            if command == "close":
+                break
+            pipe.send(("ok", env.reset(**data) if command == "reset" else env.step(data)))
+    except Exception as exc:  # the parent raises it
+        pipe.send(("error", (type(exc).__name__, str(exc))))
+    finally:
+        pipe.close()
+
+
+def env_info(info: dict, i: int) -> dict:
+    """Env ``i``'s entries of a Gymnasium batched info dict, as plain Python values."""
+    out = {}
+    for key, value in info.items():
+        if key.startswith("_") or not info.get(f"_{key}", np.ones(i + 1, dtype=bool))[i]:
+            continue
+        value = env_info(value, i) if isinstance(value, dict) else value[i]
+        out[key] = value.item() if isinstance(value, np.generic) else value
+    return out

@@ -224,3 +224,23 @@ def test_a_reset_does_not_report_the_previous_runs_gradient(cache_dir):
     again = trainer.reset(1, 2)["coordinate_stats"]
     assert np.all(first[:, 0] == 0)
     np.testing.assert_array_equal(again, first)
+
+
+def test_envs_split_over_devices_are_the_same_envs(cache_dir):
+    from asg_env.vector import DeviceSplitVectorEnv
+
+    kw = dict(ENV_KW, data_root=cache_dir)
+    split = DeviceSplitVectorEnv(3, ["cpu", "cpu"], **kw)  # two processes, of 2 and 1 envs
+    whole = ASGVectorEnv(3, **kw)
+    try:
+        assert split.chunks == [[0, 1], [2]] and split.observation_space == whole.observation_space
+        np.testing.assert_allclose(split.reset(seed=7)[0], whole.reset(seed=7)[0], rtol=1e-5, atol=1e-6)
+        a = np.random.default_rng(1).integers(0, 11, size=(3, 9))
+        for _ in range(3):  # the third step autoresets (T = 2)
+            _same_step(split.step(a), whole.step(a), 3)
+        mask = np.array([False, False, True])
+        got, want = split.reset(options={"reset_mask": mask}), whole.reset(options={"reset_mask": mask.copy()})
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-3, atol=1e-4)
+        assert list(got[1]["_step"]) == [False, False, True]
+    finally:
+        split.close()
