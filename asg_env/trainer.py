@@ -403,24 +403,26 @@ class Trainer:
         before = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
         grad_norms = torch.zeros(N, len(self.coordinates), device=self.device)
         sums = torch.zeros(N, 3, device=self.device)
-        for i in range(int(window.max())):
+        # every learning rate of the windows and the masks go to the device once per decision
+        longest = int(window.max())
+        factors = np.ones((longest, N))
+        for r in runs:
+            for i in range(window[r]):
+                if self.lr_schedule == "poly":
+                    factors[i, r] = poly_factor(self.run_sgd_step[r] + i, self.total_sgd_steps, self.warmup_steps)
+        lrs = torch.as_tensor(factors[:, :, None] * scales[None] * self.lr_base, dtype=torch.float32, device=self.device)
+        window_t = torch.as_tensor(window, device=self.device)
+        for i in range(longest):
             moving_runs = [r for r in runs if i < window[r]]
-            moving = torch.zeros(N, dtype=torch.bool)
-            moving[moving_runs] = True
-            moving = moving.to(self.device)
-            lrs = np.zeros((N, len(self.coordinates)))
-            for r in moving_runs:
-                factor = (poly_factor(self.run_sgd_step[r], self.total_sgd_steps, self.warmup_steps)
-                          if self.lr_schedule == "poly" else 1.0)
-                lrs[r] = scales[r] * self.lr_base * factor
-                self.run_sgd_step[r] += 1
+            moving = window_t > i
             self.runs.backward(self._pending, moving)
             if self.coordinate_stats:  # the gradient of each run's last SGD step of its window
-                ending = torch.from_numpy(window == i + 1).to(self.device)
                 grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.runs.params.items()}
                 norms = torch.stack([g.norm(dim=1) for g in self.runs.coordinate_tensors(grads)], 1)
-                grad_norms = torch.where(ending[:, None], norms, grad_norms)
-            self.runs.sgd_step(torch.as_tensor(lrs, dtype=torch.float32, device=self.device), moving)
+                grad_norms = torch.where((window_t == i + 1)[:, None], norms, grad_norms)
+            self.runs.sgd_step(lrs[i], moving)
+            for r in moving_runs:
+                self.run_sgd_step[r] += 1
             self._draw(moving_runs)
             with self._autocast():
                 self._pending = self.runs.losses(*self._batch)
@@ -432,7 +434,7 @@ class Trainer:
             else:
                 due = bool(self.eval_every) and self.run_t[r] % self.eval_every == 0
             self.runs_due[r] = self.run_t[r] >= self.T or due
-        mean = sums / torch.as_tensor(np.maximum(window, 1), dtype=torch.float32, device=self.device)[:, None]
+        mean = sums / window_t.clamp(min=1)[:, None]
         losses = mean if self.reward_batch == "train" else self._heldout_losses_runs()
         stats = self._stats_runs(before, grad_norms) if self.coordinate_stats else None
         return self._read_runs(losses, sums[:, 0], stats, runs)

@@ -244,3 +244,19 @@ def test_envs_split_over_devices_are_the_same_envs(cache_dir):
         assert list(got[1]["_step"]) == [False, False, True]
     finally:
         split.close()
+
+
+@pytest.mark.parametrize("sgd", ["official", "torch"])
+def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd):
+    kw = dict(KW, data_root=cache_dir, lr_schedule="poly", warmup_steps=2, sgd=sgd, window="growing", epochs=None,
+              sgd_steps=6, sgd_steps_per_action=1)
+    scales = np.random.default_rng(2).uniform(0, 1, size=(2, 9))
+    batched = Trainer(**kw, num_runs=2)
+    batched.reset_runs({0: (1, 2), 1: (3, 4)})
+    out = [batched.step_runs(np.stack([scales[0], scales[1]]), [0, 1]) for _ in range(2)]
+    for r, seeds in enumerate([(1, 2), (3, 4)]):
+        single = Trainer(**kw)
+        single.reset(*seeds)
+        for values in out:
+            _close(values[r], single.step(scales[r]))
+    assert batched.run_sgd_step == [single.sgd_step] * 2
