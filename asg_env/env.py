@@ -67,9 +67,7 @@ class ASGEnv(gym.Env):
         own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
                "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
                "observation": observation, "reward": reward}
-        check_settings(own, ENV_SETTINGS)
-        if action_min >= action_max:
-            raise UserInputError(f"action_min ({action_min:g}) must be below action_max ({action_max:g})")
+        check_own_settings(own)
         if trainer_kwargs.get("num_runs") is not None:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
                                  "(asg_env.vector.ASGVectorEnv)")
@@ -151,6 +149,13 @@ class ASGEnv(gym.Env):
         return {"step": self.trainer.t, "sgd_step": self.trainer.sgd_step,
                 **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
                 "lr": self.trainer.learning_rates, "diverged": self.diverged, "instance": self.instance_index}
+
+
+def check_own_settings(own: dict) -> None:
+    """The env's own settings (:data:`ENV_OWN`), before anything is built."""
+    check_settings(own, ENV_SETTINGS)
+    if own["action_min"] >= own["action_max"]:
+        raise UserInputError(f"action_min ({own['action_min']:g}) must be below action_max ({own['action_max']:g})")
 
 
 def _trainer_defaults() -> dict:

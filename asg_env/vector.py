@@ -32,10 +32,9 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from asg_env.control import Control
-from asg_env.env import _trainer_defaults
+from asg_env.env import _trainer_defaults, check_own_settings
 from asg_env.errors import UserInputError
 from asg_env.optim import poly_factor
-from asg_env.settings import ENV_SETTINGS, check_settings
 from asg_env.trainer import Trainer, run_seeds
 
 
@@ -52,9 +51,7 @@ class ASGVectorEnv(gym.vector.VectorEnv):
         own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
                "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
                "observation": observation, "reward": reward}
-        check_settings(own, ENV_SETTINGS)
-        if action_min >= action_max:
-            raise UserInputError(f"action_min ({action_min:g}) must be below action_max ({action_max:g})")
+        check_own_settings(own)
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
         if trainer_kwargs.get("instances"):
