@@ -15,13 +15,13 @@ config.yaml (the resolved config, seed included), episodes.csv and steps.csv (pl
 logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its sampled actions
 and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
 with different seeds never share an episode. --n-envs N runs N episodes at once (REINFORCE then
-updates on the batch of episodes). --vector batched runs them as one batched model in this
-process, or on several GPUs one per GPU in its own process (the native vector env of the
-embedded tasks, asg_env/vector.py; the default on GPUs); --vector processes runs each env in
-its own process (gymnasium's AsyncVectorEnv for REINFORCE, SB3's SubprocVecEnv for the SB3
-agents) with the CPU threads shared out and one env per GPU (the default on a CPU, where it is
-faster, and wherever batching is impossible: an instance list, bn_stats=train, file-based
-tasks). It prints which, and why. policy.pt records the env's whole configuration;
+updates on the batch of episodes). --vector batched runs them as batched models (the native
+vector env of the embedded tasks, asg_env/vector.py): one in this process on one GPU, and
+one per GPU or per CPU core, each in its own process; --vector processes runs each env in its own
+process (gymnasium's AsyncVectorEnv for REINFORCE, SB3's SubprocVecEnv for the SB3 agents)
+with the CPU threads shared out and one env per GPU. auto (the default) batches wherever it
+can, and uses processes where batching is impossible (an instance list, bn_stats=train,
+file-based tasks). It prints which, and why. policy.pt records the env's whole configuration;
 apply_policy.py applies the policy in that same configuration. The real target set is never
 used unless the env config turns evaluation on, and then only for logging.
 
@@ -75,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
     p.add_argument("--n-envs", type=int, help="episodes run at once (default 1)")
     p.add_argument("--vector", choices=("auto", "batched", "processes"),
-                   help="how --n-envs runs them: as one batched model (one per GPU on several), or one process "
-                        "each; auto (the default) batches on GPUs and uses processes on a CPU, where they are faster")
+                   help="how --n-envs runs them: as batched models (one on one GPU, one per GPU on several, one "
+                        "per core on a CPU), or one process each; auto (the default) batches where it can")
     p.add_argument("--instances", metavar="FILE", help="instance file (configs/instances/): one of its instances per episode")
     p.add_argument("--split", default="train", help="the instance file's split to train on (default: train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -281,37 +281,26 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
 def vector_env(config: dict, agent: str, data_root: str | None, device: str):
     """``n_envs`` envs at once, as ``train.vector`` says: batched (the native vector env,
-    :mod:`asg_env.vector`: one batched model in this process, or on several GPUs one per GPU, each
-    in its own process) or each env in its own process. ``auto`` batches on GPUs, where the
-    batched model fills the card; on a CPU, processes are faster
-    (benchmarks/bench_parallel_episodes.py). Prints which, and why."""
-    from asg_env.vector import DeviceSplitVectorEnv
+    :mod:`asg_env.vector`: batched models, one per GPU or per CPU core, each in its own
+    process, or one in this process) or each env in its own process. ``auto`` batches wherever
+    the native env can take the configuration. Prints which, and why."""
+    from asg_env.vector import DeviceSplitVectorEnv, native_vector_env
 
     n, choice = config["train"]["n_envs"], config["train"].get("vector", "auto")
     env_id, kwargs = config["env"]["id"], dict(config["env"].get("kwargs", {}))
-    kwargs.update({k: v for k, v in (("device", device), ("data_root", data_root)) if v is not None})
-    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    kwargs.update({k: v for k, v in (("data_root", data_root),) if v is not None})
+    kwargs.pop("device", None)
     why = None
     if choice == "processes":
         why = "train.vector: processes"
     elif gym.spec(env_id).vector_entry_point is None:
         why = f"{env_id} has no native vector env"
-    elif choice == "auto" and not device.startswith("cuda"):
-        why = "on a CPU, processes run more episodes per minute than one batched model"
     if why is not None and choice == "batched":
         raise UserInputError(f"train.vector: batched is not possible here: {why}")
     if why is None:
         mode = gym.vector.AutoresetMode.DISABLED if agent == "reinforce" else gym.vector.AutoresetMode.SAME_STEP
         try:
-            if gpus > 1:
-                devices = [f"cuda:{i}" for i in range(min(gpus, n))]
-                kwargs.pop("device")
-                venv = DeviceSplitVectorEnv(n, devices, autoreset_mode=mode, **kwargs)
-                where = f"{len(devices)} batched models, one per GPU, each in its own process"
-            else:
-                venv = gym.make_vec(env_id, num_envs=n, vectorization_mode="vector_entry_point", autoreset_mode=mode,
-                                    **kwargs)
-                where = "one batched model in this process"
+            venv = native_vector_env(env_id, n, device=device, autoreset_mode=mode, **kwargs)
         except TypeError as exc:  # an unknown kwarg in a config file
             raise UserInputError(f"bad env option: {exc}") from exc
         except UserInputError as exc:
@@ -319,6 +308,11 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
                 raise
             why = str(exc)
     if why is None:
+        if isinstance(venv, DeviceSplitVectorEnv):
+            each = "one per GPU" if device.startswith("cuda") else f"{venv.threads} CPU thread(s) each"
+            where = f"{len(venv.devices)} batched models ({each}), each in its own process"
+        else:
+            where = "one batched model in this process"
         print(f"{n} envs as {where} (the native vector env)")
         if agent == "reinforce":
             return venv

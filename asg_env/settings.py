@@ -124,6 +124,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "label_dilation": _whole(0),
     "coordinate_stats": FLAG,
     "num_runs": _whole(1, optional=True),
+    "batching": _one_of("auto", "vmap", "loop"),
 }
 # Names and paths, checked where they are resolved (an unknown one is one error there), and the
 # env's list of instances, each checked against this table by the env (asg_env.env).

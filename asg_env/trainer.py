@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 
@@ -56,6 +57,24 @@ def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
     ``np_random``), so a run seeded ``s`` is the same whether an env or a driver starts it."""
     head_seed, data_seed = (int(s) for s in rng.integers(2**31 - 1, size=2))
     return head_seed, data_seed
+
+
+def batching_refusals(settings: dict) -> list[str]:
+    """Why these Trainer settings cannot run as batched runs (``num_runs=N``), judged from the
+    settings alone (missing ones take the Trainer's defaults); the trainer adds what it learns
+    when it is built (torchrun, a file-based source)."""
+    get = lambda key: settings.get(key, inspect.signature(Trainer).parameters[key].default)  # noqa: E731
+    why = []
+    if get("bn_stats") != "frozen":
+        why.append('bn_stats="frozen" (batch statistics update shared buffers in place, which vmap cannot '
+                   "batch and a loop would mix)")
+    if get("compile") is not None:
+        why.append("no compile")
+    lam = get("lam")  # a malformed λ is the settings check's to report
+    guidance = "none" if isinstance(lam, (int, float)) and lam <= 0 else get("guidance")
+    if guidance not in ("kl", "feature_l2", "none"):
+        why.append(f"a guidance that does not hold the weights (kl, feature_l2, none; not {guidance!r})")
+    return why
 
 
 class Trainer:
@@ -145,6 +164,11 @@ class Trainer:
             Needs an in-memory source (the embedded tasks), ``bn_stats="frozen"``, one process,
             no ``compile`` and a guidance that does not hold the weights (``kl``,
             ``feature_l2``, ``none``).
+        batching: how N runs are computed (:class:`~asg_env.batched.StackedRuns`): ``"vmap"``,
+            one batched model, or ``"loop"``, the runs one after another on their own views of
+            the stacked weights. ``"auto"`` (the default) takes loop on a CPU, where vmap's
+            grouped convolutions are slower than the runs one by one (README, *Benchmarks*),
+            and vmap elsewhere. Both give the same results within float tolerance.
     """
 
     def __init__(
@@ -191,6 +215,7 @@ class Trainer:
         target_root: str | None = None,
         coordinate_stats: bool = False,
         num_runs: int | None = None,
+        batching: str = "auto",
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -263,7 +288,7 @@ class Trainer:
         self.evaluation_due = False
         self.batched, self.num_runs = num_runs is not None, 1 if num_runs is None else int(num_runs)
         if self.batched:
-            self._init_batched(guidance if self.lam > 0 else "none", compile)
+            self._init_batched(guidance if self.lam > 0 else "none", compile, batching)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -340,22 +365,19 @@ class Trainer:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     # ---------------------------------------------------------------- N runs at once (num_runs=N)
-    def _init_batched(self, guidance: str, compile: str | None) -> None:
+    def _init_batched(self, guidance: str, compile: str | None, batching: str) -> None:
         why = []
         if self.world_size > 1:
             why.append("one process (not torchrun)")
         if not isinstance(self.task.source, TensorSource):
             why.append("an in-memory source (the embedded tasks, not files)")
-        if self.bn_stats != "frozen":
-            why.append('bn_stats="frozen" (batch statistics update buffers in place, which vmap cannot batch)')
-        if compile is not None:
-            why.append("no compile")
-        if guidance not in ("kl", "feature_l2", "none"):
-            why.append(f"a guidance that does not hold the weights (kl, feature_l2, none; not {guidance!r})")
+        why += batching_refusals({"bn_stats": self.bn_stats, "compile": compile, "guidance": guidance, "lam": self.lam})
         if why:
-            raise UserInputError(f"num_runs={self.num_runs} (batched runs) needs " + ", ".join(why))
+            raise UserInputError("batched runs need " + ", ".join(why))
         N = self.num_runs
-        self.runs = StackedRuns(self.objective, self.coordinates, N, self.sgd, self.momentum, self.weight_decay)
+        self.batching = batching if batching != "auto" else ("loop" if self.device.type == "cpu" else "vmap")
+        self.runs = StackedRuns(self.objective, self.coordinates, N, self.sgd, self.momentum, self.weight_decay,
+                                self.batching)
         self._orders = [EpochOrder(len(self.task.source), self.task.source.batch_size) for _ in range(N)]
         self.run_t, self.run_sgd_step = [-1] * N, [0] * N  # -1: never started
         self.runs_due = np.zeros(N, dtype=bool)
@@ -420,7 +442,7 @@ class Trainer:
                 grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.runs.params.items()}
                 norms = torch.stack([g.norm(dim=1) for g in self.runs.coordinate_tensors(grads)], 1)
                 grad_norms = torch.where((window_t == i + 1)[:, None], norms, grad_norms)
-            self.runs.sgd_step(lrs[i], moving)
+            self.runs.sgd_step(lrs[i], None if len(moving_runs) == N else moving)
             for r in moving_runs:
                 self.run_sgd_step[r] += 1
             self._draw(moving_runs)
@@ -470,7 +492,8 @@ class Trainer:
                 teacher = self._teacher_out(flat)
             teacher = teacher.view(len(runs), -1, *teacher.shape[1:])
         if self._batch is None:
-            self._batch = [t.new_zeros((self.num_runs, *t.shape[1:])) if t is not None else None for t in (x, y, teacher)]
+            layouts = (x[0].contiguous(memory_format=self.memory_format), y[0], None if teacher is None else teacher[0])
+            self._batch = [self.runs.zeros_like_runs(t) if t is not None else None for t in layouts]
         for store, new in zip(self._batch, (x, y, teacher)):
             if new is not None:
                 store[runs] = new

@@ -7,7 +7,8 @@ vector env for the embedded tasks.
 reward, termination and info, within float tolerance, because its run is run ``i`` of a
 :class:`~asg_env.trainer.Trainer` with ``num_runs=N`` (:mod:`asg_env.batched`): its own θ_n,
 data order, learning rates and SGD state; one teacher and one cache for all. A decision of all
-N envs is one batched forward and backward pass per SGD step and one host–device transfer.
+N envs is one step of the batched trainer per SGD step (vmap, or on a CPU the runs in a loop:
+the trainer's ``batching``) and one host–device transfer.
 
 Autoreset follows Gymnasium's modes (``autoreset_mode``): ``NEXT_STEP`` (the default: the
 step after an episode ends resets that env, ignores its action and returns reward 0),
@@ -20,14 +21,18 @@ What it cannot batch it refuses, with the reason: instance lists (runs of one ba
 share one backbone and configuration), ``bn_stats="train"``, file-based tasks, torchrun and
 ``compile``. ``gym.make_vec(..., vectorization_mode="async")`` runs those in processes.
 
-:class:`DeviceSplitVectorEnv` spreads N envs over several GPUs: one batched env per device, each
-in its own process.
+:class:`DeviceSplitVectorEnv` spreads N envs over several GPUs, or a CPU's cores: one batched
+env per device, each in its own process; :func:`native_vector_env` picks the layout for the
+machine.
 """
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
@@ -35,7 +40,7 @@ from asg_env.control import Control
 from asg_env.env import _trainer_defaults, check_own_settings
 from asg_env.errors import UserInputError
 from asg_env.optim import poly_factor
-from asg_env.trainer import Trainer, run_seeds
+from asg_env.trainer import Trainer, batching_refusals, run_seeds
 
 
 class ASGVectorEnv(gym.vector.VectorEnv):
@@ -198,9 +203,10 @@ class ASGVectorEnv(gym.vector.VectorEnv):
 
 
 class DeviceSplitVectorEnv(gym.vector.VectorEnv):
-    """``num_envs`` envs split over ``devices`` (several GPUs), one batched :class:`ASGVectorEnv`
-    per device, each in its own process; env ``i`` belongs to the device of its contiguous
-    chunk. Same arguments, semantics and infos as :class:`ASGVectorEnv`."""
+    """``num_envs`` envs split over ``devices`` (several GPUs, or ``["cpu"] * k`` for k groups
+    of a CPU's cores, each worker taking ``threads`` intra-op threads), one batched
+    :class:`ASGVectorEnv` per device, each in its own process; env ``i`` belongs to the device
+    of its contiguous chunk. Same arguments, semantics and infos as :class:`ASGVectorEnv`."""
 
     metadata = {"render_modes": []}
 
@@ -211,6 +217,7 @@ class DeviceSplitVectorEnv(gym.vector.VectorEnv):
         if not 1 <= len(devices) <= num_envs:
             raise UserInputError(f"{num_envs} envs cannot be split over {len(devices)} devices")
         self.num_envs, self.autoreset_mode = num_envs, AutoresetMode(autoreset_mode)
+        self.devices, self.threads = list(devices), threads
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.chunks = [list(c) for c in np.array_split(np.arange(num_envs), len(devices))]
         ctx = mp.get_context("spawn")
@@ -223,7 +230,14 @@ class DeviceSplitVectorEnv(gym.vector.VectorEnv):
             child.close()
             self._pipes.append(parent)
             self._processes.append(process)
-        first, *_ = [self._receive(pipe) for pipe in self._pipes]
+        try:
+            first, *_ = [self._receive(pipe) for pipe in self._pipes]
+        except Exception:  # a refusal: no worker is left behind
+            for pipe, process in zip(self._pipes, self._processes):
+                process.terminate()
+                process.join(timeout=5)
+                pipe.close()
+            raise
         self.single_observation_space, self.single_action_space = first["spaces"]
         for key in ("T", "coordinate_names", "obs_names", "backbone_name", "config"):
             setattr(self, key, first[key])
@@ -285,13 +299,41 @@ class DeviceSplitVectorEnv(gym.vector.VectorEnv):
         status, payload = pipe.recv()
         if status == "error":
             kind, message = payload
-            raise UserInputError(message) if kind == "UserInputError" else RuntimeError(f"a worker failed: {kind}: {message}")
+            if kind in ("UserInputError", "TypeError"):  # bad input (TypeError: an unknown setting)
+                raise (UserInputError if kind == "UserInputError" else TypeError)(message)
+            raise RuntimeError(f"a worker failed: {kind}: {message}")
         return payload
 
 
-def _worker(pipe, n: int, device: str, mode: AutoresetMode, threads: int, kwargs: dict) -> None:
-    import torch
+def native_vector_env(env_id: str, num_envs: int, device: str = "cpu", **kwargs) -> gym.vector.VectorEnv:
+    """``env_id``'s native vector env (its registered settings under ``kwargs``), laid out for
+    the machine: on several GPUs one batched env per GPU; on a CPU of several cores one batched
+    env per core (N below the core count: one per env, the threads shared out), each in its
+    own process; otherwise :class:`ASGVectorEnv` in this process. On 2 CPU cores the split ran
+    0.91–1.14× as many episodes per minute as one process at N = 2 to 8, and 1.39× at N = 16
+    (benchmarks/bench_parallel_episodes.py). ``kwargs`` are :class:`ASGVectorEnv`'s; what
+    cannot be batched is refused before any process starts."""
+    spec = gym.spec(env_id)
+    if spec.vector_entry_point is None:
+        raise UserInputError(f"{env_id} has no native vector env")
+    kwargs = {**spec.kwargs, **kwargs}
+    if kwargs.get("instances"):
+        raise UserInputError("the native vector env runs one configuration (one batched model); for a list of "
+                             "instances use vectorization_mode='async'")
+    why = batching_refusals(kwargs)  # before any worker is started
+    if why:
+        raise UserInputError("batched runs need " + ", ".join(why))
+    if device.startswith("cuda") and ":" not in device and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{i}" for i in range(min(torch.cuda.device_count(), num_envs))]
+        return DeviceSplitVectorEnv(num_envs, devices, **kwargs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.device(device).type == "cpu" and cores > 1 and num_envs > 1:
+        workers = min(cores, num_envs)
+        return DeviceSplitVectorEnv(num_envs, ["cpu"] * workers, threads=cores // workers, **kwargs)
+    return ASGVectorEnv(num_envs, device=device, **kwargs)
 
+
+def _worker(pipe, n: int, device: str, mode: AutoresetMode, threads: int, kwargs: dict) -> None:
     torch.set_num_threads(threads)
     try:
         env = ASGVectorEnv(n, autoreset_mode=mode, device=device, **kwargs)

@@ -1,7 +1,10 @@
 """Policy-training throughput with N envs at once, side by side in one run: episodes per
 minute of LSTM REINFORCE on SynDigits-v0 (configs/reinforce_syndigits.yaml), for each N
 
-* native: the N runs as one batched model in this process (``asg_env.vector``, vmap);
+* native: the N runs as one batched trainer in this process (``asg_env.vector``; its
+  ``batching`` is loop on a CPU, vmap on a GPU);
+* split: the native env as ``train_policy.py`` lays it out (``native_vector_env``): one batched
+  trainer per CPU core (or per GPU), each in its own process;
 * async: N envs in N processes (gymnasium's AsyncVectorEnv), the cores shared out;
 
 and one env alone as the reference (N = 1). A first batch warms every setting up (imports,
@@ -33,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agents.config import apply_overrides, env_factories, load_config, make_env  # noqa: E402
 from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
 from agents.rollout import episode_seed  # noqa: E402
+from asg_env.vector import native_vector_env  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "reinforce_syndigits.yaml")
 
@@ -44,6 +48,8 @@ def make_envs(config: dict, kind: str, n: int, device: str):
     if kind == "native":
         return gym.make_vec(config["env"]["id"], num_envs=n, vectorization_mode="vector_entry_point",
                             autoreset_mode=gym.vector.AutoresetMode.DISABLED, **kwargs)
+    if kind == "split":
+        return native_vector_env(config["env"]["id"], n, autoreset_mode=gym.vector.AutoresetMode.DISABLED, **kwargs)
     return gym.vector.AsyncVectorEnv(env_factories(config, n, device), context="spawn",
                                      autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
@@ -86,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16], help="numbers of envs at once")
     p.add_argument("--batches", type=int, default=1, help="timed batches of N episodes per setting")
-    p.add_argument("--kinds", nargs="+", default=["native", "async"], choices=["native", "async"])
+    p.add_argument("--kinds", nargs="+", default=["native", "split", "async"], choices=["native", "split", "async"])
     p.add_argument("--device", default=None, help="cpu (default) or cuda (the default with --gpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="env override, e.g. env.kwargs.epochs=1")
     p.add_argument("--gpu", action="store_true", help="the GPU table: native only, N = 2 … 64, Lite0 and ResNet-50")

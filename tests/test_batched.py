@@ -11,6 +11,8 @@ SGD itself is compared exactly on a smooth model.
 
 from __future__ import annotations
 
+import inspect
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -42,8 +44,9 @@ class _Smooth(nn.Module):
         return torch.stack([loss, loss, loss * 0])
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
 @pytest.mark.parametrize("form", ["official", "torch"])
-def test_stacked_sgd_takes_each_runs_own_steps(form):
+def test_stacked_sgd_takes_each_runs_own_steps(form, batching):
     torch.manual_seed(0)
     template = _Smooth()
     starts = [{n: torch.randn_like(p) for n, p in template.named_parameters()} for _ in range(3)]
@@ -62,7 +65,7 @@ def test_stacked_sgd_takes_each_runs_own_steps(form):
             m(data[r][0][s], data[r][1][s], None)[0].backward()
             opt.step()
         singles.append(m)
-    runs = StackedRuns(template, coords(template), 3, form, 0.9, 5e-4)
+    runs = StackedRuns(template, coords(template), 3, form, 0.9, 5e-4, batching)
     for r in range(3):
         runs.load_run(r, {f"{k}": v for k, v in starts[r].items()})
     everyone = torch.ones(3, dtype=torch.bool)
@@ -70,16 +73,17 @@ def test_stacked_sgd_takes_each_runs_own_steps(form):
         x = torch.stack([data[r][0][s] for r in range(3)])
         y = torch.stack([data[r][1][s] for r in range(3)])
         runs.backward(runs.losses(x, y, None), everyone)
-        runs.sgd_step(lrs[s], everyone)
+        runs.sgd_step(lrs[s], None if s % 2 else everyone)  # in place, or masked
     for r in range(3):
         for n, p in singles[r].named_parameters():
             torch.testing.assert_close(runs.params[n][r], p.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_run_that_is_not_moving_keeps_its_weights_and_velocity():
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_a_run_that_is_not_moving_keeps_its_weights_and_velocity(batching):
     torch.manual_seed(1)
     template = _Smooth()
-    runs = StackedRuns(template, [Coordinate("all", list(template.parameters()))], 2, "official", 0.9, 0.0)
+    runs = StackedRuns(template, [Coordinate("all", list(template.parameters()))], 2, "official", 0.9, 0.0, batching)
     x, y = torch.randn(2, 6, 5), torch.randint(0, 3, (2, 6))
     runs.backward(runs.losses(x, y, None), torch.tensor([True, True]))
     runs.sgd_step(torch.full((2, 1), 0.1), torch.tensor([True, True]))
@@ -98,11 +102,12 @@ def _close(a: dict, b: dict, rel: float = 2e-3) -> None:
     assert a["loss_guidance"] == pytest.approx(b["loss_guidance"], rel=0.05, abs=1e-4)
 
 
-def test_batched_trainer_gives_the_single_runs(cache_dir):
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_batched_trainer_gives_the_single_runs(cache_dir, batching):
     kw = dict(KW, data_root=cache_dir, coordinate_stats=True, reward_batch="heldout")
     seeds = {0: (1, 2), 1: (3, 4), 2: (5, 6)}
     scales = np.random.default_rng(0).uniform(0, 1, size=(2, 3, 9))
-    batched = Trainer(**kw, num_runs=3)
+    batched = Trainer(**kw, num_runs=3, batching=batching)
     out = [batched.reset_runs(seeds)] + [batched.step_runs(scales[t], [0, 1, 2]) for t in range(2)]
     for r, (head, data) in seeds.items():
         single = Trainer(**kw)
@@ -119,6 +124,18 @@ def test_batched_trainer_gives_the_single_runs(cache_dir):
     _close(step[1], single.step(scales[0, 1]))
     assert batched.run_t == [2, 1, 2]
     assert batched.evaluate_run(1)["synthetic_acc"] == pytest.approx(single.evaluate()["synthetic_acc"], abs=0.051)
+
+
+def test_looped_runs_keep_the_channels_last_layout_per_run(cache_dir):
+    trainer = Trainer(**KW, data_root=cache_dir, num_runs=2)  # a CPU: auto is loop
+    assert trainer.batching == "loop"
+    trainer.reset_runs({0: (1, 2), 1: (3, 4)})
+    conv = next(p for p in trainer.runs.params.values() if p.dim() == 5)
+    x = trainer._batch[0]
+    for r in range(2):
+        assert conv[r].is_contiguous(memory_format=torch.channels_last)
+        assert trainer.runs._views[r][next(n for n, p in trainer.runs.params.items() if p is conv)].data_ptr() == conv[r].data_ptr()
+        assert x[r].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("setting, words", [({"bn_stats": "train"}, "bn_stats"), ({"guidance": "l2sp"}, "guidance"),
@@ -246,12 +263,12 @@ def test_envs_split_over_devices_are_the_same_envs(cache_dir):
         split.close()
 
 
-@pytest.mark.parametrize("sgd", ["official", "torch"])
-def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd):
+@pytest.mark.parametrize("sgd, batching", [("official", "vmap"), ("torch", "loop")])
+def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd, batching):
     kw = dict(KW, data_root=cache_dir, lr_schedule="poly", warmup_steps=2, sgd=sgd, window="growing", epochs=None,
               sgd_steps=6, sgd_steps_per_action=1)
     scales = np.random.default_rng(2).uniform(0, 1, size=(2, 9))
-    batched = Trainer(**kw, num_runs=2)
+    batched = Trainer(**kw, num_runs=2, batching=batching)
     batched.reset_runs({0: (1, 2), 1: (3, 4)})
     out = [batched.step_runs(np.stack([scales[0], scales[1]]), [0, 1]) for _ in range(2)]
     for r, seeds in enumerate([(1, 2), (3, 4)]):
@@ -260,3 +277,23 @@ def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd
         for values in out:
             _close(values[r], single.step(scales[r]))
     assert batched.run_sgd_step == [single.sgd_step] * 2
+
+
+def test_native_vector_env_takes_the_registered_settings_and_splits_over_cores(cache_dir, monkeypatch):
+    import asg_env.vector as vector
+
+    calls = []
+    monkeypatch.setattr(vector, "DeviceSplitVectorEnv", lambda n, devices, **kw: calls.append((n, devices, kw)))
+    monkeypatch.setattr(vector.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    tiny = {k: v for k, v in ENV_KW.items() if k != "lr_base"}
+    vector.native_vector_env("SynDigits-v0", 3, data_root=cache_dir, **tiny)
+    vector.native_vector_env("SynDigits-v0", 8, data_root=cache_dir, **tiny)
+    assert [(n, d, kw["threads"]) for n, d, kw in calls] == [(3, ["cpu"] * 3, 1), (8, ["cpu"] * 4, 1)]
+    registered = gym.spec("SynDigits-v0").kwargs["lr_base"]
+    assert registered != inspect.signature(Trainer).parameters["lr_base"].default  # so the check below can fail
+    assert calls[0][2]["lr_base"] == registered
+    with pytest.raises(UserInputError, match='bn_stats="frozen"'):  # refused before any worker starts
+        vector.native_vector_env("SynDigits-v0", 2, data_root=cache_dir, bn_stats="train", **tiny)
+    assert len(calls) == 2
+    one = vector.native_vector_env("SynDigits-v0", 1, data_root=cache_dir, **tiny)  # one env: this process
+    assert isinstance(one, ASGVectorEnv) and one.trainer.lr_base == registered
