@@ -288,8 +288,9 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
 
     n, choice = config["train"]["n_envs"], config["train"].get("vector", "auto")
     env_id, kwargs = config["env"]["id"], dict(config["env"].get("kwargs", {}))
-    kwargs.update({k: v for k, v in (("data_root", data_root),) if v is not None})
     kwargs.pop("device", None)
+    if data_root is not None:
+        kwargs["data_root"] = data_root
     why = None
     if choice == "processes":
         why = "train.vector: processes"

@@ -59,9 +59,7 @@ class ASGVectorEnv(gym.vector.VectorEnv):
         check_own_settings(own)
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
-        if trainer_kwargs.get("instances"):
-            raise UserInputError("the native vector env runs one configuration (one batched model); for a list of "
-                                 "instances use vectorization_mode='async'")
+        check_batchable(trainer_kwargs)
         trainer_kwargs.pop("instances", None)
         if "num_runs" in trainer_kwargs:
             raise UserInputError("num_runs is the vector env's num_envs")
@@ -305,6 +303,16 @@ class DeviceSplitVectorEnv(gym.vector.VectorEnv):
         return payload
 
 
+def check_batchable(settings: dict) -> None:
+    """Refuse, in one line, env settings that the native vector env cannot run as batched runs."""
+    if settings.get("instances"):
+        raise UserInputError("the native vector env runs one configuration (one batched model); for a list of "
+                             "instances use vectorization_mode='async'")
+    why = batching_refusals(settings)
+    if why:
+        raise UserInputError("batched runs need " + ", ".join(why))
+
+
 def native_vector_env(env_id: str, num_envs: int, device: str = "cpu", **kwargs) -> gym.vector.VectorEnv:
     """``env_id``'s native vector env (its registered settings under ``kwargs``), laid out for
     the machine: on several GPUs one batched env per GPU; on a CPU of several cores one batched
@@ -317,12 +325,7 @@ def native_vector_env(env_id: str, num_envs: int, device: str = "cpu", **kwargs)
     if spec.vector_entry_point is None:
         raise UserInputError(f"{env_id} has no native vector env")
     kwargs = {**spec.kwargs, **kwargs}
-    if kwargs.get("instances"):
-        raise UserInputError("the native vector env runs one configuration (one batched model); for a list of "
-                             "instances use vectorization_mode='async'")
-    why = batching_refusals(kwargs)  # before any worker is started
-    if why:
-        raise UserInputError("batched runs need " + ", ".join(why))
+    check_batchable(kwargs)  # before any worker is started
     if device.startswith("cuda") and ":" not in device and torch.cuda.device_count() > 1:
         devices = [f"cuda:{i}" for i in range(min(torch.cuda.device_count(), num_envs))]
         return DeviceSplitVectorEnv(num_envs, devices, **kwargs)
