@@ -26,6 +26,12 @@ coordinates the spaces were made for (EfficientNet-Lite0/1/2 all give the same 9
 
 Divergence: a non-finite loss ends the episode (``terminated=True``) with reward
 ``divergence_penalty`` and ``info["diverged"] = True``; the observation is the last finite one.
+
+Score (``synthetic_score=True``): the reset's info holds ``initial_score``, θ_n's cross-entropy
+on the ``synthetic_eval_size`` held-out synthetic images, and the episode's last info ``score``,
+the same cross-entropy at the end, capped at the initial one (:func:`capped_score`). It is what
+the evolution-strategies agent maximises (negated) and what the learning gate compares; it
+reads no real target image.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
 from asg_env.trainer import Trainer, run_seeds
 
 ENV_OWN = ("evaluate_target", "divergence_penalty", "action", "action_levels", "action_min", "action_max",
-           "observation", "reward")  # the env's settings; the others are the trainer's
+           "observation", "reward", "synthetic_score")  # the env's settings; the others are the trainer's
 
 
 class ASGEnv(gym.Env):
@@ -54,6 +60,8 @@ class ASGEnv(gym.Env):
         evaluate_target: evaluate on the real target when the trainer says an evaluation is
             due (``eval_every``, and at the end); off makes policy training faster.
         divergence_penalty: reward when the loss becomes non-finite.
+        synthetic_score: report the run's synthetic score (``initial_score`` at reset,
+            ``score`` at the end; see the module's text).
         **trainer_kwargs: the fine-tuning run (task, backbone, λ, η_base, windows…): see
             :class:`~asg_env.trainer.Trainer`.
     """
@@ -63,10 +71,10 @@ class ASGEnv(gym.Env):
     def __init__(self, evaluate_target: bool = True, divergence_penalty: float = -10.0,
                  instances: list[dict] | None = None, action: str = "levels", action_levels: int = 11,
                  action_min: float = 0.01, action_max: float = 10.0, observation: str = "paper",
-                 reward: str = "loss_decrease", **trainer_kwargs):
+                 reward: str = "loss_decrease", synthetic_score: bool = False, **trainer_kwargs):
         own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
                "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
-               "observation": observation, "reward": reward}
+               "observation": observation, "reward": reward, "synthetic_score": synthetic_score}
         check_own_settings(own)
         if trainer_kwargs.get("num_runs") is not None:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
@@ -81,6 +89,7 @@ class ASGEnv(gym.Env):
         self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
         self.evaluate_target_enabled = bool(evaluate_target)
         self.divergence_penalty = float(divergence_penalty)
+        self.synthetic_score = bool(synthetic_score)
         self.coordinate_names = self.trainer.coordinate_names
         self.control = Control(self.coordinate_names, action, action_levels, action_min, action_max, observation, reward)
         self.obs_names = self.control.obs_names
@@ -109,26 +118,34 @@ class ASGEnv(gym.Env):
         self.diverged = False
         self.control.reset()
         self._obs = self.control.observe(self._values, 0.0, self.trainer.lr_base)
-        return self._obs.copy(), self._info(self._values)
+        info = self._info(self._values)
+        if self.synthetic_score:
+            self._initial_score = info["initial_score"] = self.trainer.evaluate_synthetic()["synthetic_xe"]
+        return self._obs.copy(), info
 
     def step(self, action):
         continuous = isinstance(self.action_space, gym.spaces.Box)
         action = np.asarray(action, dtype=np.float32 if continuous else np.int64).reshape(-1)
         if not self.action_space.contains(action):
             raise UserInputError(f"action {action.tolist()} is outside {self.action_space}")
-        if self.diverged:
-            return self._obs.copy(), 0.0, True, False, {"diverged": True}
+        if self.diverged or self.trainer.t >= self.trainer.T:  # ended: it stays so until reset
+            return self._obs.copy(), 0.0, True, False, {"diverged": self.diverged}
         values = self.trainer.step(self.control.scales(action))
         t, T = self.trainer.t, self.trainer.T
         if not values["finite"]:
             self.diverged = True
             self._obs[2] = t / T
-            return self._obs.copy(), self.divergence_penalty, True, False, self._info(values)
+            info = self._info(values)
+            if self.synthetic_score:
+                info["score"] = self._initial_score
+            return self._obs.copy(), self.divergence_penalty, True, False, info
         previous, self._values = self._values, values
         self._obs = self.control.observe(values, t / T, self.trainer.lr_base)
         info = self._info(values)
         if self.evaluate_target_enabled and self.trainer.evaluation_due:
             info.update(self.trainer.evaluate())
+        if self.synthetic_score and t >= T:
+            info["score"] = capped_score(self.trainer.evaluate_synthetic()["synthetic_xe"], self._initial_score)
         return self._obs.copy(), self.control.reward(previous, values, t >= T), t >= T, False, info
 
     def _use_instance(self, instance: dict, index: int) -> None:
@@ -149,6 +166,12 @@ class ASGEnv(gym.Env):
         return {"step": self.trainer.t, "sgd_step": self.trainer.sgd_step,
                 **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
                 "lr": self.trainer.learning_rates, "diverged": self.diverged, "instance": self.instance_index}
+
+
+def capped_score(final: float, initial: float) -> float:
+    """A run's score: its final synthetic cross-entropy, or its initial one where it ended
+    higher or non-finite (a run that diverged or got worse made no progress)."""
+    return final if np.isfinite(final) and final < initial else initial
 
 
 def check_own_settings(own: dict) -> None:

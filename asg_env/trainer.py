@@ -461,14 +461,15 @@ class Trainer:
         stats = self._stats_runs(before, grad_norms) if self.coordinate_stats else None
         return self._read_runs(losses, sums[:, 0], stats, runs)
 
-    def evaluate_run(self, run: int) -> dict[str, float]:
-        """:meth:`evaluate` of run ``run`` (its weights are copied into the trainer's student)."""
+    def evaluate_run(self, run: int, synthetic_only: bool = False) -> dict[str, float]:
+        """:meth:`evaluate` (:meth:`evaluate_synthetic` with ``synthetic_only``) of run ``run``
+        (its weights are copied into the trainer's student)."""
         self._require_batched("evaluate_run")
         with torch.no_grad():
             for n, p in self.objective.named_parameters():
                 if n in self.runs.params:
                     p.copy_(self.runs.params[n][run])
-        return self.evaluate()
+        return self.evaluate_synthetic() if synthetic_only else self.evaluate()
 
     def _require_single(self, method: str) -> None:
         if self.batched:
@@ -572,8 +573,7 @@ class Trainer:
                 metrics["target_kl"].update(kl_to_teacher(old, teacher), weight=len(y))
                 metrics["teacher_agreement"].update((old.argmax(-1) == teacher.argmax(-1)).float())
             if self.task.source_eval is not None:
-                for x, y in self.task.source_eval.batches(shard=shard):
-                    self.family.update_synthetic(metrics, self.student, x.contiguous(memory_format=self.memory_format), y)
+                self._update_synthetic(metrics)
             out = self.family.finish({name: m.compute() for name, m in metrics.items()}, self.task)
             photos = ref["photos"]
             if first and self.imagenet_photos:
@@ -591,6 +591,24 @@ class Trainer:
         self.student.train(was_training)
         keys = list(out)
         return dict(zip(keys, torch.stack([out[k_].float().to(self.device) for k_ in keys]).tolist()))
+
+    def evaluate_synthetic(self) -> dict[str, float]:
+        """θ_n on the held-out synthetic images alone (``synthetic_acc``, ``synthetic_xe``): what
+        a learning-rate policy is scored on (:func:`asg_env.env.capped_score`). It reads no real
+        target image. Classification tasks with ``synthetic_eval_size > 0`` only."""
+        metrics = {k: m.to(self.device) for k, m in self.family.metrics(self.task).items() if k.startswith("synthetic_")}
+        if "synthetic_xe" not in metrics:
+            raise UserInputError("the synthetic score needs a classification task with synthetic_eval_size > 0")
+        was_training = self.student.training
+        self.student.eval()
+        with torch.inference_mode(), self._autocast():
+            self._update_synthetic(metrics)
+        self.student.train(was_training)
+        return {k: float(m.compute()) for k, m in metrics.items()}
+
+    def _update_synthetic(self, metrics: dict) -> None:
+        for x, y in self.task.source_eval.batches(shard=(self.rank, self.world_size)):
+            self.family.update_synthetic(metrics, self.student, x.contiguous(memory_format=self.memory_format), y)
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

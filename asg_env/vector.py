@@ -37,7 +37,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from asg_env.control import Control
-from asg_env.env import _trainer_defaults, check_own_settings
+from asg_env.env import _trainer_defaults, capped_score, check_own_settings
 from asg_env.errors import UserInputError
 from asg_env.optim import poly_factor
 from asg_env.trainer import Trainer, batching_refusals, run_seeds
@@ -52,10 +52,11 @@ class ASGVectorEnv(gym.vector.VectorEnv):
     def __init__(self, num_envs: int, autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
                  evaluate_target: bool = True, divergence_penalty: float = -10.0, action: str = "levels",
                  action_levels: int = 11, action_min: float = 0.01, action_max: float = 10.0,
-                 observation: str = "paper", reward: str = "loss_decrease", **trainer_kwargs):
+                 observation: str = "paper", reward: str = "loss_decrease", synthetic_score: bool = False,
+                 **trainer_kwargs):
         own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
                "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
-               "observation": observation, "reward": reward}
+               "observation": observation, "reward": reward, "synthetic_score": synthetic_score}
         check_own_settings(own)
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
@@ -71,6 +72,8 @@ class ASGVectorEnv(gym.vector.VectorEnv):
         self.trainer = Trainer(**trainer_kwargs, num_runs=num_envs)
         self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
         self.evaluate_target_enabled, self.divergence_penalty = bool(evaluate_target), float(divergence_penalty)
+        self.synthetic_score = bool(synthetic_score)
+        self._initial_score = np.zeros(num_envs)
         self.coordinate_names = self.trainer.coordinate_names
         self.controls = [Control(self.coordinate_names, action, action_levels, action_min, action_max, observation, reward)
                          for _ in range(num_envs)]
@@ -144,6 +147,8 @@ class ASGVectorEnv(gym.vector.VectorEnv):
                 self._obs[i, 2] = t / T
                 rewards[i], terminated[i] = self.divergence_penalty, True
                 info[i] = self._info(i, v)
+                if self.synthetic_score:
+                    info[i]["score"] = self._initial_score[i]
                 continue
             previous, self._values[i] = self._values[i], v
             self._obs[i] = self.controls[i].observe(v, t / T, self.trainer.lr_base)
@@ -151,6 +156,9 @@ class ASGVectorEnv(gym.vector.VectorEnv):
             info[i] = self._info(i, v)
             if self.evaluate_target_enabled and self.trainer.runs_due[i]:
                 info[i].update(self.trainer.evaluate_run(i))
+            if self.synthetic_score and t >= T:
+                final = self.trainer.evaluate_run(i, synthetic_only=True)["synthetic_xe"]
+                info[i]["score"] = capped_score(final, self._initial_score[i])
         ended = [i for i in stepping if terminated[i]]
         self._ended[ended] = True
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
@@ -181,6 +189,8 @@ class ASGVectorEnv(gym.vector.VectorEnv):
             self._obs[i] = self.controls[i].observe(values[i], 0.0, self.trainer.lr_base)
             self._ended[i] = self._diverged[i] = self._autoreset[i] = False
             info[i] = self._info(i, values[i])
+            if self.synthetic_score:
+                self._initial_score[i] = info[i]["initial_score"] = self.trainer.evaluate_run(i, synthetic_only=True)["synthetic_xe"]
         return info
 
     def _batched(self, info: dict[int, dict]) -> dict:

@@ -297,3 +297,20 @@ def test_native_vector_env_takes_the_registered_settings_and_splits_over_cores(c
     assert len(calls) == 2
     one = vector.native_vector_env("SynDigits-v0", 1, data_root=cache_dir, **tiny)  # one env: this process
     assert isinstance(one, ASGVectorEnv) and one.trainer.lr_base == registered
+
+
+def test_the_native_env_reports_each_runs_synthetic_score_as_one_env_does(cache_dir):
+    native = ASGVectorEnv(2, **ENV_KW, data_root=cache_dir, synthetic_score=True, autoreset_mode="Disabled")
+    _, info = native.reset(seed=[4, 5])
+    actions = np.stack([np.full(9, 3), np.full(9, 8)])
+    for _ in range(2):
+        _, _, terminated, _, last = native.step(actions)
+    assert terminated.all()
+    for i, seed in enumerate((4, 5)):
+        single = gym.make("SynDigits-v0", **ENV_KW, data_root=cache_dir, synthetic_score=True)
+        _, first = single.reset(seed=seed)
+        for _ in range(2):
+            _, _, _, _, end = single.step(actions[i])
+        assert info["initial_score"][i] == pytest.approx(first["initial_score"], rel=1e-5)
+        assert last["score"][i] == pytest.approx(end["score"], rel=1e-4)
+    assert info["initial_score"][0] != info["initial_score"][1]  # each run its own head

@@ -360,3 +360,41 @@ def test_teacher_cache_gives_the_same_trajectory_as_running_the_teacher(tiny_env
         runs.append(_rollout(env, 3, actions))
     assert env.unwrapped.trainer._teacher_cache is None  # the uncached env never built one
     assert np.allclose(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_synthetic_score_is_the_capped_held_out_cross_entropy_and_never_reads_the_target(tiny_env_kwargs):
+    from asg_env.env import capped_score
+
+    def scores(poison: bool, level: int):
+        env = gym.make("SynDigits-v0", evaluate_target=False, synthetic_score=True, **tiny_env_kwargs)
+        u = env.unwrapped
+        if poison:
+            u.trainer.task.target.images.fill_(0)
+            u.trainer.task.target.labels.fill_(3)
+        _, info = env.reset(seed=3)
+        initial, done = info["initial_score"], False
+        while not done:
+            _, _, done, _, info = env.step(np.full(9, level))
+        final = u.trainer.evaluate_synthetic()["synthetic_xe"]
+        assert info["score"] == capped_score(final, initial)
+        return initial, info["score"]
+
+    initial, trained = scores(False, 3)
+    assert trained < initial  # 4 decisions at 0.3 × 0.02 lower the held-out synthetic loss
+    assert scores(True, 3) == (initial, trained)
+    assert scores(False, 10) == (initial, initial)  # at 0.02 it rises: capped at the initial loss
+    assert capped_score(initial + 1, initial) == initial and capped_score(float("nan"), initial) == initial
+    assert capped_score(initial - 1, initial) == initial - 1
+
+
+def test_a_diverged_run_scores_its_initial_loss(tiny_env_kwargs):
+    kwargs = {**tiny_env_kwargs, "lr_base": 1e12, "episode_steps": 20}
+    env = gym.make("SynDigits-v0", evaluate_target=False, synthetic_score=True, **kwargs)
+    _, info = env.reset(seed=0)
+    initial = info["initial_score"]
+    for _ in range(20):
+        _, _, terminated, _, info = env.step(np.full(9, 10))
+        if terminated:
+            break
+    assert info["diverged"] and info["score"] == initial
+    assert env.step(np.full(9, 10))[2]  # an ended episode stays ended until reset
