@@ -13,10 +13,21 @@ Choices the paper leaves open, and the defaults picked here:
 * Optimiser: Adam, lr 3e-3. The paper's "learning rate 0.5" names no optimiser; with Adam it
   saturates the softmax within a few updates, and plain SGD at 0.5 depends entirely on the
   reward scale, which varies by task. Adam on normalised advantages does not.
-* Baseline: a per-step moving average of the reward, ``b_t ← 0.9 b_t + 0.1 r_t``. The loss
-  drops much faster early in fine-tuning than late, so one global baseline would credit every
-  early action; comparing with what usually happens at the same step t removes that.
-* Advantages are divided by a running std of the reward, so the update size does not depend
+* Credit: ``returns="discounted"`` (the default) credits decision t with the discounted
+  return ``G_t = Σ_k γ^k r_{t+k}`` (γ = 0.99, the official code's), so a decision is judged by
+  the loss it leads to, not only by the next window's (and ``reward="final"`` reaches every
+  decision). The update then comes once per episode, over all its decisions; the LSTM's
+  gradient is still cut every U steps. ``returns="immediate"`` is Eq. 7 as written: ``r_t``
+  alone, an update every U steps.
+* Scale across instances: each reward is divided by its episode's initial loss ``L_0`` (from
+  the reset's ``info["loss"]``; ``reward_scale="none"`` keeps them raw). Instances of one family
+  differ several-fold in how far their loss can fall, so raw returns partly measure which
+  instance was drawn; relative to ``L_0`` a return is the fraction of the loss removed, which
+  does not depend on the schedule, and needs no instance identity.
+* Baseline: a per-step moving average of the (scaled) return, ``b_t ← 0.9 b_t + 0.1 G_t``. The
+  loss drops much faster early in fine-tuning than late, so one global baseline would credit
+  every early action; comparing with what usually happens at the same step t removes that.
+* Advantages are divided by a running std of the return, so the update size does not depend
   on the task's loss scale. Entropy bonus 0.01 keeps early exploration.
 * Observations are normalised with a running mean/std that is updated while training and
   saved (frozen) with the policy.
@@ -57,6 +68,9 @@ class ReinforceConfig:
     baseline_decay: float = 0.9
     max_grad_norm: float = 1.0
     network: str = "paper"  # "paper" or "coordinate-wise"
+    returns: str = "discounted"  # "discounted" (official, γ) or "immediate" (Eq. 7 as written)
+    gamma: float = 0.99  # the official value
+    reward_scale: str = "initial_loss"  # "initial_loss" (r_t / L_0 of its episode) or "none"
 
 
 class RunningMeanStd(nn.Module):
@@ -70,7 +84,10 @@ class RunningMeanStd(nn.Module):
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, *self.mean.shape).float()
-        n, mean, var = x.shape[0], x.mean(0), x.var(0, unbiased=False)
+        self.update_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+
+    def update_moments(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+        """Merge in a batch of ``n`` values with this mean and (population) variance."""
         delta, total = mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
@@ -216,10 +233,15 @@ class ReinforceTrainer:
         self.optimizer = opt(self.net.parameters(), lr=self.cfg.lr)
         self.baseline = torch.zeros(0)  # b_t per step t, grown on demand
         self.reward_rms = RunningMeanStd(())
-        self.episodes_done = 0
+        self.episodes_done = self.updates = 0
 
     def _advantages(self, steps: list[int], rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Rewards and mask are (U, N): U steps of N episodes, some of which may have ended."""
+        """Rewards and mask are (U, N): U steps of N episodes, some of which may have ended.
+        With discounted returns the U steps are whole episodes (ended steps hold 0)."""
+        if self.cfg.returns == "discounted":
+            rewards = rewards.clone()
+            for t in range(len(rewards) - 2, -1, -1):
+                rewards[t] += self.cfg.gamma * rewards[t + 1]
         mean = (rewards * mask).sum(1) / mask.sum(1).clamp(min=1)
         if self.cfg.baseline == "per-step":
             if len(self.baseline) <= max(steps):
@@ -235,7 +257,7 @@ class ReinforceTrainer:
         return adv / torch.sqrt(self.reward_rms.var + 1e-8)
 
     def _update(self, steps, log_probs, entropies, rewards, masks) -> float:
-        """Eq. 7 over one unroll: L_π = −1/U Σ A_t log p(a_t|s_t) − β H, averaged over the
+        """Eq. 7 over the steps given: L_π = −1/U Σ A_t log p(a_t|s_t) − β H, averaged over the
         episodes still running."""
         mask = torch.stack(masks)
         adv = self._advantages(steps, torch.tensor(np.array(rewards), dtype=torch.float32), mask)
@@ -244,19 +266,30 @@ class ReinforceTrainer:
         loss.backward()
         nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
+        self.updates += 1
         return loss.item()
 
+    def _reward_scales(self, info: dict) -> np.ndarray:
+        """Each episode's reward divisor: its initial loss L_0, or 1."""
+        n = self.envs.num_envs
+        if self.cfg.reward_scale == "none" or "loss" not in info:
+            return np.ones(n)
+        return np.maximum(np.abs(np.asarray(info["loss"], dtype=np.float64).reshape(n)), 1e-8)
+
     def run_episodes(self, seeds: list[int]) -> list[dict]:
-        """One training episode per env, all at once. Returns each one's return, actions and
-        last info."""
+        """One training episode per env, all at once; each ends on its own (an env whose episode
+        is over gets the others' steps but nothing of it is used). Returns each one's return
+        (unscaled), actions, last info and mean action entropy as a fraction of its maximum."""
         n = self.envs.num_envs
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} envs")
         self.net.train()
-        obs, _ = self.envs.reset(seed=[int(s) for s in seeds])
+        obs, info = self.envs.reset(seed=[int(s) for s in seeds])
+        scales = self._reward_scales(info)
         state = self.net.initial_state(n)  # h_0 = 0 (Algorithm 1, line 1)
         running = np.ones(n, dtype=bool)
         returns, actions, last_info = np.zeros(n), [[] for _ in range(n)], [{} for _ in range(n)]
+        entropy = np.zeros(n)
         steps, log_probs, entropies, rewards, masks = [], [], [], [], []
         t = 0
         while running.any():
@@ -268,21 +301,28 @@ class ReinforceTrainer:
             steps.append(t)
             log_probs.append(dist.log_prob(action).sum(-1))  # independent heads: log-probs add
             entropies.append(dist.entropy().sum(-1))
-            rewards.append(np.where(running, reward, 0.0))
+            rewards.append(np.where(running, reward / scales, 0.0))
             masks.append(torch.from_numpy(running.copy()))
+            entropy += np.where(running, entropies[-1].detach().numpy(), 0.0)
             for i in np.flatnonzero(running):
                 returns[i] += reward[i]
                 actions[i].append(action[i].numpy())
                 last_info[i] = env_info(info, i)
-            running &= ~(terminated | truncated)
+            done = terminated | truncated
+            running &= ~done
+            if done.any() and running.any():  # gymnasium steps only live envs: restart the ended ones, unused
+                obs, _ = self.envs.reset(options={"reset_mask": done})
             t += 1
-            if len(rewards) == self.cfg.unroll or not running.any():  # (t+1) % U == 0 (line 10)
-                self._update(steps, log_probs, entropies, rewards, masks)
+            if t % self.cfg.unroll == 0 or not running.any():  # (t+1) % U == 0 (line 10)
                 state = (state[0].detach(), state[1].detach())  # carry h, stop the gradient
-                steps, log_probs, entropies, rewards, masks = [], [], [], [], []
+                if self.cfg.returns == "immediate" or not running.any():
+                    self._update(steps, log_probs, entropies, rewards, masks)
+                    steps, log_probs, entropies, rewards, masks = [], [], [], [], []
         self.episodes_done += n
+        max_entropy = action.shape[-1] * np.log(self.net.n_levels)  # uniform levels
         return [{"return": float(returns[i]), "actions": np.array(actions[i]), "info": last_info[i],
-                 "length": len(actions[i])} for i in range(n)]
+                 "length": len(actions[i]), "entropy_ratio": entropy[i] / len(actions[i]) / max_entropy}
+                for i in range(n)]
 
     def run_episode(self, seed: int) -> dict:
         """One training episode (the trainer must hold one env)."""
@@ -303,7 +343,7 @@ class ReinforceTrainer:
         return {
             "policy": self.policy_state(metadata), "optimizer": self.optimizer.state_dict(),
             "baseline": self.baseline, "reward_rms": self.reward_rms.state_dict(),
-            "episodes_done": self.episodes_done, "sampler_rng": self.generator.get_state(),
+            "episodes_done": self.episodes_done, "updates": self.updates, "sampler_rng": self.generator.get_state(),
         }
 
     def load_checkpoint(self, ckpt: dict) -> None:
@@ -311,7 +351,7 @@ class ReinforceTrainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.baseline = ckpt["baseline"]
         self.reward_rms.load_state_dict(ckpt["reward_rms"])
-        self.episodes_done = int(ckpt["episodes_done"])
+        self.episodes_done, self.updates = int(ckpt["episodes_done"]), int(ckpt.get("updates", 0))
         self.generator.set_state(ckpt["sampler_rng"])
 
 

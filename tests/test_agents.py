@@ -1,3 +1,4 @@
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -29,6 +30,62 @@ def test_reinforce_raises_the_probability_of_the_best_levels():
     assert before < 0.15  # about 1/11 at initialisation
     assert after > 0.4, (before, after)
     assert np.mean(returns[-20:]) > np.mean(returns[:20]) + 0.5
+
+
+class DelayedRewardEnv(ToyLREnv):
+    """The first decision alone decides the outcome, and it is paid out at the last one."""
+
+    def step(self, action):
+        if self.t == 0:
+            self.first = np.asarray(action)
+        obs, _, done, truncated, info = super().step(action)
+        reward = -float(np.abs(self.first - self.best).mean()) / 10 if done else 0.0
+        return obs, reward, done, truncated, info
+
+
+@pytest.mark.parametrize("returns", ["discounted", "immediate"])
+def test_discounted_returns_credit_the_decision_that_earned_a_delayed_reward(returns):
+    env = DelayedRewardEnv(episode_steps=6)
+    trainer = ReinforceTrainer(env, ReinforceConfig(lr=0.02, returns=returns), seed=0)
+    before = _best_level_probability(trainer.net, env)
+    for i in range(200):
+        trainer.run_episode(seed=i)
+    after = _best_level_probability(trainer.net, env)
+    if returns == "discounted":
+        assert after > 0.3 and after > 2 * before, (before, after)
+    else:  # Eq. 7 as written: the first decision never sees the reward
+        assert after < 0.15, (before, after)
+
+
+def test_rewards_are_scaled_by_each_episodes_initial_loss():
+    class LossEnv(ToyLREnv):
+        def reset(self, *, seed=None, options=None):
+            obs, _ = super().reset(seed=seed)
+            self.l0 = 1.0 + seed
+            return obs, {"loss": self.l0}
+
+        def step(self, action):
+            obs, _, done, truncated, info = super().step(action)
+            return obs, self.l0 * 0.1, done, truncated, info
+
+    envs = gym.vector.SyncVectorEnv([lambda: LossEnv(episode_steps=3), lambda: LossEnv(episode_steps=3)],
+                                    autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    trainer = ReinforceTrainer(envs, ReinforceConfig(returns="immediate", baseline="none"))
+    seen = []
+    trainer._advantages = lambda steps, rewards, mask: seen.append(rewards.clone()) or torch.zeros_like(rewards)
+    results = trainer.run_episodes([0, 4])
+    assert [r["return"] for r in results] == pytest.approx([0.3, 1.5])  # returns are reported unscaled
+    assert torch.allclose(seen[0], torch.full((3, 2), 0.1))  # the agent learns from r_t / L_0
+
+
+def test_each_env_of_a_vector_env_ends_its_episode_on_its_own():
+    lengths = (2, 5)
+    envs = gym.vector.SyncVectorEnv([lambda T=T: ToyLREnv(episode_steps=T) for T in lengths],
+                                    autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    trainer = ReinforceTrainer(envs, ReinforceConfig(unroll=3))
+    results = trainer.run_episodes([0, 1])
+    assert [r["length"] for r in results] == list(lengths)
+    assert all(0 < r["entropy_ratio"] <= 1 for r in results)
 
 
 def test_hidden_state_carries_within_an_episode_and_resets_at_its_start():
@@ -187,6 +244,38 @@ def test_sb3_agents_learn_on_the_toy_env_and_round_trip(agent, tmp_path):
         obs, *_ = env.step(a)
 
 
+def test_sb3_envs_start_from_their_episode_seeds_and_the_samples_from_the_seed_alone(tmp_path):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.rollout import episode_seed
+    from train_policy import EpisodeLog, train_sb3
+
+    class Env(ToyLREnv):
+        def __init__(self, reseeds_torch=False):
+            super().__init__(episode_steps=4)
+            self.reseeds_torch, self.seeds = reseeds_torch, []
+
+        def reset(self, *, seed=None, options=None):
+            self.seeds.append(seed)
+            if self.reseeds_torch:  # as ASGEnv's trainer does (the vector envs do not)
+                torch.manual_seed(123)
+            return super().reset(seed=seed, options=options)
+
+    def first_actions(env, name):
+        out, n = str(tmp_path / name), getattr(env, "num_envs", 1)
+        config = {"agent": {"name": "ppo", "ppo": {"n_steps": 4, "batch_size": 4, "normalize": False}},
+                  "train": {"seed": 3, "episodes": n}}
+        log = EpisodeLog(out, META["coordinate_names"])
+        train_sb3(env, config, out, META, log, None)
+        log.close()
+        return [row for row in open(f"{out}/steps.csv") if row.startswith("0,")]
+
+    single, reseeding, pair = Env(), Env(reseeds_torch=True), [Env(), Env()]
+    assert first_actions(single, "single") == first_actions(reseeding, "reseeding")
+    first_actions(DummyVecEnv([lambda: pair[0], lambda: pair[1]]), "pair")
+    assert single.seeds[0] == pair[0].seeds[0] == episode_seed(3, 0) and pair[1].seeds[0] == episode_seed(3, 1)
+
+
 def test_env_metadata_names_the_models_coordinates():
     meta = env_metadata(ToyLREnv())
     assert meta["coordinate_names"] == ["c0", "c1", "c2"] and meta["backbone"] == "toy"
@@ -220,7 +309,7 @@ def test_coordinate_wise_policy_shares_one_network_and_fits_any_coordinate_count
 def test_reinforce_trains_the_coordinate_wise_policy_and_it_runs_on_another_backbone(tmp_path):
     torch.manual_seed(0)
     env = ToyLREnv()
-    trainer = ReinforceTrainer(env, ReinforceConfig(lr=0.01, network="coordinate-wise"))
+    trainer = ReinforceTrainer(env, ReinforceConfig(lr=0.01, network="coordinate-wise", returns="immediate"))
     before = _best_level_probability(trainer.net, env)
     returns = [trainer.run_episode(seed=i)["return"] for i in range(150)]
     after = _best_level_probability(trainer.net, env)
