@@ -15,12 +15,12 @@ import yaml
 
 import asg_env  # noqa: F401  (registers the ids)
 from asg_env import UserInputError
-from asg_env.settings import REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, check_settings
+from asg_env.settings import ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, check_settings
 
 DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
     "env": {"id": "SynDigits-v0", "kwargs": {"reward_batch": "heldout", "evaluate_target": False}},
-    "agent": {"name": "reinforce", "reinforce": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
+    "agent": {"name": "reinforce", "reinforce": {}, "es": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
     "train": {"episodes": 20, "seed": 0, "n_envs": 1, "vector": "auto"},
 }
 
@@ -100,8 +100,10 @@ def check_run_config(config: dict, agents: tuple[str, ...]) -> None:
     section = config["agent"].get(agent) or {}
     if not isinstance(section, dict):
         raise UserInputError(f"agent.{agent} must be a mapping of settings, not {section!r}")
-    if agent == "reinforce":
-        check_settings(section, REINFORCE_SETTINGS, f"agent.{agent}.")
+    if agent in ("reinforce", "es"):
+        check_settings(section, REINFORCE_SETTINGS if agent == "reinforce" else ES_SETTINGS, f"agent.{agent}.")
+        if agent == "es" and config["train"].get("n_envs", 1) > 1:
+            raise UserInputError("the ES agent runs one env per worker: set agent.es.workers instead of train.n_envs")
     else:  # SB3 checks the values of the keywords it has beyond these
         from agents.sb3_agents import check_hyperparams
 

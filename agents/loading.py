@@ -53,7 +53,7 @@ def read_policy_file(path: str) -> dict:
 
 
 def is_coordinate_wise(state: dict) -> bool:
-    return state.get("agent") == "reinforce" and (state.get("config") or {}).get("network") == "coordinate-wise"
+    return state.get("agent") in ("reinforce", "es") and (state.get("config") or {}).get("network") == "coordinate-wise"
 
 
 def _feature_kinds(obs_names: list[str]) -> list[str]:
@@ -121,7 +121,7 @@ def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int |
         return make_baseline(spec, len(env.action_space.nvec), seed, env.unwrapped.T)
     state = read_policy_file(spec)
     check_compatible(state, env, spec)
-    if state["agent"] == "reinforce":
+    if state["agent"] in ("reinforce", "es"):  # ES trains REINFORCE's network
         return policy_from_state(state, deterministic, seed)
     from agents.sb3_agents import sb3_policy_from_state
 

@@ -89,6 +89,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "action_max": _number(0, above=True),
     "observation": _one_of(*OBSERVATIONS),
     "reward": _one_of(*REWARDS),
+    "synthetic_score": FLAG,
     "episode_steps": _whole(1, optional=True),
     "sgd_steps_per_action": _whole(1),
     "sgd_steps": _whole(1, optional=True),
@@ -141,6 +142,18 @@ REINFORCE_SETTINGS: dict[str, Setting] = {
     "baseline_decay": _number(0, 1, below=True),
     "max_grad_norm": _number(0, above=True),
     "network": _one_of("paper", "coordinate-wise"),
+    "returns": _one_of("discounted", "immediate"),
+    "gamma": _number(0, 1),
+    "reward_scale": _one_of("initial_loss", "none"),
+}
+# agent.es: agents.es.ESConfig.
+ES_SETTINGS: dict[str, Setting] = {
+    "network": _one_of("paper", "coordinate-wise"),
+    "hidden_size": _whole(1),
+    "pairs": _whole(1),
+    "sigma": _number(0, above=True),
+    "lr": _number(0, above=True),
+    "workers": _whole(1),
 }
 # agent.<sb3 agent>: the numeric hyperparameters of SB3's PPO, RecurrentPPO and A2C. Any other
 # keyword goes to SB3 as it is, and an error there is one line too.

@@ -8,13 +8,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agents.es import ESConfig
 from agents.reinforce import ReinforceConfig
 from asg_env import UserInputError
 from asg_env.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
 from asg_env.env import ASGEnv
 from asg_env.proxy import StudentNet
 from asg_env.self_training import SelfTrainingConfig
-from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
+from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
                               TRAIN_SETTINGS, Setting, check_settings)
 from asg_env.trainer import Trainer
 
@@ -29,6 +30,7 @@ def _parameters(fn) -> set[str]:
 def test_every_env_and_agent_setting_has_an_entry():
     assert _parameters(Trainer.__init__) | _parameters(ASGEnv.__init__) == set(ENV_SETTINGS) | set(ENV_FREE_FORM)
     assert {f.name for f in dataclasses.fields(ReinforceConfig)} == set(REINFORCE_SETTINGS)
+    assert {f.name for f in dataclasses.fields(ESConfig)} == set(ES_SETTINGS)
     assert {f.name for f in dataclasses.fields(SelfTrainingConfig)} == set(SELF_TRAINING_SETTINGS)
     assert set(TRAIN_SETTINGS) == {"episodes", "seed", "n_envs", "vector"}
 
@@ -46,6 +48,7 @@ def test_every_default_is_allowed():
     for spec in ours:
         check_settings(spec.kwargs, ENV_SETTINGS, ignore=ENV_FREE_FORM)
     check_settings(dataclasses.asdict(ReinforceConfig()), REINFORCE_SETTINGS)
+    check_settings(dataclasses.asdict(ESConfig()), ES_SETTINGS)
     check_settings(dataclasses.asdict(SelfTrainingConfig()), SELF_TRAINING_SETTINGS)
 
 
