@@ -59,7 +59,7 @@ from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
 from asg_env.instances import InstanceSet, load_instances
 
-AGENTS = ("reinforce", "recurrent-ppo", "ppo", "a2c")
+AGENTS = ("reinforce", "es", "recurrent-ppo", "ppo", "a2c")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +107,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
     config = apply_overrides(merge(config, cli), args.set)
     check_run_config(config, AGENTS)
     agent = config["agent"]["name"]
-    if agent != "reinforce":  # recorded, so that --resume trains the way the run started
+    if agent == "es":  # its fitness is the run's synthetic score
+        config["env"]["kwargs"] = {"synthetic_score": True, **config["env"]["kwargs"]}
+    elif agent != "reinforce":  # recorded, so that --resume trains the way the run started
         config["agent"][agent] = {"normalize": True, **(config["agent"].get(agent) or {})}
     out = args.out or os.path.join("runs", f"{config['env']['id']}-{config['agent']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
@@ -133,7 +135,8 @@ class EpisodeLog:
         for name in ("episodes.csv", "steps.csv"):  # rows a killed run logged after its last checkpoint
             _keep_episodes(os.path.join(out, name), episodes_done)
         self.writer = SummaryWriter(os.path.join(out, "tb"), purge_step=episodes_done)
-        ep_fields = ["episode", "seed", "instance", "sgd_steps", "return", "length", "final_loss", "final_loss_xe", "final_loss_guidance",
+        ep_fields = ["episode", "seed", "instance", "sgd_steps", "return", "length", "entropy_ratio", "score",
+                     "final_loss", "final_loss_xe", "final_loss_guidance",
                      *EVAL_KEYS, *[f"mean_action/{n}" for n in coordinate_names], "seconds"]
         self.episodes = self._open(os.path.join(out, "episodes.csv"), ep_fields)
         self.steps = self._open(os.path.join(out, "steps.csv"), ["episode", "step", *[f"action/{n}" for n in coordinate_names]])
@@ -147,9 +150,10 @@ class EpisodeLog:
             writer.writeheader()
         return fh, writer
 
-    def log(self, episode: int, seed: int, ep_return: float, actions: np.ndarray, info: dict, seconds: float) -> None:
+    def log(self, episode: int, seed: int, ep_return: float, actions: np.ndarray, info: dict, seconds: float,
+            entropy_ratio: float | None = None) -> None:
         row = {"episode": episode, "seed": seed, "instance": info.get("instance", -1), "sgd_steps": info.get("sgd_step"),
-               "return": ep_return, "length": len(actions),
+               "return": ep_return, "length": len(actions), "entropy_ratio": entropy_ratio, "score": info.get("score"),
                "final_loss": info.get("loss"), "final_loss_xe": info.get("loss_xe"),
                "final_loss_guidance": info.get("loss_guidance"), "seconds": round(seconds, 2),
                **{k: info[k] for k in EVAL_KEYS if k in info},
@@ -197,17 +201,80 @@ def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog
             results = trainer.run_episodes(seeds)
             seconds = (time.perf_counter() - start) / n
             for i, (seed, result) in enumerate(zip(seeds, results)):
-                log.log(first + i, seed, result["return"], result["actions"], result["info"], seconds)
+                log.log(first + i, seed, result["return"], result["actions"], result["info"], seconds,
+                        result["entropy_ratio"])
                 returns.append(result["return"])
             save_policy(trainer.checkpoint(metadata), ckpt_path)  # every batch: an interruption loses at most one
             save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
             bar.update(n)
+            bar.set_postfix(ret=f"{np.mean(returns[-n:]):+.3f}", entropy=f"{np.mean([r['entropy_ratio'] for r in results]):.2f}",
+                            ep_per_min=f"{60 / max(seconds, 1e-9):.1f}")
+    return returns
+
+
+def train_es(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
+    """Generations of 2·pairs episodes (the total is rounded up to whole generations), over
+    ``agent.es.workers`` processes (gloo) when there are several."""
+    from agents.es import ESConfig
+
+    cfg = ESConfig(**(config["agent"].get("es") or {}))
+    if cfg.workers == 1:
+        return _es_rank(env, config, out, metadata, log, resume)
+    import torch.multiprocessing as mp
+
+    log.close()  # rank 0 opens its own
+    store = os.path.join(os.path.abspath(out), ".es_workers")
+    if os.path.exists(store):
+        os.remove(store)
+    u = env.unwrapped
+    where = {"device": str(u.trainer.device), "data_root": u.config.get("data_root")}
+    mp.spawn(_es_worker, args=(cfg.workers, config, where, out, metadata, resume, store), nprocs=cfg.workers)
+    return [float(r["return"]) for r in csv.DictReader(open(os.path.join(out, "episodes.csv")))]
+
+
+def _es_worker(rank: int, world: int, config: dict, where: dict, out: str, metadata: dict, resume: dict | None,
+               store: str) -> None:
+    from agents.es import Workers
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    env = make_env(config, **where)
+    log = EpisodeLog(out, metadata["coordinate_names"], int(resume["episodes_done"]) if resume else 0) if rank == 0 else None
+    try:
+        _es_rank(env, config, out, metadata, log, resume, Workers(rank, world, store))
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _es_rank(env, config: dict, out: str, metadata: dict, log: EpisodeLog | None, resume: dict | None,
+             workers=None) -> list[float]:
+    from agents.es import ESConfig, ESTrainer
+
+    trainer = ESTrainer(env, ESConfig(**(config["agent"].get("es") or {})), seed=config["train"]["seed"], workers=workers)
+    rank, world = (workers.rank, workers.world) if workers else (0, 1)
+    if resume:
+        trainer.load_checkpoint(resume)
+    total, returns = config["train"]["episodes"], []
+    with tqdm(total=total, initial=trainer.episodes_done, desc="policy episodes (es)", disable=rank != 0) as bar:
+        while trainer.episodes_done < total:
+            start, first = time.perf_counter(), trainer.episodes_done
+            episodes = trainer.run_generation()
+            seconds = (time.perf_counter() - start) / (2 * trainer.cfg.pairs) * world
+            if rank != 0:
+                continue
+            for e in sorted(episodes, key=lambda e: (e["pair"], -e["sign"])):
+                log.log(first + 2 * e["pair"] + (e["sign"] < 0), e["seed"], e["return"], e["actions"], e["info"], seconds)
+                returns.append(e["return"])
+            save_policy(trainer.checkpoint(metadata), os.path.join(out, "checkpoint.pt"))
+            save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
+            bar.update(trainer.episodes_done - first)
+            bar.set_postfix(score=f"{-np.mean([e['return'] for e in episodes]):.3f}", ep_per_min=f"{60 / seconds:.1f}")
     return returns
 
 
 def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
     from stable_baselines3.common.callbacks import BaseCallback
-
+    from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
     from agents.sb3_agents import load_normalizer_state, make_sb3, sb3_policy_state
@@ -235,13 +302,18 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
                 raise UserInputError(f"{ckpt_path} was trained without VecNormalize; set agent.{agent}.normalize: "
                                      f"false in {os.path.join(out, 'config.yaml')}")
             load_normalizer_state(normalizer, resume["policy"]["vec_normalize"])
-        model.get_env().seed(episode_seed(seed, done_episodes))  # not the instances and runs of episodes 0, 1, …
+    # env i starts with episode done_episodes + i, seeded as train_reinforce seeds it in every mode (SB3 has no
+    # call for one seed per env: VecEnv.seed(s) gives env i s + i, another run's env 0 seed)
+    model.get_env().unwrapped._seeds = [episode_seed(seed, done_episodes + i) for i in range(venv.num_envs)]
     T = env.get_attr("T")[0] if hasattr(env, "get_attr") else env.unwrapped.T  # SB3 VecEnv or one env
     total = config["train"]["episodes"]
     returns: list[float] = []
 
     class LogEpisodes(BaseCallback):
         def _on_training_start(self) -> None:
+            # the sampled actions draw from torch's global RNG, which a single env's first reset has just
+            # reseeded (Trainer.reset) and vector envs leave alone: the first samples start from the seed alone
+            set_random_seed(episode_seed(seed, done_episodes))
             n = self.training_env.num_envs
             self.episode, self.start = done_episodes, [time.perf_counter()] * n
             self.actions, self.ret = [[] for _ in range(n)], [0.0] * n
@@ -345,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
     log = EpisodeLog(out, metadata["coordinate_names"], int(resume["episodes_done"]) if resume else 0)
     start = time.perf_counter()
     try:
-        train = train_reinforce if agent == "reinforce" else train_sb3
+        train = {"reinforce": train_reinforce, "es": train_es}.get(agent, train_sb3)
         returns = train(envs, config, out, metadata, log, resume)
     except KeyboardInterrupt:
         print(f"\ninterrupted; everything up to the last finished episode is saved. Continue with:\n"

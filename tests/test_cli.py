@@ -500,3 +500,20 @@ def test_sb3_agents_train_behind_vecnormalize_and_log_raw_returns(tmp_path, cach
     assert train_policy.main(["--out", out, "--resume", "--episodes", "3", "--data-root", cache_dir]) == 0
     resumed = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["policy"]["vec_normalize"]
     assert resumed["obs_rms"]["count"] > state["vec_normalize"]["obs_rms"]["count"]  # went on from the saved statistics
+
+
+def test_es_trains_over_two_workers_resumes_and_applies(tmp_path, cache_dir, capsys):
+    out = str(tmp_path / "es")
+    es = ["--agent", "es", "--set", "agent.es.pairs=1", "--set", "agent.es.workers=2"]
+    assert train_policy.main(["--episodes", "2", "--out", out, "--data-root", cache_dir, *TINY, *es]) == 0
+    assert train_policy.main(["--out", out, "--resume", "--episodes", "4", "--data-root", cache_dir]) == 0
+    episodes = _rows(os.path.join(out, "episodes.csv"))
+    assert [r["episode"] for r in episodes] == ["0", "1", "2", "3"]
+    assert episodes[0]["seed"] == episodes[1]["seed"] != episodes[2]["seed"]  # a pair shares its run
+    for r in episodes:
+        assert float(r["return"]) == -float(r["score"]) and r["target_acc"] == ""
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["generations"] == 2 and ckpt["policy"]["agent"] == "es"
+    applied = str(tmp_path / "applied")
+    assert apply_policy.main(["--policy", os.path.join(out, "policy.pt"), "--out", applied, "--data-root", cache_dir]) == 0
+    assert json.load(open(os.path.join(applied, "summary.json")))["decisions_made"] == 3
