@@ -274,3 +274,38 @@ def test_uda_table4_adapts_every_starting_point_with_every_method_and_resumes(tm
     assert table4.main(argv) == 0
     assert json.load(open(lost / "summary.json"))["method"] == "crst-mrkld"
     assert (out / "results.md").read_text().splitlines()[2:] == table.splitlines()[2:]
+
+
+@pytest.mark.slow
+def test_learning_gate_meta_trains_evaluates_pairs_and_resumes(tmp_path, cache_dir, monkeypatch):
+    from test_cli import _tiny_instances
+
+    from benchmarks import learning_gate as gate
+
+    monkeypatch.setitem(gate.AGENTS, "es", {"pairs": 1, "sigma": 0.05, "lr": 0.03})
+    monkeypatch.setattr(gate, "META_BASE", {"synthetic_eval_size": 16})
+    out = tmp_path / "gate"
+    argv = ["--instances", _tiny_instances(tmp_path, cache_dir), "--out", str(out), "--episodes", "2",
+            "--seeds", "2", "--run-seeds", "1", "--jobs", "2"]
+    assert gate.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["agent"] for s in summary] == ["reinforce", "es"]
+    for s in summary:
+        assert s["seeds"] == 2 and s["episodes"] == 2 and s["cases"] == 2 * 3 * 1 and s["sgd_steps"] > 0
+        assert s["ci_low"] <= s["ci_high"] and s["passed"] == (s["ci_high"] < 0 and (s["entropy_ratio"] or 0) <= 0.8)
+    assert summary[1]["entropy_ratio"] is None and 0 < summary[0]["entropy_ratio"] <= 1
+    rows = [json.loads(line) for line in (out / "evaluation.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 2 * 3  # trained (2 agents), random, init × policy seeds × instances
+    assert all(r["score"] <= r["initial"] for r in rows)
+    init = [r for r in rows if r["method"] == "init"]
+    assert len({(r["instance"], r["score"]) for r in init}) > 1
+    # the init policy is the seed's untrained network: REINFORCE and ES of one seed start from it
+    a = torch.load(out / "init-seed0.pt", weights_only=True)["state_dict"]
+    trained = torch.load(out / "reinforce-seed0" / "policy.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(a["lstm.weight_ih"], trained["lstm.weight_ih"])
+    assert (out / "curves.png").stat().st_size > 0 and "| reinforce |" in (out / "results.md").read_text()
+
+    # a rerun trains and evaluates nothing again
+    monkeypatch.setattr(gate, "score_run", lambda *a: pytest.fail("an evaluation run was redone"))
+    monkeypatch.setattr(gate, "meta_train_command", lambda *a: pytest.fail("a meta-training was redone"))
+    assert gate.main(argv) == 0
