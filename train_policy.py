@@ -138,6 +138,11 @@ class EpisodeLog:
         ep_fields = ["episode", "seed", "instance", "sgd_steps", "return", "length", "entropy_ratio", "score",
                      "final_loss", "final_loss_xe", "final_loss_guidance",
                      *EVAL_KEYS, *[f"mean_action/{n}" for n in coordinate_names], "seconds"]
+        self.totals = {"episodes": 0, "decisions": 0, "sgd_steps": 0, "wall_s": 0.0}
+        if os.path.isfile(os.path.join(out, "episodes.csv")):
+            with open(os.path.join(out, "episodes.csv"), newline="") as fh:
+                for row in csv.DictReader(fh):
+                    self._count(int(row["length"]), int(row["sgd_steps"] or 0), float(row["seconds"]))
         self.episodes = self._open(os.path.join(out, "episodes.csv"), ep_fields)
         self.steps = self._open(os.path.join(out, "steps.csv"), ["episode", "step", *[f"action/{n}" for n in coordinate_names]])
 
@@ -150,8 +155,17 @@ class EpisodeLog:
             writer.writeheader()
         return fh, writer
 
+    def _count(self, decisions: int, sgd_steps: int, seconds: float) -> None:
+        for key, value in (("episodes", 1), ("decisions", decisions), ("sgd_steps", sgd_steps), ("wall_s", seconds)):
+            self.totals[key] += value
+
+    def cost(self, updates: int) -> dict:
+        """What the policy's training has cost so far (recorded in policy.pt as ``training``)."""
+        return {**self.totals, "wall_s": round(self.totals["wall_s"], 1), "updates": int(updates)}
+
     def log(self, episode: int, seed: int, ep_return: float, actions: np.ndarray, info: dict, seconds: float,
             entropy_ratio: float | None = None) -> None:
+        self._count(len(actions), int(info.get("sgd_step") or 0), round(seconds, 2))
         row = {"episode": episode, "seed": seed, "instance": info.get("instance", -1), "sgd_steps": info.get("sgd_step"),
                "return": ep_return, "length": len(actions), "entropy_ratio": entropy_ratio, "score": info.get("score"),
                "final_loss": info.get("loss"), "final_loss_xe": info.get("loss_xe"),
@@ -204,6 +218,7 @@ def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog
                 log.log(first + i, seed, result["return"], result["actions"], result["info"], seconds,
                         result["entropy_ratio"])
                 returns.append(result["return"])
+            metadata.setdefault("training", {}).update(log.cost(trainer.updates))
             save_policy(trainer.checkpoint(metadata), ckpt_path)  # every batch: an interruption loses at most one
             save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
             bar.update(n)
@@ -265,6 +280,7 @@ def _es_rank(env, config: dict, out: str, metadata: dict, log: EpisodeLog | None
             for e in sorted(episodes, key=lambda e: (e["pair"], -e["sign"])):
                 log.log(first + 2 * e["pair"] + (e["sign"] < 0), e["seed"], e["return"], e["actions"], e["info"], seconds)
                 returns.append(e["return"])
+            metadata.setdefault("training", {}).update(log.cost(trainer.generations))
             save_policy(trainer.checkpoint(metadata), os.path.join(out, "checkpoint.pt"))
             save_policy(trainer.policy_state(metadata), os.path.join(out, "policy.pt"))
             bar.update(trainer.episodes_done - first)
@@ -335,6 +351,7 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
                 returns.append(self.ret[i])
                 self.episode += 1
                 self.bar.update(1)
+                metadata.setdefault("training", {}).update(log.cost(self.model._n_updates))
                 save_policy(sb3_policy_state(agent, self.model, metadata), os.path.join(out, "policy.pt"))
                 save_policy({"policy": sb3_policy_state(agent, self.model, metadata),
                              "optimizer": self.model.policy.optimizer.state_dict(),
@@ -414,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = env_metadata(env)
     if "instances" in config:
         metadata["instances"] = config["instances"]
+    metadata["training"] = {"device": device}  # and its cost, as the episodes are logged
     log = EpisodeLog(out, metadata["coordinate_names"], int(resume["episodes_done"]) if resume else 0)
     start = time.perf_counter()
     try:

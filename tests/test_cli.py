@@ -35,6 +35,11 @@ def test_train_then_resume_then_apply(tmp_path, cache_dir, capsys):
     assert len(_rows(os.path.join(out, "steps.csv"))) == 6
     assert all(r["target_acc"] == "" for r in episodes)  # policy training never looks at the target
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["episodes_done"] == 2
+    cost = torch.load(os.path.join(out, "policy.pt"), weights_only=True)["training"]
+    assert cost["episodes"] == 2 and cost["decisions"] == 6 and cost["updates"] == 2  # one update per episode
+    assert cost["sgd_steps"] == sum(int(r["sgd_steps"]) for r in episodes) > 0 and cost["device"] == "cpu"
+    assert cost["wall_s"] == pytest.approx(sum(float(r["seconds"]) for r in episodes), abs=0.05)
+    assert all(0 < float(r["entropy_ratio"]) <= 1 for r in episodes)
     assert "policy.pt" in capsys.readouterr().out
 
     # Applied as trained: the policy's recorded env (T = 3 decisions, held-out reward batch...).
