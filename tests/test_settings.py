@@ -67,7 +67,7 @@ def test_every_shipped_config_passes_the_checks(name):
     check_settings(config["env"]["kwargs"], ENV_SETTINGS, ignore=ENV_FREE_FORM)
 
 
-NUMERIC = [(name, s) for table in (ENV_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, SELF_TRAINING_SETTINGS)
+NUMERIC = [(name, s) for table in (ENV_SETTINGS, REINFORCE_SETTINGS, ES_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, SELF_TRAINING_SETTINGS)
            for name, s in table.items() if s.kind in (int, float)]
 
 
