@@ -58,6 +58,7 @@ from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
 from asg_env.instances import InstanceSet, load_instances
+from asg_env.provenance import git_commit
 
 AGENTS = ("reinforce", "es", "recurrent-ppo", "ppo", "a2c")
 
@@ -431,7 +432,8 @@ def run(args: argparse.Namespace) -> int:
     metadata = env_metadata(env)
     if "instances" in config:
         metadata["instances"] = config["instances"]
-    metadata["training"] = {"device": device}  # and its cost, as the episodes are logged
+    commits = (((resume or {}).get("policy") or {}).get("training") or {}).get("commits", [])
+    metadata["training"] = {"device": device, "commits": list(dict.fromkeys([*commits, git_commit()]))}  # and its cost
     log = EpisodeLog(out, metadata["coordinate_names"], int(resume["episodes_done"]) if resume else 0)
     start = time.perf_counter()
     try:

@@ -33,8 +33,10 @@ meta-training from its checkpoints and skips finished evaluation runs.
 
 Outputs in ``--out`` (default ``runs/learning_gate/<family>``): the meta-training run folders,
 ``instances.yaml`` (the split at the meta-training size), ``evaluation.jsonl`` (one line per
-evaluation run), ``summary.json``, ``results.md`` and ``curves.png``; ``--publish`` copies the
-last three to ``results/learning_gate/<family>/``.
+evaluation run, with its commit), ``summary.json``, ``results.md`` and ``curves.png``;
+``--publish`` copies these four to ``results/learning_gate/<family>/`` and each passing agent's
+best policy seed, with its card, to ``results/policies/<agent>-<family>/`` (what
+``apply_policy.py --policy pretrained`` runs).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ import yaml
 import asg_env  # noqa: F401  (registers the ids)
 from agents.loading import load_policy, save_policy
 from agents.policies import RandomPolicy
-from agents.reinforce import ReinforceConfig, ReinforceTrainer
+from agents.reinforce import ReinforceConfig, build_network
 from asg_env.instances import load_instances
+from asg_env.provenance import git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------- the rule (fixed before results)
@@ -142,8 +145,6 @@ def init_policy(run: str, path: str) -> str:
         net_config = ReinforceConfig(**state["config"])
         with torch.random.fork_rng(devices=[]):  # as both agents build it
             torch.manual_seed(seed)
-            from agents.reinforce import build_network
-
             net = build_network(net_config, state["obs_dim"], state["n_coordinates"], state["n_levels"])
         save_policy({**state, "state_dict": net.state_dict()}, path)
     return path
@@ -175,6 +176,7 @@ def evaluate(args, runs: dict[str, list[str]], instance_file: str) -> pd.DataFra
     from tqdm.auto import tqdm
 
     envs: dict[int, gym.Env] = {}
+    commit = git_commit()
     with open(path, "a") as fh:
         for method, p, j, r in tqdm(todo, desc="evaluation runs"):
             if j not in envs:
@@ -190,7 +192,8 @@ def evaluate(args, runs: dict[str, list[str]], instance_file: str) -> pd.DataFra
                 file = init_policy(run, os.path.join(args.out, f"init-seed{p}.pt")) if method == "init" else \
                     os.path.join(run, "policy.pt")
                 policy = load_policy(file, env, deterministic=True)
-            row = {"method": method, "policy_seed": p, "instance": j, "run_seed": r, **score_run(env, policy, r)}
+            row = {"method": method, "policy_seed": p, "instance": j, "run_seed": r, **score_run(env, policy, r),
+                   "commit": commit}
             done[(method, p, j, r)] = row
             fh.write(json.dumps(row) + "\n")
             fh.flush()
@@ -207,10 +210,17 @@ def training_log(run: str) -> pd.DataFrame:
     return pd.read_csv(os.path.join(run, "episodes.csv"))
 
 
-def summarise(args, runs: dict[str, list[str]], table: pd.DataFrame, commit: str) -> list[dict]:
+def meta_training_commits(run: str) -> list[str]:
+    """The commits a policy's meta-training ran on, as its policy.pt records them (none before the record)."""
+    state = torch.load(os.path.join(run, "policy.pt"), weights_only=True)
+    return list((state.get("training") or {}).get("commits", []))
+
+
+def summarise(args, runs: dict[str, list[str]], table: pd.DataFrame) -> list[dict]:
     out = []
     keys = ["policy_seed", "instance", "run_seed"]
     base = {m: table[table.method == m].set_index(keys)["score"] for m in ("random", "init")}
+    evaluated = sorted(set(table["commit"].dropna())) if "commit" in table else []
     for agent in args.agents:
         trained = table[table.method == agent].set_index(keys)["score"]
         better = min(base, key=lambda m: base[m].mean())
@@ -227,7 +237,9 @@ def summarise(args, runs: dict[str, list[str]], table: pd.DataFrame, commit: str
                     "entropy_ratio": entropy, "loss_trained": float(trained.mean()),
                     "loss_random": float(base["random"].mean()), "loss_init": float(base["init"].mean()),
                     "baseline": better, "ci_low": low, "ci_high": high, "cases": int(len(diff)),
-                    "passed": bool(passed), "commit": commit})
+                    "passed": bool(passed), "seed_scores": [float(v) for v in trained.groupby(level=0).mean()],
+                    "commit": evaluated[0] if len(evaluated) == 1 else evaluated,
+                    "meta_training_commits": sorted({c for r in runs[agent] for c in meta_training_commits(r)})})
     return out
 
 
@@ -246,9 +258,8 @@ def plot_curves(runs: dict[str, list[str]], path: str) -> None:
         x = np.arange(1, n + 1)
         ax.plot(x, stack.mean(0), label=f"mean of {len(curves)} seeds")
         ax.fill_between(x, stack.min(0), stack.max(0), alpha=0.25, label="range over seeds")
-        ax.set(title=agent, xlabel="meta-training episode",
-               ylabel=f"{'synthetic score (lower is better)' if key == 'score' else 'return (loss decrease)'}, "
-                      f"rolling mean of {CURVE_WINDOW}")
+        ax.set(title=f"{agent} (rolling mean of {CURVE_WINDOW} episodes)", xlabel="meta-training episode",
+               ylabel="synthetic score (lower is better)" if key == "score" else "return (loss decrease)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -257,7 +268,7 @@ def plot_curves(runs: dict[str, list[str]], path: str) -> None:
 
 def write_report(args, summary: list[dict], path: str) -> None:
     lines = [f"# Learning gate: {args.family}", "",
-             f"Commit `{summary[0]['commit']}`. Meta-training on the train split of `{args.instances}` at "
+             f"Evaluated on commit `{summary[0]['commit']}`. Meta-training on the train split of `{args.instances}` at "
              f"{META_TRAINING} with {META_BASE}; evaluation on the same instances with run seeds "
              f"{list(RUN_SEEDS[: args.run_seeds])}. Rule: `benchmarks/learning_gate.py` (entropy ≤ "
              f"{MAX_ENTROPY_RATIO} of the maximum over the last {ENTROPY_WINDOW} episodes; the 95 % bootstrap CI of "
@@ -272,19 +283,53 @@ def write_report(args, summary: list[dict], path: str) -> None:
                      f"{s['loss_random']:.4f} | {s['loss_init']:.4f} | {s['baseline']}: "
                      f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] |")
     lines += ["", f"{summary[0]['cases']} paired cases per agent. Wall time is the meta-training's, summed over "
-              "seeds, as logged per episode.", "", "![learning curves](curves.png)", ""]
+              "seeds, as logged per episode.", "", "| agent | trained score per policy seed | meta-training commits |",
+              "|---|---|---|"]
+    for s in summary:
+        commits = ", ".join(f"`{c[:12]}`" for c in s["meta_training_commits"]) or "not recorded in policy.pt"
+        lines.append(f"| {s['agent']} | {', '.join(f'{v:.4f}' for v in s['seed_scores'])} | {commits} |")
+    lines += ["", "![learning curves](curves.png)", ""]
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def publish_policy(args, runs: dict[str, list[str]], s: dict) -> str:
+    """A passing agent's best policy seed (lowest trained score on the gate's train-split runs)
+    as ``results/policies/<agent>-<family>/``: policy.pt, card.json and a README."""
+    seed = int(np.argmin(s["seed_scores"]))
+    run = runs[s["agent"]][seed]
+    dest = os.path.join(args.results, "policies", f"{s['agent']}-{args.family}")
+    os.makedirs(dest, exist_ok=True)
+    shutil.copy(os.path.join(run, "policy.pt"), dest)
+    log = training_log(run)
+    training = (torch.load(os.path.join(run, "policy.pt"), weights_only=True).get("training") or {})
+    card = {"name": f"{s['agent']}-{args.family}", "agent": s["agent"], "family": args.family,
+            "instances": args.instances, "split": "train", "meta_training": {**META_TRAINING, **META_BASE},
+            "policy_seed": seed, "agent_settings": AGENTS[s["agent"]], "episodes": int(len(log)),
+            "sgd_steps": int(log["sgd_steps"].sum()), "wall_s": round(float(log["seconds"].sum()), 1),
+            "device": training.get("device", "cpu"), "gate": {k: s[k] for k in (
+                "passed", "loss_trained", "loss_random", "loss_init", "baseline", "ci_low", "ci_high", "cases")},
+            "policy_score": s["seed_scores"][seed], "evaluated_on": s["commit"],
+            "meta_training_commits": meta_training_commits(run)}
+    with open(os.path.join(dest, "card.json"), "w") as fh:
+        json.dump(card, fh, indent=1)
+    with open(os.path.join(dest, "README.md"), "w") as fh:
+        fh.write(f"""# {card['name']}
+
+A learning-rate policy meta-trained by `{s['agent']}` on the train split of `{args.instances}` (family
+`{args.family}`) at {card['meta_training']}, policy seed {seed} of {s['seeds']}: {card['episodes']} episodes,
+{card['sgd_steps']} SGD steps, {card['wall_s'] / 60:.0f} min on {card['device']}.
+
+It passed the learning gate (`benchmarks/learning_gate.py`, `results/learning_gate/{args.family}/`): the
+agent's trained policies scored {s['loss_trained']:.4f} (final synthetic cross-entropy, lower is better)
+against {s['loss_random']:.4f} for random and {s['loss_init']:.4f} for their untrained initialisation;
+trained − {s['baseline']}: 95 % CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] over {s['cases']} paired runs.
+This seed scored {card['policy_score']:.4f}, the best of the agent's seeds on those train-split runs
+(the real target was not read). Evaluated on commit `{s['commit']}`.
+
+    python apply_policy.py --policy pretrained
+""")
+    return dest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -297,7 +342,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="meta-trainings at once (the cores are shared out)")
     p.add_argument("--out", help="run folder (default runs/learning_gate/<family>)")
     p.add_argument("--data-root", help="SynDigits cache folder")
-    p.add_argument("--publish", action="store_true", help="copy summary.json, results.md, curves.png to results/")
+    p.add_argument("--publish", action="store_true", help="copy summary.json, results.md, curves.png and "
+                   "evaluation.jsonl to results/learning_gate/<family>/, and each passing agent's best policy, with "
+                   "its card, to results/policies/<agent>-<family>/")
+    p.add_argument("--results", default=os.path.join(ROOT, "results"), help="where --publish writes (default: results/)")
     p.add_argument("--train-only", action="store_true", help="stop after meta-training")
     args = p.parse_args(argv)
     for name in ("seeds", "episodes", "run_seeds", "jobs"):
@@ -319,7 +367,7 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
     table = evaluate(args, runs, instances)
-    summary = summarise(args, runs, table, git_commit())
+    summary = summarise(args, runs, table)
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     write_report(args, summary, os.path.join(args.out, "results.md"))
@@ -329,11 +377,14 @@ def main(argv=None) -> int:
               f"random {s['loss_random']:.4f}  init {s['loss_init']:.4f}  CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]"
               f"  entropy {s['entropy_ratio']}")
     if args.publish:
-        dest = os.path.join("results", "learning_gate", args.family)
+        dest = os.path.join(args.results, "learning_gate", args.family)
         os.makedirs(dest, exist_ok=True)
-        for name in ("summary.json", "results.md", "curves.png"):
+        for name in ("summary.json", "results.md", "curves.png", "evaluation.jsonl"):
             shutil.copy(os.path.join(args.out, name), dest)
         print(f"published to {dest}")
+        for s in summary:
+            if s["passed"]:
+                print(f"{s['agent']}'s best policy published to {publish_policy(args, runs, s)}")
     return 0
 
 

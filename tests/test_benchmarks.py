@@ -287,7 +287,8 @@ def test_learning_gate_meta_trains_evaluates_pairs_and_resumes(tmp_path, cache_d
     out = tmp_path / "gate"
     argv = ["--instances", _tiny_instances(tmp_path, cache_dir), "--out", str(out), "--episodes", "2",
             "--seeds", "2", "--run-seeds", "1", "--jobs", "2"]
-    assert gate.main(argv) == 0
+    results = tmp_path / "results"
+    assert gate.main([*argv, "--publish", "--results", str(results)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [s["agent"] for s in summary] == ["reinforce", "es"]
     for s in summary:
@@ -304,6 +305,22 @@ def test_learning_gate_meta_trains_evaluates_pairs_and_resumes(tmp_path, cache_d
     trained = torch.load(out / "reinforce-seed0" / "policy.pt", weights_only=True)["state_dict"]
     assert not torch.equal(a["lstm.weight_ih"], trained["lstm.weight_ih"])
     assert (out / "curves.png").stat().st_size > 0 and "| reinforce |" in (out / "results.md").read_text()
+    assert {r["commit"] for r in rows} == {summary[0]["commit"]} and summary[0]["meta_training_commits"]
+    for s in summary:
+        assert len(s["seed_scores"]) == 2 and np.isclose(np.mean(s["seed_scores"]), s["loss_trained"])
+        assert (results / "policies" / f"{s['agent']}-syndigits" / "policy.pt").exists() == s["passed"]  # never a failed one
+    assert sorted(os.listdir(results / "learning_gate" / "syndigits")) == [
+        "curves.png", "evaluation.jsonl", "results.md", "summary.json"]
+    # a passing agent's best seed goes out with its card, and applies
+    args = gate.parse_args([*argv, "--results", str(results)])
+    runs = {a: [str(out / f"{a}-seed{p}") for p in range(2)] for a in gate.AGENTS}
+    es = {**summary[1], "passed": True, "seed_scores": [2.0, 1.0]}
+    dest = gate.publish_policy(args, runs, es)
+    card = json.loads(open(os.path.join(dest, "card.json")).read())
+    assert card["policy_seed"] == 1 and card["agent"] == "es" and card["episodes"] == 2 and card["sgd_steps"] > 0
+    assert card["gate"]["ci_high"] == es["ci_high"] and card["meta_training_commits"]
+    shipped = torch.load(os.path.join(dest, "policy.pt"), weights_only=True)["state_dict"]
+    assert torch.equal(shipped["heads.weight"], torch.load(out / "es-seed1" / "policy.pt", weights_only=True)["state_dict"]["heads.weight"])
 
     # a rerun trains and evaluates nothing again
     monkeypatch.setattr(gate, "score_run", lambda *a: pytest.fail("an evaluation run was redone"))
