@@ -1,6 +1,7 @@
 """Drive a full fine-tuning run with a frozen learning-rate policy and evaluate it on the real target.
 
 Examples:
+  python apply_policy.py --policy pretrained                        # the shipped policy (results/policies/)
   python apply_policy.py --policy runs/r1/policy.pt                 # the policy's own run length
   python apply_policy.py --policy runs/r1/policy.pt --steps 1000    # same decisions, longer windows
   python apply_policy.py --policy hand-tuned --epochs 2 --eval-every 25
@@ -61,7 +62,8 @@ import time
 import torch
 
 from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
-from agents.loading import load_policy, read_file, read_policy_file, save_policy, transfer_note
+from agents.loading import (PRETRAINED, load_policy, pretrained_names, read_file, read_policy_file, resolve_policy,
+                            save_policy, transfer_note)
 from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
@@ -96,7 +98,10 @@ def positive(kind):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", default="hand-tuned", help="policy.pt file or baseline name (default: hand-tuned)")
+    shipped = ", ".join(pretrained_names()) or "none in this installation"
+    p.add_argument("--policy", default="hand-tuned",
+                   help="policy.pt file, baseline name, or a shipped policy's name: pretrained (= "
+                        f"{PRETRAINED}) or one of results/policies/ ({shipped}); default: hand-tuned")
     p.add_argument("--env", help="env id (default: the policy's env, else SynDigits-v0); another id than the policy's "
                    "starts from that id's own settings")
     p.add_argument("--config", help="YAML config whose env section overrides the policy's settings")
@@ -258,7 +263,12 @@ def run(args: argparse.Namespace) -> int:
         args.device = rank_device
     if args.resume and not args.out:
         raise UserInputError("--resume needs --out, the folder of the run to continue")
-    name = args.policy.replace(":", "_").replace(",", "-") if is_baseline(args.policy) else os.path.splitext(os.path.basename(args.policy))[0]
+    shipped = args.policy
+    args.policy = resolve_policy(args.policy)
+    if is_baseline(args.policy):
+        name = args.policy.replace(":", "_").replace(",", "-")
+    else:
+        name = shipped if args.policy != shipped else os.path.splitext(os.path.basename(args.policy))[0]
     out = args.out or os.path.join("runs", f"apply-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_args, changed, resume = start(args, out, world_size)
     run_args["world_size"] = world_size

@@ -21,7 +21,7 @@ DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
     "env": {"id": "SynDigits-v0", "kwargs": {"reward_batch": "heldout", "evaluate_target": False}},
     "agent": {"name": "reinforce", "reinforce": {}, "es": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
-    "train": {"episodes": 20, "seed": 0, "n_envs": 1, "vector": "auto"},
+    "train": {"episodes": 20, "seed": 0, "n_envs": 1, "vector": "auto", "check": 0},
 }
 
 

@@ -11,6 +11,10 @@ import torch
 from agents.policies import Policy, is_baseline, make_baseline
 from agents.reinforce import POLICY_FORMAT, policy_from_state
 from asg_env import UserInputError
+from asg_env.provenance import ROOT
+
+PRETRAINED_DIR = os.path.join(ROOT, "results", "policies")  # published by the learning gate, one folder each
+PRETRAINED = "es-syndigits"  # what --policy pretrained names
 
 
 def env_metadata(env: gym.Env) -> dict:
@@ -109,6 +113,24 @@ def transfer_note(spec: str, env: gym.Env) -> str | None:
         return None
     return (f"coordinate-wise policy trained on {len(state.get('coordinate_names', []))} coordinates of "
             f"{state.get('backbone')}, applied to the {len(here['coordinate_names'])} of {here['backbone']}")
+
+
+def pretrained_names() -> list[str]:
+    """The shipped policies: folders of ``results/policies/`` holding a policy.pt."""
+    if not os.path.isdir(PRETRAINED_DIR):
+        return []
+    return sorted(n for n in os.listdir(PRETRAINED_DIR) if os.path.isfile(os.path.join(PRETRAINED_DIR, n, "policy.pt")))
+
+
+def resolve_policy(spec: str) -> str:
+    """``pretrained`` or a shipped policy's name → its policy.pt; anything else as given."""
+    name = PRETRAINED if spec == "pretrained" else spec
+    if name in pretrained_names():
+        return os.path.join(PRETRAINED_DIR, name, "policy.pt")
+    if spec == "pretrained":
+        raise UserInputError(f"no pretrained policy {PRETRAINED!r} in {PRETRAINED_DIR} (it ships with a checkout "
+                             "of the repository; python -m benchmarks.learning_gate --publish writes it)")
+    return spec
 
 
 def load_policy(spec: str, env: gym.Env, deterministic: bool = True, seed: int | None = None) -> Policy:

@@ -199,6 +199,7 @@ TRAIN_SETTINGS: dict[str, Setting] = {
     "seed": _whole(0),
     "n_envs": _whole(1),
     "vector": _one_of("auto", "batched", "processes"),
+    "check": _whole(0),  # held-out check runs per policy after training (REINFORCE and ES)
 }
 
 

@@ -56,9 +56,9 @@ import torch
 import yaml
 
 import asg_env  # noqa: F401  (registers the ids)
+from agents.check import bootstrap_ci, initial_state, score_run
 from agents.loading import load_policy, save_policy
 from agents.policies import RandomPolicy
-from agents.reinforce import ReinforceConfig, build_network
 from asg_env.instances import load_instances
 from asg_env.provenance import git_commit
 
@@ -140,25 +140,9 @@ def init_policy(run: str, path: str) -> str:
     """The policy's untrained initialisation (the network of its seed, a fresh normaliser)."""
     if not os.path.isfile(path):
         state = torch.load(os.path.join(run, "policy.pt"), weights_only=True)
-        config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
-        seed = int(config["train"]["seed"])
-        net_config = ReinforceConfig(**state["config"])
-        with torch.random.fork_rng(devices=[]):  # as both agents build it
-            torch.manual_seed(seed)
-            net = build_network(net_config, state["obs_dim"], state["n_coordinates"], state["n_levels"])
-        save_policy({**state, "state_dict": net.state_dict()}, path)
+        seed = int(yaml.safe_load(open(os.path.join(run, "config.yaml")))["train"]["seed"])
+        save_policy(initial_state(state, seed), path)
     return path
-
-
-def score_run(env: gym.Env, policy, seed: int) -> dict:
-    obs, info = env.reset(seed=seed)
-    policy.reset()
-    initial, done = info["initial_score"], False
-    while not done:
-        obs, _, terminated, truncated, info = env.step(policy.act(obs))
-        done = terminated or truncated
-    return {"score": float(info["score"]), "initial": float(initial), "diverged": bool(info.get("diverged")),
-            "sgd_steps": int(info.get("sgd_step", 0))}
 
 
 def evaluate(args, runs: dict[str, list[str]], instance_file: str) -> pd.DataFrame:
@@ -200,12 +184,6 @@ def evaluate(args, runs: dict[str, list[str]], instance_file: str) -> pd.DataFra
     return pd.DataFrame([done[(m, *c)] for c in cases for m in methods])
 
 
-def bootstrap_ci(diff: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def training_log(run: str) -> pd.DataFrame:
     return pd.read_csv(os.path.join(run, "episodes.csv"))
 
@@ -225,7 +203,7 @@ def summarise(args, runs: dict[str, list[str]], table: pd.DataFrame) -> list[dic
         trained = table[table.method == agent].set_index(keys)["score"]
         better = min(base, key=lambda m: base[m].mean())
         diff = (trained - base[better].loc[trained.index]).to_numpy()
-        low, high = bootstrap_ci(diff)
+        low, high = bootstrap_ci(diff, BOOTSTRAP)
         logs = [training_log(r) for r in runs[agent]]
         entropy = None
         if agent != "es":
@@ -325,7 +303,8 @@ agent's trained policies scored {s['loss_trained']:.4f} (final synthetic cross-e
 against {s['loss_random']:.4f} for random and {s['loss_init']:.4f} for their untrained initialisation;
 trained − {s['baseline']}: 95 % CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] over {s['cases']} paired runs.
 This seed scored {card['policy_score']:.4f}, the best of the agent's seeds on those train-split runs
-(the real target was not read). Evaluated on commit `{s['commit']}`.
+(the real target was not read). Evaluated on commit `{s['commit']}`; meta-trained on
+{', '.join(f"`{c}`" for c in card['meta_training_commits']) or "a commit its policy.pt does not record (trained before the record)"}.
 
     python apply_policy.py --policy pretrained
 """)

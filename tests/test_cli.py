@@ -2,6 +2,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ def _rows(path):
 
 def test_train_then_resume_then_apply(tmp_path, cache_dir, capsys):
     out = str(tmp_path / "run")
-    assert train_policy.main(["--episodes", "1", "--out", out, "--data-root", cache_dir, "--seed", "5", *TINY]) == 0
+    assert train_policy.main(["--agent", "reinforce", "--episodes", "1", "--out", out, "--data-root", cache_dir, "--seed", "5", *TINY]) == 0
     for name in ("policy.pt", "checkpoint.pt", "config.yaml", "episodes.csv", "steps.csv"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "tb"))
@@ -388,7 +389,7 @@ def test_two_envs_run_episodes_at_once(tmp_path, cache_dir, agent, vector, capsy
 
 
 def test_batched_envs_refuse_what_cannot_be_batched_in_one_line(tmp_path, cache_dir, capsys):
-    argv = ["--episodes", "2", "--n-envs", "2", "--vector", "batched", "--out", str(tmp_path / "r"),
+    argv = ["--agent", "reinforce", "--episodes", "2", "--n-envs", "2", "--vector", "batched", "--out", str(tmp_path / "r"),
             "--data-root", cache_dir, *TINY, "--set", "env.kwargs.bn_stats=train"]
     assert train_policy.main(argv) == 2
     assert 'bn_stats="frozen"' in capsys.readouterr().err
@@ -470,7 +471,7 @@ def test_train_on_an_instance_split_draws_a_seeded_instance_per_episode(tmp_path
 def test_coordinate_wise_policy_trained_on_lite0_drives_resnet50(tmp_path, cache_dir, capsys):
     out = str(tmp_path / "cw")
     per_coordinate = ["--set", "env.kwargs.observation=per_coordinate", "--set", "agent.reinforce.network=coordinate-wise"]
-    assert train_policy.main(["--episodes", "2", "--out", out, "--data-root", cache_dir, *TINY, *per_coordinate]) == 0
+    assert train_policy.main(["--agent", "reinforce", "--episodes", "2", "--out", out, "--data-root", cache_dir, *TINY, *per_coordinate]) == 0
     policy = os.path.join(out, "policy.pt")
     state = torch.load(policy, weights_only=True)
     assert state["config"]["network"] == "coordinate-wise" and len(state["coordinate_names"]) == 9
@@ -483,7 +484,7 @@ def test_coordinate_wise_policy_trained_on_lite0_drives_resnet50(tmp_path, cache
     assert len(steps) == 4 and {k for k in steps[0] if k.startswith("action/")} == {
         f"action/{n}" for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "new_head")}
     paper = str(tmp_path / "paper")
-    assert train_policy.main(["--episodes", "1", "--out", paper, "--data-root", cache_dir, *TINY]) == 0
+    assert train_policy.main(["--agent", "reinforce", "--episodes", "1", "--out", paper, "--data-root", cache_dir, *TINY]) == 0
     assert apply_policy.main(["--policy", os.path.join(paper, "policy.pt"), "--out", str(tmp_path / "refused"),
                               "--data-root", cache_dir, *resnet]) == 2
     assert "trained for 9 coordinates of efficientnet_lite0" in capsys.readouterr().err
@@ -522,3 +523,69 @@ def test_es_trains_over_two_workers_resumes_and_applies(tmp_path, cache_dir, cap
     applied = str(tmp_path / "applied")
     assert apply_policy.main(["--policy", os.path.join(out, "policy.pt"), "--out", applied, "--data-root", cache_dir]) == 0
     assert json.load(open(os.path.join(applied, "summary.json")))["decisions_made"] == 3
+
+
+def test_no_arguments_run_the_main_setting_and_any_choice_the_plain_defaults():
+    args = train_policy.parse_args([])
+    assert (args.config, args.instances) == (train_policy.MAIN_CONFIG, train_policy.MAIN_INSTANCES)
+    assert train_policy.parse_args(["--episodes", "5"]).config == train_policy.MAIN_CONFIG
+    for argv in (["--agent", "reinforce"], ["--env", "SynDigits-v0"], ["--config", "configs/reinforce_syndigits.yaml"]):
+        args = train_policy.parse_args(argv)
+        assert args.instances is None and args.config != train_policy.MAIN_CONFIG
+
+
+def test_main_setting_is_the_learning_gates(tmp_path):
+    from benchmarks import learning_gate as gate
+
+    from agents.config import load_config
+    from asg_env.instances import load_instances
+
+    written = load_instances(gate.meta_instances("configs/instances/syndigits.yaml", str(tmp_path)), "train")
+    shipped = load_instances(train_policy.MAIN_INSTANCES, "train")
+    assert shipped.instances == written.instances and shipped.base == written.base
+    main = load_config(train_policy.MAIN_CONFIG)
+    assert main["agent"]["name"] == "es" and main["train"]["check"] > 0
+    assert {k: main["agent"]["es"][k] for k in gate.AGENTS["es"]} == gate.AGENTS["es"]
+
+
+def test_main_command_trains_es_on_the_family_and_ends_with_the_held_out_check(tmp_path, cache_dir, capsys):
+    out = str(tmp_path / "main")
+    small = ["--set", "agent.es.pairs=1", "--set", "agent.es.workers=1", "--set", "train.check=2",
+             "--set", "env.kwargs.synthetic_eval_size=40", "--set", "env.kwargs.imagenet_photos=4"]
+    assert train_policy.main(["--episodes", "2", "--out", out, "--data-root", cache_dir, *small]) == 0
+    said = capsys.readouterr().out
+    policy = torch.load(os.path.join(out, "policy.pt"), weights_only=True)
+    assert policy["agent"] == "es" and policy["instances"]["family"] == "syndigits"
+    assert {int(r["instance"]) for r in _rows(os.path.join(out, "episodes.csv"))} <= set(range(12))
+    check = open(os.path.join(out, "check.txt")).read().splitlines()
+    assert check[0].startswith("held-out check: 2 runs per policy") and check[0] in said
+    rows = {line.split()[0]: line.split() for line in check[2:5]}
+    assert set(rows) == {"trained", "init", "random"} and all(0 < float(r[1]) < 10 for r in rows.values())
+
+
+def test_check_table_says_when_the_policy_is_within_noise():
+    from agents.check import check_table
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.01, 8)
+    clear = check_table({"trained": 2.0 + noise, "init": 2.2 + noise, "random": 2.3 + noise})
+    assert clear[-1].startswith("the policy beats random and its own initialisation")
+    close = check_table({"trained": 2.0 + noise, "init": 2.0 + rng.normal(0, 0.01, 8), "random": 2.3 + noise})
+    assert close[-1].startswith("not yet distinguishable") and "--episodes" in close[-1]
+    assert "init" in close[3] and "[" in close[3]
+
+
+def test_the_pretrained_policy_applies_out_of_the_box(tmp_path, cache_dir, capsys):
+    from agents.loading import PRETRAINED, pretrained_names, resolve_policy
+
+    assert PRETRAINED in pretrained_names()
+    card = json.load(open(os.path.join(os.path.dirname(resolve_policy("pretrained")), "card.json")))
+    assert card["gate"]["passed"] and card["gate"]["ci_high"] < 0  # never a policy that failed the gate
+    out = str(tmp_path / "pre")
+    assert apply_policy.main(["--policy", "pretrained", "--out", out, "--data-root", cache_dir,
+                              *TINY[2:]]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["policy"] == resolve_policy("pretrained") and len(_rows(os.path.join(out, "steps.csv"))) == 1 + 8
+    with pytest.raises(SystemExit):
+        apply_policy.main(["--help"])
+    assert PRETRAINED in capsys.readouterr().out
