@@ -223,6 +223,8 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_is_rendered(tool, argv
         argv += ["--out", str(out)]
     if tool == "apply" and "--policy" not in argv and "--resume" not in argv:
         argv += ["--policy", "hand-tuned"]
+    if tool == "train" and not {"--agent", "--config", "--resume"} & set(argv):
+        argv += ["--agent", "reinforce"]  # the plain defaults, not the main command's setting
     module = train_policy if tool == "train" else apply_policy
     assert module.main([*argv, "--data-root", str(cache)]) == 2
     err = capsys.readouterr().err.strip()
