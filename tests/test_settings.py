@@ -32,7 +32,9 @@ def test_every_env_and_agent_setting_has_an_entry():
     assert {f.name for f in dataclasses.fields(ReinforceConfig)} == set(REINFORCE_SETTINGS)
     assert {f.name for f in dataclasses.fields(ESConfig)} == set(ES_SETTINGS)
     assert {f.name for f in dataclasses.fields(SelfTrainingConfig)} == set(SELF_TRAINING_SETTINGS)
-    assert set(TRAIN_SETTINGS) == {"episodes", "seed", "n_envs", "vector"}
+    from agents.config import DEFAULTS
+
+    assert set(TRAIN_SETTINGS) == set(DEFAULTS["train"])  # every train setting has its default
 
 
 def test_every_default_is_allowed():
