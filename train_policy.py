@@ -69,10 +69,9 @@ from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
 from asg_env.instances import InstanceSet, load_instances
-from asg_env.provenance import git_commit
+from asg_env.provenance import ROOT, git_commit
 
 AGENTS = ("reinforce", "es", "recurrent-ppo", "ppo", "a2c")
-ROOT = os.path.dirname(os.path.abspath(__file__))
 MAIN_CONFIG = os.path.join(ROOT, "configs", "main.yaml")
 MAIN_INSTANCES = os.path.join(ROOT, "configs", "instances", "syndigits_meta.yaml")
 

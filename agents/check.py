@@ -44,8 +44,8 @@ def bootstrap_ci(diff: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tu
 def held_out_scores(env: gym.Env, state: dict, train_seed: int, instances: list[dict], runs: int) -> dict:
     """``runs`` runs each of the trained policy (greedy), its initialisation and the random
     policy: run k on instance k mod len(instances) with a run seed no training episode used."""
-    policies = {"trained": lambda k: policy_from_state(state),
-                "init": lambda k: policy_from_state(initial_state(state, train_seed)),
+    trained, init = policy_from_state(state), policy_from_state(initial_state(state, train_seed))
+    policies = {"trained": lambda k: trained, "init": lambda k: init,
                 "random": lambda k: RandomPolicy(state["n_coordinates"], seed=k)}
     seeds = np.random.SeedSequence(train_seed, spawn_key=(2**31,)).generate_state(runs)  # apart from episode_seed's keys
     options = [{"instance": instances[k % len(instances)]} if instances else None for k in range(runs)]

@@ -60,9 +60,8 @@ from agents.check import bootstrap_ci, initial_state, score_run
 from agents.loading import load_policy, save_policy
 from agents.policies import RandomPolicy
 from asg_env.instances import load_instances
-from asg_env.provenance import git_commit
+from asg_env.provenance import ROOT, git_commit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------- the rule (fixed before results)
 MAX_ENTROPY_RATIO = 0.8
 ENTROPY_WINDOW = 50
