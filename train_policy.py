@@ -129,6 +129,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
     elif agent != "reinforce":  # recorded, so that --resume trains the way the run started
         config["agent"][agent] = {"normalize": True, **(config["agent"].get(agent) or {})}
     out = args.out or os.path.join("runs", f"{config['env']['id']}-{config['agent']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserInputError(f"--out {out} is a file, not a folder; choose another --out")
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise UserInputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     return config, out
@@ -438,12 +440,21 @@ def vector_env(config: dict, agent: str, data_root: str | None, device: str):
 
 def run(args: argparse.Namespace) -> int:
     config, out = resolve_config(args)
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"cannot create the run folder --out {out}: {e.strerror}") from None
     resume = read_file(os.path.join(out, "checkpoint.pt"), "checkpoint") if args.resume else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when n_envs = 1
+    try:
+        env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when n_envs = 1
+    except UserInputError:
+        if created:  # a refused setting leaves no empty run folder behind
+            os.rmdir(out)
+        raise
     agent = config["agent"]["name"]
     envs = vector_env(config, agent, args.data_root, device) if config["train"]["n_envs"] > 1 else env
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     metadata = env_metadata(env)

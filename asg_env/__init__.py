@@ -22,7 +22,7 @@ from asg_env.errors import UserInputError
 __all__ = ["ASGEnv", "N_LEVELS", "UserInputError"]
 
 # SynDigits-v0's size, η_base and source size were chosen by benchmarks/grid_syndigits.py's rule
-# (docs/grid/grid.md), from runs without guidance only.
+# (results/grid/grid.md), from runs without guidance only.
 register(
     id="SynDigits-v0",
     entry_point="asg_env.env:ASGEnv",

@@ -495,7 +495,7 @@ class TaskOptions:
 
 
 # Registered task builders by name: a new syn→real dataset is one entry (its Task.kind names
-# the family, asg_env.families, that trains and measures it).
+# the kind, asg_env.kinds, that trains and measures it).
 TASKS: dict[str, Callable[[TaskOptions], Task]] = {
     "syndigits": lambda o: make_syndigits_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
                                                o.source_size, o.target_eval_size, o.render_seed,

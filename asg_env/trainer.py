@@ -39,7 +39,7 @@ from asg_env.backbones import build_backbone, check_image_size, input_normalisat
 from asg_env.batched import StackedRuns
 from asg_env.coordinates import Coordinate, optimization_coordinates
 from asg_env.errors import UserInputError
-from asg_env.families import FAMILIES
+from asg_env.kinds import KINDS
 from asg_env.guidance import Guidance
 from asg_env.imagenet_photos import load_imagenet_photos
 from asg_env.optim import action_windows, make_sgd, poly_factor
@@ -244,8 +244,8 @@ class Trainer:
                                                      source_size, target_eval_size, synthetic_eval_size,
                                                      label_dilation, num_workers, (self.rank, self.world_size),
                                                      source_root, target_root, render_seed))
-        self.family = FAMILIES[self.task.kind]
-        self.family.check(self.config)
+        self.kind = KINDS[self.task.kind]
+        self.kind.check(self.config)
         parts = build_backbone(backbone, weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
         self.imagenet_photos = int(imagenet_photos)
@@ -260,7 +260,7 @@ class Trainer:
         self.windows = action_windows(window, episode_steps, int(sgd_steps_per_action), sgd_steps,
                                       self.task.steps_per_epoch)
         self.T, self.total_sgd_steps = len(self.windows), sum(self.windows)
-        self.teacher, self.student = self.family.models(parts, self.task, self.config)
+        self.teacher, self.student = self.kind.models(parts, self.task, self.config)
         self.teacher = self.teacher.to(self.device, memory_format=self.memory_format)
         self.student = self.student.to(self.device, memory_format=self.memory_format)
         self.coordinates: list[Coordinate] = optimization_coordinates(self.student.features, self.student.new_head)
@@ -270,8 +270,8 @@ class Trainer:
             k: v.detach().clone() for k, v in self.student.state_dict().items() if not k.startswith("new_head.")
         }
         self.student.eval()
-        self.guidance: Guidance = self.family.guidance(guidance if self.lam > 0 else "none", self.student, self.task)
-        self.objective: nn.Module = self.family.objective(self.student, self.guidance, self.lam)
+        self.guidance: Guidance = self.kind.guidance(guidance if self.lam > 0 else "none", self.student, self.task)
+        self.objective: nn.Module = self.kind.objective(self.student, self.guidance, self.lam)
         self._train_objective: nn.Module = self.objective
         if self.world_size > 1:
             self._train_objective = nn.parallel.DistributedDataParallel(
@@ -297,12 +297,12 @@ class Trainer:
     @property
     def headline(self) -> str:
         """The evaluation's main measure: mean per-class accuracy, or mIoU for segmentation."""
-        return self.family.headline
+        return self.kind.headline
 
     @property
     def class_iou_keys(self) -> list[str]:
         """The per-class entries of an evaluation (the IoU of each class, for segmentation)."""
-        return self.family.class_keys(self.task)
+        return self.kind.class_keys(self.task)
 
     # ----------------------------------------------------------------------------- the run
     def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
@@ -558,7 +558,7 @@ class Trainer:
         self.student.eval()
         first = self._target_reference is None
         ref = self._target_reference if not first else {"target": {}, "photos": None}
-        metrics = self.family.metrics(self.task)
+        metrics = self.kind.metrics(self.task)
         metrics.update(target_kl=MeanMetric(), teacher_agreement=MeanMetric())
         for m in metrics.values():
             m.to(self.device)
@@ -566,7 +566,7 @@ class Trainer:
         with torch.inference_mode(), self._autocast():
             for i, (x, y) in enumerate(self.task.target.batches(shard=shard)):
                 x = x.contiguous(memory_format=self.memory_format)
-                old = self.family.update_target(metrics, self.student, x, y, self.tta_flip)
+                old = self.kind.update_target(metrics, self.student, x, y, self.tta_flip)
                 if first:
                     ref["target"][i] = self.teacher(x).float()
                 teacher = ref["target"][i]
@@ -574,7 +574,7 @@ class Trainer:
                 metrics["teacher_agreement"].update((old.argmax(-1) == teacher.argmax(-1)).float())
             if self.task.source_eval is not None:
                 self._update_synthetic(metrics)
-            out = self.family.finish({name: m.compute() for name, m in metrics.items()}, self.task)
+            out = self.kind.finish({name: m.compute() for name, m in metrics.items()}, self.task)
             photos = ref["photos"]
             if first and self.imagenet_photos:
                 photos = load_imagenet_photos(self.input_size, self.mean, self.std, self.device)
@@ -584,7 +584,7 @@ class Trainer:
                 x = x.contiguous(memory_format=self.memory_format)
                 if first:
                     ref["photos"] = photos
-                    ref["imagenet_teacher_top1"] = (self.family.teacher_classify(self.teacher, x).argmax(1) == y).float().mean()
+                    ref["imagenet_teacher_top1"] = (self.kind.teacher_classify(self.teacher, x).argmax(1) == y).float().mean()
                 out["imagenet_top1"] = (self.student.classify(x).argmax(1) == y).float().mean()
                 out["imagenet_teacher_top1"] = ref["imagenet_teacher_top1"]
         self._target_reference = ref
@@ -596,7 +596,7 @@ class Trainer:
         """θ_n on the held-out synthetic images alone (``synthetic_acc``, ``synthetic_xe``): what
         a learning-rate policy is scored on (:func:`asg_env.env.capped_score`). It reads no real
         target image. Classification tasks with ``synthetic_eval_size > 0`` only."""
-        metrics = {k: m.to(self.device) for k, m in self.family.metrics(self.task).items() if k.startswith("synthetic_")}
+        metrics = {k: m.to(self.device) for k, m in self.kind.metrics(self.task).items() if k.startswith("synthetic_")}
         if "synthetic_xe" not in metrics:
             raise UserInputError("the synthetic score needs a classification task with synthetic_eval_size > 0")
         was_training = self.student.training
@@ -608,7 +608,7 @@ class Trainer:
 
     def _update_synthetic(self, metrics: dict) -> None:
         for x, y in self.task.source_eval.batches(shard=(self.rank, self.world_size)):
-            self.family.update_synthetic(metrics, self.student, x.contiguous(memory_format=self.memory_format), y)
+            self.kind.update_synthetic(metrics, self.student, x.contiguous(memory_format=self.memory_format), y)
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

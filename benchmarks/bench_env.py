@@ -14,7 +14,7 @@ Prints these ratios (median of interleaved timing blocks, same process, same dat
 
 About 2.5 minutes on 2 CPU cores with the defaults.
 
-    python benchmarks/bench_env.py [--steps 10] [--repeats 5] [--batch-size 32] [--image-size 32]
+    python -m benchmarks.bench_env [--steps 10] [--repeats 5] [--batch-size 32] [--image-size 32]
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ configuration (configs/reinforce_syndigits.yaml: EfficientNet-Lite0 at 64 px, ba
 decisions over 124 SGD steps, proxy guidance, held-out reward batch), eager and compiled, after
 an untimed first episode.
 
-    python benchmarks/bench_gpu.py                     # about 2 minutes on an H100
-    python benchmarks/bench_gpu.py --device cpu --backbone efficientnet_lite0 --image-size 32 \\
+    python -m benchmarks.bench_gpu                     # about 2 minutes on an H100
+    python -m benchmarks.bench_gpu --device cpu --backbone efficientnet_lite0 --image-size 32 \\
         --batch-size 4 --steps 2 --warmup 1            # tiny, for the test suite
 """
 

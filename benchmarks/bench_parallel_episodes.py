@@ -11,9 +11,9 @@ and one env alone as the reference (N = 1). A first batch warms every setting up
 env construction, the teacher cache) and is not timed. The ratios are what holds across
 machines; the episodes per minute are this machine's.
 
-    python benchmarks/bench_parallel_episodes.py                    # N = 1, 2, 4, 8, 16
-    python benchmarks/bench_parallel_episodes.py --n 2 4 --batches 1 --device cuda
-    python benchmarks/bench_parallel_episodes.py --gpu              # the GPU table (below)
+    python -m benchmarks.bench_parallel_episodes                    # N = 1, 2, 4, 8, 16
+    python -m benchmarks.bench_parallel_episodes --n 2 4 --batches 1 --device cuda
+    python -m benchmarks.bench_parallel_episodes --gpu              # the GPU table (below)
 
 ``--gpu`` measures the native env alone on one GPU, N = 2 … 64, for EfficientNet-Lite0 at 64 px
 and ResNet-50 at 224 px (random weights: no ImageNet ResNet-50 ships offline; speed does not
@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import gymnasium as gym
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agents.config import apply_overrides, env_factories, load_config, make_env  # noqa: E402
-from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
-from agents.rollout import episode_seed  # noqa: E402
-from asg_env.vector import native_vector_env  # noqa: E402
+from agents.config import apply_overrides, env_factories, load_config, make_env
+from agents.reinforce import ReinforceConfig, ReinforceTrainer
+from agents.rollout import episode_seed
+from asg_env.vector import native_vector_env
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "reinforce_syndigits.yaml")
 

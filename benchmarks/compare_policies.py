@@ -27,8 +27,8 @@ Outputs in --out: results.jsonl (one line per run with its curve: a rerun skips 
 and trained policies), results.md, curves.png (Fig. 1/5: real target, synthetic held-out,
 ImageNet retention), policies.png (Fig. 6), actions.png (Fig. 8) and policies/.
 
-    python benchmarks/compare_policies.py --quick     # about 12 minutes on 2 CPU cores
-    python benchmarks/compare_policies.py             # full, 5 seeds: about 50 minutes, resumable
+    python -m benchmarks.compare_policies --quick     # about 12 minutes on 2 CPU cores
+    python -m benchmarks.compare_policies             # full, 5 seeds: about 50 minutes, resumable
 """
 
 from __future__ import annotations
@@ -45,13 +45,12 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import asg_env  # noqa: E402,F401  (registers the ids)
-from agents.loading import env_metadata, load_policy, save_policy  # noqa: E402
-from agents.policies import baseline_env_kwargs  # noqa: E402
-from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
-from agents.rollout import episode_seed, fine_tune  # noqa: E402
+import asg_env  # noqa: F401  (registers the ids)
+from agents.loading import env_metadata, load_policy, save_policy
+from agents.policies import baseline_env_kwargs
+from agents.reinforce import ReinforceConfig, ReinforceTrainer
+from agents.rollout import episode_seed, fine_tune
 
 PRESETS = {
     "full": dict(seeds=5, epochs=2.0, policy_episodes=16, target_eval_size=500, evals_per_epoch=2),
@@ -245,7 +244,7 @@ def plot_actions(results: dict[str, list[dict]], names: list[str], coordinates: 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one-epoch runs and briefly trained policies; every setting")
-    p.add_argument("--out", help="output folder (default: docs/results, or runs/compare-quick with --quick)")
+    p.add_argument("--out", help="output folder (default: runs/compare_policies, or runs/compare-quick with --quick; the published run is results/compare_policies)")
     p.add_argument("--seeds", type=int, help="evaluation seeds per setting (at least 3 for the reported tables)")
     p.add_argument("--epochs", type=float, help="run length in passes over the synthetic source")
     p.add_argument("--policy-episodes", type=int, help="episodes to train each learned policy")
@@ -271,7 +270,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
-    out = args.out or ("runs/compare-quick" if args.quick else os.path.join("docs", "results"))
+    out = args.out or ("runs/compare-quick" if args.quick else os.path.join("runs", "compare_policies"))
     os.makedirs(os.path.join(out, "policies"), exist_ok=True)
     start = time.perf_counter()
     evaluations = max(1, round(args.evals_per_epoch * args.epochs))

@@ -14,7 +14,7 @@ evaluation off), on seeds spawned from 1000. Outputs in --out: results.jsonl (on
 run, with its curve and actions; a rerun skips finished runs and a trained policy),
 results.md (with Fig. 8 in numbers), miou.png (Fig. 7), actions.png (Fig. 8) and policies/.
 
-    python benchmarks/compare_segmentation.py            # 3 seeds: about 31 minutes on 2 CPU cores
+    python -m benchmarks.compare_segmentation            # 3 seeds: about 31 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-import asg_env  # noqa: E402,F401  (registers the ids)
-from agents.loading import env_metadata, load_policy, save_policy  # noqa: E402
-from agents.reinforce import ReinforceConfig, ReinforceTrainer  # noqa: E402
-from agents.rollout import episode_seed, fine_tune  # noqa: E402
-from compare_policies import _plt, mean_ci, plot_actions  # noqa: E402
+import asg_env  # noqa: F401  (registers the ids)
+from agents.loading import env_metadata, load_policy, save_policy
+from agents.reinforce import ReinforceConfig, ReinforceTrainer
+from agents.rollout import episode_seed, fine_tune
+from benchmarks.compare_policies import _plt, mean_ci, plot_actions
 
 FIRST_SEED, POLICY_SEED_OFFSET, PG = 100, 1000, 0.1
 SMALL = "small-backbone-large-classifier"
@@ -126,7 +123,8 @@ def plot_miou(results: dict[str, list[dict]], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join("docs", "segmentation"))
+    p.add_argument("--out", default=os.path.join("runs", "compare_segmentation"),
+                   help="output folder (default: runs/compare_segmentation; the published run is results/segmentation)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sgd-steps", type=int, default=300, help="SGD steps per run")
     p.add_argument("--decisions", type=int, default=30, help="T, decisions per run")

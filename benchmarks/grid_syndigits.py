@@ -31,9 +31,9 @@ Outputs in --out: results.jsonl (one line per run, with its whole curve; a rerun
 already there), and with --report, grid.md (every cell, every setting, the rule and the choice)
 and grid.png (the mean curves).
 
-    python benchmarks/grid_syndigits.py                  # about 40 minutes on 2 CPU cores
-    python benchmarks/grid_syndigits.py --shard 0/2 &    # or split over processes
-    python benchmarks/grid_syndigits.py --report --out docs/grid
+    python -m benchmarks.grid_syndigits                  # about 40 minutes on 2 CPU cores
+    python -m benchmarks.grid_syndigits --shard 0/2 &    # or split over processes
+    python -m benchmarks.grid_syndigits --report --out results/grid
 """
 
 from __future__ import annotations
@@ -50,11 +50,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import asg_env  # noqa: E402,F401  (registers the ids)
-from agents.loading import load_policy  # noqa: E402
-from agents.rollout import fine_tune  # noqa: E402
+import asg_env  # noqa: F401  (registers the ids)
+from agents.loading import load_policy
+from agents.rollout import fine_tune
 
 IMAGE_SIZES = (32, 64)
 LR_BASES = (3e-4, 1e-3, 3e-3)
@@ -224,7 +223,8 @@ def plot(results: dict[str, dict], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/grid", help="folder for results.jsonl, grid.md, grid.png")
+    p.add_argument("--out", default="runs/grid",
+                   help="folder for results.jsonl, grid.md, grid.png (default: runs/grid; the published run is results/grid)")
     p.add_argument("--shard", default="0/1", help="run every n-th run starting at i (i/n), to split over processes")
     p.add_argument("--report", action="store_true", help="only write the report from results.jsonl")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")

@@ -39,9 +39,9 @@ Outputs in --out: results.jsonl (one line per evaluation run), tuning.jsonl (eve
 its SGD steps), policies/ (the train_policy.py run folders, replays), results.md,
 learning_curves.png and scores.png.
 
-    python benchmarks/l2o_benchmark.py --quick    # a smaller version of every stage: 13 min on 2 cores
-    python benchmarks/l2o_benchmark.py            # full: about 3 h on 2 cores (estimated), resumable
-    python benchmarks/l2o_benchmark.py --variants all   # and every option of issue 18 against them
+    python -m benchmarks.l2o_benchmark --quick    # a smaller version of every stage: 13 min on 2 cores
+    python -m benchmarks.l2o_benchmark            # full: about 3 h on 2 cores (estimated), resumable
+    python -m benchmarks.l2o_benchmark --variants all   # and every option of issue 18 against them
 """
 
 from __future__ import annotations
@@ -59,15 +59,14 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import asg_env  # noqa: E402,F401  (registers the ids)
-import train_policy  # noqa: E402
-from agents.loading import load_policy  # noqa: E402
-from agents.policies import OpenLoopPolicy, baseline_env_kwargs  # noqa: E402
-from agents.rollout import fine_tune  # noqa: E402
-from asg_env.instances import FAMILIES, load_instances  # noqa: E402
-from benchmarks.compare_policies import _plt, mean_ci  # noqa: E402
+import asg_env  # noqa: F401  (registers the ids)
+import train_policy
+from agents.loading import load_policy
+from agents.policies import OpenLoopPolicy, baseline_env_kwargs
+from agents.rollout import fine_tune
+from asg_env.instances import FAMILIES, load_instances
+from benchmarks.compare_policies import _plt, mean_ci
 
 PRESETS = {
     # run-length overrides make --quick a smaller copy of every stage, not a claim
@@ -187,7 +186,7 @@ def _sets(bench: Bench, agent: str, T: int, env_options: dict, agent_settings: d
         sets += [f"agent.recurrent-ppo.n_steps={T}", f"agent.recurrent-ppo.batch_size={T}",
                  "agent.recurrent-ppo.n_epochs=4", "agent.recurrent-ppo.ent_coef=0.01",
                  "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}",
-                 "agent.recurrent-ppo.normalize=false"]  # raw observations, as the committed docs/l2o policies
+                 "agent.recurrent-ppo.normalize=false"]  # raw observations, as the committed results/l2o policies
     sets += [f"agent.{agent}.{k}={json.dumps(v)}" for k, v in agent_settings.items()]
     return [item for s in sets for item in ("--set", s)]
 
@@ -405,7 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller copy of every stage (shorter runs, fewer instances)")
     p.add_argument("--instances", default="configs/instances/syndigits.yaml", help="instance file with train and test splits")
-    p.add_argument("--out", help="output folder (default: docs/l2o, or runs/l2o-quick with --quick)")
+    p.add_argument("--out", help="output folder (default: runs/l2o, or runs/l2o-quick with --quick; the published run is results/l2o)")
     p.add_argument("--episodes", type=int, help="training episodes of each learned policy")
     p.add_argument("--policy-seeds", type=int, help="policies trained per agent (their learning curves' CI)")
     p.add_argument("--seeds", type=int, help="evaluation seeds per method and test instance (at least 3 for claims)")
@@ -438,7 +437,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out or ("runs/l2o-quick" if args.quick else os.path.join("docs", "l2o"))
+    out = args.out or ("runs/l2o-quick" if args.quick else os.path.join("runs", "l2o"))
     os.makedirs(os.path.join(out, "policies"), exist_ok=True)
     start = time.perf_counter()
     bench = Bench(args)

@@ -6,22 +6,20 @@ is where. For each radius this prints how well the synthetic labels survive a st
 trip (each class's share of every 8×8 cell, bilinearly upsampled, argmax: the resolution
 ceiling, no learning involved) and how much of the image the digits cover. The rule: the
 smallest radius whose ceiling reaches 0.75 mIoU. The real target's labels are not read.
-Output: docs/segmentation/label_dilation.txt.
+Output: runs/segmentation/label_dilation.txt (published in results/segmentation/).
 
-    python benchmarks/label_dilation_digitscenes.py      # a few seconds (renders on first use)
+    python -m benchmarks.label_dilation_digitscenes      # a few seconds (renders on first use)
 """
 
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from asg_env.data.digitscenes import CLASSES, dilate_labels, load_digit_scenes  # noqa: E402
-from asg_env.segmentation import iou_from_confusion  # noqa: E402
-from asg_env.tasks import default_cache_dir  # noqa: E402
+from asg_env.data.digitscenes import CLASSES, dilate_labels, load_digit_scenes
+from asg_env.segmentation import iou_from_confusion
+from asg_env.tasks import default_cache_dir
 
 STRIDE, SCENES, SIZE, RULE = 8, 1016, 64, 0.75  # SynDigitScenes-v0's source + held-out batch, 64 px
 
@@ -47,6 +45,6 @@ if __name__ == "__main__":
         print(lines[-1], flush=True)
     lines.append(f"Rule: the smallest radius with a ceiling ≥ {RULE} → label_dilation = {chosen}.")
     print(lines[-1])
-    os.makedirs("docs/segmentation", exist_ok=True)
-    with open("docs/segmentation/label_dilation.txt", "w") as fh:
+    os.makedirs("runs/segmentation", exist_ok=True)
+    with open("runs/segmentation/label_dilation.txt", "w") as fh:
         fh.write("\n".join(lines) + "\n")

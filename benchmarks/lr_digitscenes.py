@@ -4,22 +4,20 @@ Large LR everywhere, no guidance, 300 SGD steps (T = 30), seed 7: the synthetic 
 after each 100 steps for η_base ∈ {1e-3, 3e-3, 5e-3, 1e-2}, on the task's labels (dilated by
 3 px, see label_dilation_digitscenes.py). The rule: the largest final synthetic mIoU among
 the runs that stay finite. The real target's score is never read. Output:
-docs/segmentation/lr_choice.txt.
+runs/segmentation/lr_choice.txt (published in results/segmentation/).
 
-    python benchmarks/lr_digitscenes.py      # about 3 minutes on 2 CPU cores
+    python -m benchmarks.lr_digitscenes      # about 3 minutes on 2 CPU cores
 """
 
 import os
-import sys
 import time
 
 import gymnasium as gym
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import asg_env  # noqa: E402,F401
-from agents.policies import make_baseline  # noqa: E402
-from agents.rollout import fine_tune  # noqa: E402
+from agents.policies import make_baseline
+from agents.rollout import fine_tune
 
 if __name__ == "__main__":
     lines, finals = [], {}
@@ -36,6 +34,6 @@ if __name__ == "__main__":
             finals[lr] = curve[-1]
     lines.append(f"Rule: the largest final synthetic mIoU among finite runs → η_base = {max(finals, key=finals.get):g}.")
     print(lines[-1])
-    os.makedirs("docs/segmentation", exist_ok=True)
-    with open("docs/segmentation/lr_choice.txt", "w") as fh:
+    os.makedirs("runs/segmentation", exist_ok=True)
+    with open("runs/segmentation/lr_choice.txt", "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -6,7 +6,7 @@ CRST-MRKLD+LRENT (``adapt.py``, domain adaptation), on ``--seeds`` seeds:
 
 * source only: large LR everywhere, no guidance (the paper's "source model");
 * ASG, best fixed: large LR + proxy guidance, the best fixed setting by the synthetic held-out
-  loss in the task's comparison (docs/results, docs/segmentation), never by the target;
+  loss in the task's comparison (results/compare_policies, results/segmentation), never by the target;
 * ASG, learned: the committed REINFORCE policy of that comparison + proxy guidance.
 
 Every run uses the learned policy's recorded env configuration (the task's comparison
@@ -17,8 +17,8 @@ the 95 % Student-t CI, and the time per self-training round. Once a start's thre
 adaptations are done its models are deleted (``--keep-models`` keeps them), so that --out holds
 only the small summaries, logs and curves.
 
-    python benchmarks/uda_table4.py --task syndigits      # resumable: finished runs are kept in --out
-    python benchmarks/uda_table4.py --task digitscenes
+    python -m benchmarks.uda_table4 --task syndigits      # resumable: finished runs are kept in --out
+    python -m benchmarks.uda_table4 --task digitscenes
 """
 
 from __future__ import annotations
@@ -33,18 +33,17 @@ import time
 import numpy as np
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import adapt  # noqa: E402
-import apply_policy  # noqa: E402
-from agents.loading import read_policy_file  # noqa: E402
-from benchmarks.compare_policies import mean_ci  # noqa: E402
+import adapt
+import apply_policy
+from agents.loading import read_policy_file
+from benchmarks.compare_policies import mean_ci
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {
-    "syndigits": {"policy": "docs/results/policies/reinforce.pt", "config": "configs/uda_syndigits.yaml",
+    "syndigits": {"policy": "results/compare_policies/policies/reinforce.pt", "config": "configs/uda_syndigits.yaml",
                   "headline": "target_mean_class_acc", "label": "real-target mean-class acc %"},
-    "digitscenes": {"policy": "docs/segmentation/policies/reinforce.pt", "config": "configs/uda_digitscenes.yaml",
+    "digitscenes": {"policy": "results/segmentation/policies/reinforce.pt", "config": "configs/uda_digitscenes.yaml",
                     "headline": "target_miou", "label": "real-target mIoU %"},
 }
 # name: (policy, λ override); λ None keeps the policy's (proxy guidance on)
@@ -61,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", choices=tuple(TASKS), default="syndigits")
     p.add_argument("--seeds", type=int, default=3, help="seeds per starting point and method (at least 3 for claims)")
     p.add_argument("--rounds", type=int, help="self-training rounds (default: the config's, 3)")
-    p.add_argument("--out", help="output folder (default: docs/uda/<task>)")
+    p.add_argument("--out", help="output folder (default: runs/uda/<task>; the published runs are results/uda/<task>)")
     p.add_argument("--override", default="{}", help="JSON env settings on top of the policy's (for tests)")
     p.add_argument("--data-root", help="cache folder of the rendered images")
     p.add_argument("--keep-models", action="store_true",
@@ -142,7 +141,7 @@ def cell(values: list[float]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     task = TASKS[args.task]
-    out = args.out or os.path.join("docs", "uda", args.task)
+    out = args.out or os.path.join("runs", "uda", args.task)
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     config = env_config(task, args.override, out)

@@ -1,7 +1,6 @@
-import importlib.util
+import importlib
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -9,12 +8,7 @@ import torch
 
 
 def _load(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.mark.slow
@@ -326,3 +320,13 @@ def test_learning_gate_meta_trains_evaluates_pairs_and_resumes(tmp_path, cache_d
     monkeypatch.setattr(gate, "score_run", lambda *a: pytest.fail("an evaluation run was redone"))
     monkeypatch.setattr(gate, "meta_train_command", lambda *a: pytest.fail("a meta-training was redone"))
     assert gate.main(argv) == 0
+
+
+def test_benchmarks_are_modules_of_a_package_without_path_edits():
+    folder = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py")
+    assert len(names) >= 10
+    for name in names:
+        with open(os.path.join(folder, f"{name}.py")) as fh:
+            assert "sys.path" not in fh.read(), name
+        assert _load(name).__name__ == f"benchmarks.{name}"

@@ -202,6 +202,8 @@ BAD_INPUT = [
     ("train", ["--agent", "ppo", "--set", "agent.ppo.n_step=4"], "unknown setting agent.ppo.n_step; PPO takes"),
     ("train", ["--set", "env.kwargs.lam=["], "--set env.kwargs.lam=[: cannot parse the value"),
     ("train", ["--out", "{killed}", "--resume"], "is corrupt or is not a checkpoint that ASG-Gym wrote"),
+    ("train", ["--out", "{file}"], "is a file, not a folder; choose another --out"),
+    ("train", ["--out", "/proc/asg-gym/run"], "cannot create the run folder --out /proc/asg-gym/run: No such file"),
     ("apply", ["--policy", "{corrupt}"], "is corrupt or is not a policy file that ASG-Gym wrote"),
     ("apply", ["--out", "{killed}", "--resume"], "is corrupt or is not a checkpoint that ASG-Gym wrote"),
 ]
@@ -217,7 +219,9 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_is_rendered(tool, argv
     killed.mkdir()
     (killed / "config.yaml").write_text("env: {id: SynDigits-v0}\n")
     (killed / "checkpoint.pt").write_bytes(os.urandom(256))
-    names = {"config": tmp_path / "bad.yaml", "corrupt": tmp_path / "corrupt.pt", "killed": killed}
+    (tmp_path / "a-file").write_text("not a folder\n")
+    names = {"config": tmp_path / "bad.yaml", "corrupt": tmp_path / "corrupt.pt", "killed": killed,
+             "file": tmp_path / "a-file"}
     argv = [a.format(**names) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(out)]
@@ -591,3 +595,18 @@ def test_the_pretrained_policy_applies_out_of_the_box(tmp_path, cache_dir, capsy
     with pytest.raises(SystemExit):
         apply_policy.main(["--help"])
     assert PRETRAINED in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_console_entry_points_work_after_a_plain_install(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), REPO], check=True, capture_output=True)
+    env = {**_subprocess_env(1), "PYTHONPATH": str(target)}  # the installed copy, not the checkout
+    for script in ("asg-train", "asg-apply", "asg-adapt", "asg-instances"):
+        proc = subprocess.run([str(target / "bin" / script), "--help"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script}"), (script, proc.stderr)
