@@ -15,7 +15,7 @@ replaces the target labels with random ones and checks that the adapted weights 
 gives the task and the whole env configuration, which rebuilds the model and its data. The
 method is CBST (class-balanced pseudo-labels), CRST-MRKLD (plus a KL(uniform ‖ p) model
 regulariser, weight 0.1) or CRST-MRKLD+LRENT (plus soft, entropy-regularised pseudo-labels,
-α = 0.25), with the official code's rounds, portions and optimiser (asg_env/self_training.py
+α = 0.25), with the official code's rounds, portions and optimiser (asg_env/adaptation/self_training.py
 documents each choice; --config and --set change them).
 
 The run folder gets rounds.csv (every round's portions, pseudo-labelled share, training
@@ -43,12 +43,12 @@ from tqdm.auto import tqdm
 from agents.config import apply_overrides, read_config_file, run_cli
 from agents.loading import read_file, save_policy
 from asg_env import UserInputError
-from asg_env.env import ENV_OWN
-from asg_env.self_training import (IGNORE, METHODS, ConfidenceCollector, SelfTrainingConfig, hard_labels, labelled_fraction,
+from asg_env.envs.env import ENV_OWN
+from asg_env.adaptation.self_training import (IGNORE, METHODS, ConfidenceCollector, SelfTrainingConfig, hard_labels, labelled_fraction,
                                    one_hot, self_training_loss, soft_labels)
-from asg_env.settings import SELF_TRAINING_SETTINGS, check_settings
-from asg_env.tasks import TensorSource
-from asg_env.trainer import Trainer
+from asg_env.envs.settings import SELF_TRAINING_SETTINGS, check_settings
+from asg_env.tasks.registry import TensorSource
+from asg_env.training.trainer import Trainer
 
 CHECKPOINT_FORMAT = "asg-gym-adapt/1"
 
@@ -206,7 +206,7 @@ SOFT_LABEL_LIMIT = 8 * 2**30  # bytes of LRENT soft labels kept in memory
 
 def pseudo_label(trainer: Trainer, images: Images, cfg: SelfTrainingConfig, portion: float,
                  batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Steps 1 and 2 (see :mod:`asg_env.self_training`): two passes over the target images,
+    """Steps 1 and 2 (see :mod:`asg_env.adaptation.self_training`): two passes over the target images,
     one for the class thresholds and one for the labels, so no probability map is stored."""
     collector = ConfidenceCollector(trainer.task.num_classes, cfg.ds_rate)
     alpha = cfg.weights[1]

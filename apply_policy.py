@@ -67,7 +67,7 @@ from agents.loading import (PRETRAINED, load_policy, pretrained_names, read_file
 from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
-from asg_env.trainer import init_distributed
+from asg_env.training.trainer import init_distributed
 
 # Not reported as overrides: evaluation never changes the trajectory, and the run length is
 # printed as "T decisions over N SGD steps".

@@ -26,7 +26,7 @@ logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its samp
 and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
 with different seeds never share an episode. --n-envs N runs N episodes at once (REINFORCE then
 updates on the batch of episodes). --vector batched runs them as batched models (the native
-vector env of the embedded tasks, asg_env/vector.py): one in this process on one GPU, and
+vector env of the embedded tasks, asg_env/envs/vector.py): one in this process on one GPU, and
 one per GPU or per CPU core, each in its own process; --vector processes runs each env in its own
 process (gymnasium's AsyncVectorEnv for REINFORCE, SB3's SubprocVecEnv for the SB3 agents)
 with the CPU threads shared out and one env per GPU. auto (the default) batches wherever it
@@ -40,7 +40,7 @@ The SB3 agents train behind VecNormalize (saved with the policy, frozen when it 
 trains one LSTM shared by all coordinates, which then applies to any backbone
 (configs/coordinatewise_syndigits.yaml).
 
---instances FILE --split train trains on a split of an instance file (asg_env/instances.py):
+--instances FILE --split train trains on a split of an instance file (asg_env/envs/instances.py):
 the file's env and shared settings, and one of the split's instances per episode, drawn from
 the episode's seed (so every agent, and every --n-envs, sees a seeded sequence). policy.pt
 records the family, the split and the file's digest; episodes.csv records each episode's
@@ -68,7 +68,7 @@ from agents.loading import env_metadata, read_file, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed
 from asg_env import UserInputError
-from asg_env.instances import InstanceSet, load_instances
+from asg_env.envs.instances import InstanceSet, load_instances
 from asg_env.provenance import ROOT, git_commit
 
 AGENTS = ("reinforce", "es", "recurrent-ppo", "ppo", "a2c")
@@ -390,10 +390,10 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
 def vector_env(config: dict, agent: str, data_root: str | None, device: str):
     """``n_envs`` envs at once, as ``train.vector`` says: batched (the native vector env,
-    :mod:`asg_env.vector`: batched models, one per GPU or per CPU core, each in its own
+    :mod:`asg_env.envs.vector`: batched models, one per GPU or per CPU core, each in its own
     process, or one in this process) or each env in its own process. ``auto`` batches wherever
     the native env can take the configuration. Prints which, and why."""
-    from asg_env.vector import DeviceSplitVectorEnv, native_vector_env
+    from asg_env.envs.vector import DeviceSplitVectorEnv, native_vector_env
 
     n, choice = config["train"]["n_envs"], config["train"].get("vector", "auto")
     env_id, kwargs = config["env"]["id"], dict(config["env"].get("kwargs", {}))

@@ -15,7 +15,7 @@ import yaml
 
 import asg_env  # noqa: F401  (registers the ids)
 from asg_env import UserInputError
-from asg_env.settings import ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, check_settings
+from asg_env.envs.settings import ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, check_settings
 
 DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
@@ -85,7 +85,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 
 
 def check_run_config(config: dict, agents: tuple[str, ...]) -> None:
-    """The agent and train sections' types and ranges (see :mod:`asg_env.settings`); the env's
+    """The agent and train sections' types and ranges (see :mod:`asg_env.envs.settings`); the env's
     settings are checked by the env itself, before it renders or loads anything."""
     for path in ("env", "env.kwargs", "train", "agent"):
         section = config

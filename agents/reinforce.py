@@ -51,8 +51,8 @@ from torch import nn
 from torch.distributions import Categorical
 
 from asg_env import N_LEVELS, UserInputError
-from asg_env.control import BASE_OBS_NAMES
-from asg_env.vector import env_info
+from asg_env.envs.control import BASE_OBS_NAMES
+from asg_env.envs.vector import env_info
 
 POLICY_FORMAT = "asg-gym-policy/1"
 

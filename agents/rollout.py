@@ -1,7 +1,7 @@
 """Drive one fine-tuning run with a frozen policy, straight on the trainer, and record what
 happened at every decision.
 
-The loop is the env's (:class:`asg_env.env.ASGEnv` makes the same calls in the same order, a
+The loop is the env's (:class:`asg_env.envs.env.ASGEnv` makes the same calls in the same order, a
 test checks the two bit for bit), without the Gymnasium wrapper, so that it can checkpoint the
 run between decisions and run under ``torchrun``: every rank computes the same action from
 the same rank-averaged losses, and a check stops the run if they ever differ.
@@ -19,8 +19,8 @@ from gymnasium.utils.seeding import np_random
 from tqdm.auto import tqdm
 
 from agents.policies import Policy
-from asg_env.control import Control
-from asg_env.trainer import Trainer, run_seeds
+from asg_env.envs.control import Control
+from asg_env.training.trainer import Trainer, run_seeds
 
 EVAL_KEYS = ("target_acc", "target_mean_class_acc", "target_miou", "target_pixel_acc", "target_kl",
              "teacher_agreement", "synthetic_acc", "synthetic_xe", "synthetic_miou", "imagenet_top1",

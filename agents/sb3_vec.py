@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
-from asg_env.vector import env_info as per_env
+from asg_env.envs.vector import env_info as per_env
 
 
 class GymnasiumVecEnv(VecEnv):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import asg_env  # noqa: F401  (registers the ids)
-from asg_env.proxy import proxy_guidance_loss
+from asg_env.training.proxy import proxy_guidance_loss
 
 
 def plain_loop(env: asg_env.ASGEnv, steps: int) -> None:
@@ -59,7 +59,7 @@ def fake_visda(root: str, per_class: int, size: int = 72) -> str:
     """A VisDA-17 tree of random images (the layout is what matters for the timing)."""
     from PIL import Image
 
-    from asg_env.data.visda import VISDA_CLASSES
+    from asg_env.tasks.visda import VISDA_CLASSES
 
     rng = np.random.default_rng(0)
     for split in ("train", "validation"):

@@ -7,7 +7,7 @@ autocast:
 
 * plain loop: a torchvision-style fine-tuning step (forward, cross-entropy, backward,
   ``torch.optim.SGD``), with no guidance and with proxy guidance (the teacher run each step);
-* trainer: :class:`asg_env.trainer.Trainer.step`, one decision per SGD step (the most
+* trainer: :class:`asg_env.training.trainer.Trainer.step`, one decision per SGD step (the most
   host–device reads), with no guidance, with the teacher run, and with the teacher cached;
 * ``env.step`` around the same trainer, teacher cached;
 * with ``--compile BACKEND`` (``inductor`` by default on a GPU), the plain loop, the trainer
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asg_env.backbones import build_backbone, input_normalisation
-from asg_env.env import ASGEnv
-from asg_env.proxy import kl_to_teacher, make_teacher
-from asg_env.tasks import Task, TensorSource
+from asg_env.training.backbones import build_backbone, input_normalisation
+from asg_env.envs.env import ASGEnv
+from asg_env.training.proxy import kl_to_teacher, make_teacher
+from asg_env.tasks.registry import Task, TensorSource
 
 # Dense bf16 tensor-core peaks in TFLOP/s (SXM parts), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

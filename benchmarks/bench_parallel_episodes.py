@@ -1,7 +1,7 @@
 """Policy-training throughput with N envs at once, side by side in one run: episodes per
 minute of LSTM REINFORCE on SynDigits-v0 (configs/reinforce_syndigits.yaml), for each N
 
-* native: the N runs as one batched trainer in this process (``asg_env.vector``; its
+* native: the N runs as one batched trainer in this process (``asg_env.envs.vector``; its
   ``batching`` is loop on a CPU, vmap on a GPU);
 * split: the native env as ``train_policy.py`` lays it out (``native_vector_env``): one batched
   trainer per CPU core (or per GPU), each in its own process;
@@ -34,7 +34,7 @@ import torch
 from agents.config import apply_overrides, env_factories, load_config, make_env
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import episode_seed
-from asg_env.vector import native_vector_env
+from asg_env.envs.vector import native_vector_env
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "reinforce_syndigits.yaml")
 

@@ -15,7 +15,7 @@ Tables (``results.md``):
   * Table 2 / Fig. 1, 5: large LR and small-backbone LR, each without and with proxy guidance
     (PG, λ = 0.1); FC only (the paper's "Oracle on ImageNet", row 5); the comparison
     regularisers at the small-backbone LR, all at weight 0.1 (feature L2 as in ROAD, L2-SP,
-    SI with Fisher importance; see asg_env/guidance.py); ASG = the REINFORCE policy + PG.
+    SI with Fisher importance; see asg_env/training/guidance.py); ASG = the REINFORCE policy + PG.
   * Table 1: λ ∈ {0.01, 0.05, 0.1, 0.5, 1} at the small-backbone LR.
   * Fig. 6: random vs the best fixed setting vs learned (REINFORCE, RecurrentPPO), all + PG.
     "Best fixed" is chosen among the named fixed settings + PG by the synthetic held-out

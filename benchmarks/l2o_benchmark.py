@@ -1,7 +1,7 @@
 """Do learned layer-wise learning-rate policies beat schedules tuned with the same compute, on
 fine-tuning runs they were not trained on?
 
-An instance file (``configs/instances/``, see ``asg_env/instances.py``) gives a train split and a
+An instance file (``configs/instances/``, see ``asg_env/envs/instances.py``) gives a train split and a
 test split of one family (by default SynDigits on EfficientNet-Lite0/1 for training and
 Lite0/1/2, with η_base outside the training decade, for testing). Compute is counted in SGD
 steps; a learned policy's budget B is the SGD steps of its training episodes.
@@ -30,7 +30,7 @@ The real target is only evaluated on, at the end of each evaluation run: no trai
 tuning, replay or choice reads it.
 
 ``--variants`` adds learned policies trained with the env and agent options of
-``asg_env/control.py`` and ``agents/`` (:data:`VARIANTS`: other actions, observations, rewards,
+``asg_env/envs/control.py`` and ``agents/`` (:data:`VARIANTS`: other actions, observations, rewards,
 VecNormalize, the coordinate-wise network), each trained and evaluated like the two agents
 above and compared with the same baselines; each variant's own training steps are in the
 compute table, and B stays the two agents'.
@@ -65,7 +65,7 @@ import train_policy
 from agents.loading import load_policy
 from agents.policies import OpenLoopPolicy, baseline_env_kwargs
 from agents.rollout import fine_tune
-from asg_env.instances import FAMILIES, load_instances
+from asg_env.envs.instances import FAMILIES, load_instances
 from benchmarks.compare_policies import _plt, mean_ci
 
 PRESETS = {

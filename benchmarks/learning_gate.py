@@ -59,7 +59,7 @@ import asg_env  # noqa: F401  (registers the ids)
 from agents.check import bootstrap_ci, initial_state, score_run
 from agents.loading import load_policy, save_policy
 from agents.policies import RandomPolicy
-from asg_env.instances import load_instances
+from asg_env.envs.instances import load_instances
 from asg_env.provenance import ROOT, git_commit
 
 # ---------------------------------------------------------------- the rule (fixed before results)

@@ -12,7 +12,7 @@ torch.set_num_threads(int(os.environ.get("ASG_TEST_THREADS", min(2, os.cpu_count
 def cache_dir(tmp_path_factory):
     """One SynDigits render cache for the whole test session, holding the tiny envs' digits
     from the start, so that no test's output depends on whether an earlier one rendered them."""
-    from asg_env.data.syndigits import load_syndigits
+    from asg_env.tasks.syndigits import load_syndigits
 
     path = str(tmp_path_factory.mktemp("syndigits-cache"))
     load_syndigits(path, 160 + 8 + 40, 32, 0)  # tiny_env_kwargs / TINY: source, held-out batch, synthetic eval

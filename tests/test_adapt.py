@@ -1,4 +1,4 @@
-"""CBST / CRST (asg_env/self_training.py, adapt.py): each rule by hand, then whole runs."""
+"""CBST / CRST (asg_env/adaptation/self_training.py, adapt.py): each rule by hand, then whole runs."""
 
 import csv
 import json
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import adapt
 import apply_policy
-from asg_env.self_training import (IGNORE, ConfidenceCollector, SelfTrainingConfig, hard_labels, one_hot,
+from asg_env.adaptation.self_training import (IGNORE, ConfidenceCollector, SelfTrainingConfig, hard_labels, one_hot,
                                    self_training_loss, soft_labels)
 from test_cli import TINY
 

@@ -5,7 +5,7 @@ import torch
 from sklearn.datasets import load_sample_image
 from torchvision.transforms import v2 as T
 
-from asg_env.backbones import build_backbone
+from asg_env.training.backbones import build_backbone
 from asg_env.errors import UserInputError
 
 # bell cote, castle, church, dome, monastery, mosque, palace, stupa
@@ -126,7 +126,7 @@ def test_unknown_backbone_names_the_choices():
 def _photo_top1(backbone) -> int:
     """How many of the foolbox wheel's 20 ImageNet validation photos the backbone's ImageNet
     head classifies correctly, at its native resolution."""
-    from asg_env.imagenet_photos import load_imagenet_photos
+    from asg_env.tasks.imagenet_photos import load_imagenet_photos
 
     x, y = load_imagenet_photos(backbone.input_size, backbone.mean, backbone.std, torch.device("cpu"))
     model = torch.nn.Sequential(backbone.features, backbone.imagenet_head).eval()
@@ -146,7 +146,7 @@ def test_a_timm_model_from_a_local_file_is_the_named_backbone(tmp_path):
     timm's names) gives the named backbone's logits, normalisation and coordinates."""
     from safetensors.torch import save_file
 
-    from asg_env.coordinates import optimization_coordinates
+    from asg_env.training.coordinates import optimization_coordinates
 
     named = build_backbone("efficientnet_lite0")
     state = {**named.features.state_dict(), **{f"classifier.{k}": v for k, v in named.imagenet_head.state_dict().items()}}

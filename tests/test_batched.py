@@ -1,5 +1,5 @@
-"""N runs as one batched model (asg_env.batched, Trainer(num_runs=N)) and the native vector
-env (asg_env.vector): the same runs as N single ones, Gymnasium's autoreset semantics, and
+"""N runs as one batched model (asg_env.training.batched, Trainer(num_runs=N)) and the native vector
+env (asg_env.envs.vector): the same runs as N single ones, Gymnasium's autoreset semantics, and
 clear refusals of what cannot be batched.
 
 The embedded tasks' rendered digits have flat backgrounds, so many activations share one value
@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 import asg_env  # noqa: F401  (registers the ids)
-from asg_env.batched import StackedRuns
-from asg_env.coordinates import Coordinate
+from asg_env.training.batched import StackedRuns
+from asg_env.training.coordinates import Coordinate
 from asg_env.errors import UserInputError
-from asg_env.optim import make_sgd
-from asg_env.trainer import Trainer
-from asg_env.vector import ASGVectorEnv
+from asg_env.training.optim import make_sgd
+from asg_env.training.trainer import Trainer
+from asg_env.envs.vector import ASGVectorEnv
 
 KW = dict(task="syndigits", image_size=32, source_size=96, batch_size=8, episode_steps=3, sgd_steps_per_action=2,
           target_eval_size=50, synthetic_eval_size=20, imagenet_photos=0, lr_base=3e-3)
@@ -244,7 +244,7 @@ def test_a_reset_does_not_report_the_previous_runs_gradient(cache_dir):
 
 
 def test_envs_split_over_devices_are_the_same_envs(cache_dir):
-    from asg_env.vector import DeviceSplitVectorEnv
+    from asg_env.envs.vector import DeviceSplitVectorEnv
 
     kw = dict(ENV_KW, data_root=cache_dir)
     split = DeviceSplitVectorEnv(3, ["cpu", "cpu"], **kw)  # two processes, of 2 and 1 envs
@@ -280,7 +280,7 @@ def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd
 
 
 def test_native_vector_env_takes_the_registered_settings_and_splits_over_cores(cache_dir, monkeypatch):
-    import asg_env.vector as vector
+    import asg_env.envs.vector as vector
 
     calls = []
     monkeypatch.setattr(vector, "DeviceSplitVectorEnv", lambda n, devices, **kw: calls.append((n, devices, kw)))

@@ -151,7 +151,7 @@ def test_compare_segmentation_writes_fig7_and_fig8_and_resumes(tmp_path, cache_d
 def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, monkeypatch):
     from test_cli import _tiny_instances
 
-    from asg_env.trainer import Trainer
+    from asg_env.training.trainer import Trainer
 
     bench = _load("l2o_benchmark")
     out = tmp_path / "l2o"

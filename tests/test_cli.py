@@ -98,7 +98,7 @@ def test_another_env_id_runs_that_envs_settings_not_the_policys(tmp_path, cache_
     import gymnasium as gym
 
     policy = _untrained_policy(str(tmp_path / "policy.pt"), cache_dir, episode_steps=2, lam=0.1)
-    gym.register("SynDigits48-v0", entry_point="asg_env.env:ASGEnv",
+    gym.register("SynDigits48-v0", entry_point="asg_env.envs.env:ASGEnv",
                  kwargs={**gym.spec("SynDigits-v0").kwargs, "image_size": 48, "lam": 0.3})
     (tmp_path / "other.yaml").write_text("env: {id: SynDigits48-v0}\n")
     mine = ["--set", "env.kwargs.source_size=160", "--set", "env.kwargs.batch_size=8", "--set",
@@ -420,7 +420,7 @@ def _tiny_instances(tmp_path, cache_dir) -> str:
     """An instance file at the tiny size: three train instances and two test ones."""
     import yaml
 
-    from asg_env.instances import FILE_FORMAT
+    from asg_env.envs.instances import FILE_FORMAT
 
     base = {"episode_steps": 2, "batch_size": 8, "target_eval_size": 24, "synthetic_eval_size": 16,
             "imagenet_photos": 2, "image_size": 32, "reward_batch": "heldout", "data_root": cache_dir}
@@ -438,7 +438,7 @@ def _tiny_instances(tmp_path, cache_dir) -> str:
 def test_train_on_an_instance_split_draws_a_seeded_instance_per_episode(tmp_path, cache_dir, capsys):
     import gymnasium as gym
 
-    from asg_env.instances import load_instances
+    from asg_env.envs.instances import load_instances
 
     instances = _tiny_instances(tmp_path, cache_dir)
     out = str(tmp_path / "run")
@@ -544,7 +544,7 @@ def test_main_setting_is_the_learning_gates(tmp_path):
     from benchmarks import learning_gate as gate
 
     from agents.config import load_config
-    from asg_env.instances import load_instances
+    from asg_env.envs.instances import load_instances
 
     written = load_instances(gate.meta_instances("configs/instances/syndigits.yaml", str(tmp_path)), "train")
     shipped = load_instances(train_policy.MAIN_INSTANCES, "train")

@@ -1,4 +1,4 @@
-"""The env's action, observation and reward options (asg_env/control.py), each checked by hand."""
+"""The env's action, observation and reward options (asg_env/envs/control.py), each checked by hand."""
 
 import math
 
@@ -14,7 +14,7 @@ from agents.loading import load_policy
 from agents.reinforce import ReinforceTrainer, policy_from_state
 from agents.rollout import fine_tune
 from asg_env import UserInputError
-from asg_env.control import ACTIONS, REWARDS, RELATIVE_FACTORS, log_feature
+from asg_env.envs.control import ACTIONS, REWARDS, RELATIVE_FACTORS, log_feature
 
 
 @pytest.fixture

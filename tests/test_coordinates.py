@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from asg_env.backbones import build_backbone
-from asg_env.coordinates import optimization_coordinates
-from asg_env.proxy import StudentNet
+from asg_env.training.backbones import build_backbone
+from asg_env.training.coordinates import optimization_coordinates
+from asg_env.training.proxy import StudentNet
 
 
 def _coords(name):

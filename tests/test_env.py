@@ -161,7 +161,7 @@ def test_teacher_agreement_is_perfect_before_any_update(tiny_env_kwargs):
 
 
 def test_evaluation_measures_imagenet_retention_and_synthetic_accuracy_by_hand(tiny_env_kwargs):
-    from asg_env.imagenet_photos import load_imagenet_photos
+    from asg_env.tasks.imagenet_photos import load_imagenet_photos
 
     env = gym.make("SynDigits-v0", **{**tiny_env_kwargs, "imagenet_photos": 20})
     u = env.unwrapped
@@ -236,7 +236,7 @@ def test_inputs_are_normalised_as_the_backbones_weights_expect(tiny_env_kwargs):
 def test_a_window_holds_the_action_and_averages_the_losses(tiny_env_kwargs):
     """sgd_steps_per_action=3: one decision takes three SGD steps, and the observation's
     losses are the mean of the three training batches measured after them."""
-    from asg_env.proxy import proxy_guidance_loss
+    from asg_env.training.proxy import proxy_guidance_loss
 
     env = gym.make("SynDigits-v0", evaluate_target=False, sgd_steps_per_action=3,
                    **{**tiny_env_kwargs, "lr_base": 0.0})  # nothing moves: the losses are the batches'
@@ -267,7 +267,7 @@ def test_a_longer_run_keeps_T_decisions_with_longer_windows(tiny_env_kwargs):
 
 
 def test_growing_windows_follow_the_official_release():
-    from asg_env.optim import action_windows
+    from asg_env.training.optim import action_windows
 
     windows = action_windows("growing", None, 10, 2 * 4764, 4764)
     assert windows[:11] == [10, 10, 20, 40, 80, 160, 320, 640, 1280, 2204, 238]
@@ -275,7 +275,7 @@ def test_growing_windows_follow_the_official_release():
 
 
 def test_poly_schedule_scales_every_rate(tiny_env_kwargs):
-    from asg_env.optim import poly_factor
+    from asg_env.training.optim import poly_factor
 
     env = gym.make("SynDigits-v0", evaluate_target=False, lr_schedule="poly", warmup_steps=2, **tiny_env_kwargs)
     u = env.unwrapped
@@ -363,7 +363,7 @@ def test_teacher_cache_gives_the_same_trajectory_as_running_the_teacher(tiny_env
 
 
 def test_synthetic_score_is_the_capped_held_out_cross_entropy_and_never_reads_the_target(tiny_env_kwargs):
-    from asg_env.env import capped_score
+    from asg_env.envs.env import capped_score
 
     def scores(poison: bool, level: int):
         env = gym.make("SynDigits-v0", evaluate_target=False, synthetic_score=True, **tiny_env_kwargs)

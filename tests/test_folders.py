@@ -113,7 +113,7 @@ def test_your_own_data_with_a_timm_and_a_torchvision_model_from_local_weights(tm
     import torchvision
     from safetensors.torch import save_file
 
-    from asg_env.backbones import build_backbone
+    from asg_env.training.backbones import build_backbone
 
     lite = build_backbone("efficientnet_lite0")
     state = {**lite.features.state_dict(), **{f"classifier.{k}": v for k, v in lite.imagenet_head.state_dict().items()}}
@@ -139,7 +139,7 @@ def test_your_own_data_with_a_timm_and_a_torchvision_model_from_local_weights(tm
 def test_a_new_dataset_is_one_registry_entry(monkeypatch, tmp_path):
     """A task builder registered by name runs through the env like the shipped ones, and its
     kind picks the family that trains and measures it."""
-    from asg_env.tasks import TASKS, Task, TensorSource
+    from asg_env.tasks.registry import TASKS, Task, TensorSource
 
     def noise_task(o):
         rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ from PIL import Image
 
 import asg_env  # noqa: F401  (registers the ids)
 from asg_env import UserInputError
-from asg_env.data.gta5_cityscapes import (CITYSCAPES_CLASSES, EvalTransform, SegmentationFiles, cityscapes_val_pairs,
+from asg_env.tasks.gta5_cityscapes import (CITYSCAPES_CLASSES, EvalTransform, SegmentationFiles, cityscapes_val_pairs,
                                           gta5_pairs, to_train_ids)
 
 IDS = np.array([0, 7, 8, 26, 33, 4, 23])  # unlabeled, road, sidewalk, car, bicycle, static, sky
@@ -98,7 +98,7 @@ def test_gta5_cityscapes_env_runs_on_the_fixture_tree(seg_root):
 @pytest.mark.parametrize("name", ["gta5_fcn_vgg16", "gta5_fcn_resnet50"])
 def test_configs_hold_the_papers_settings_and_only_valid_options(name):
     from agents.config import load_config
-    from asg_env.trainer import Trainer
+    from asg_env.training.trainer import Trainer
 
     kwargs = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml"))["env"]["kwargs"]
     valid = set(inspect.signature(Trainer).parameters) | {"evaluate_target", "divergence_penalty"}

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import asg_env  # noqa: F401
-from asg_env.backbones import Backbone
-from asg_env.guidance import GUIDANCES, fisher_importance, make_guidance
-from asg_env.proxy import StudentNet, make_teacher
+from asg_env.training.backbones import Backbone
+from asg_env.training.guidance import GUIDANCES, fisher_importance, make_guidance
+from asg_env.training.proxy import StudentNet, make_teacher
 
 D, H, K = 6, 4, 5  # input, feature and ImageNet-class sizes
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import asg_env  # noqa: F401
 from agents.policies import OpenLoopPolicy, make_baseline, schedule_levels, warmup_cosine
 from asg_env import UserInputError
-from asg_env.instances import FAMILIES, LITE, LogUniform, instance_key, load_instances, write_instances
+from asg_env.envs.instances import FAMILIES, LITE, LogUniform, instance_key, load_instances, write_instances
 
 FILES = {"syndigits": "configs/instances/syndigits.yaml", "digitscenes": "configs/instances/digitscenes.yaml"}
 

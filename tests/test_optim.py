@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from asg_env.optim import OfficialSGD, make_sgd
+from asg_env.training.optim import OfficialSGD, make_sgd
 
 
 def _run(form: str, lrs: list[float], weight_decay: float = 0.0) -> list[float]:

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from asg_env.proxy import kl_to_teacher, proxy_guidance_loss
+from asg_env.training.proxy import kl_to_teacher, proxy_guidance_loss
 
 
 def _softmax(z):

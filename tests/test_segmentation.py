@@ -8,8 +8,8 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 import apply_policy
 from asg_env import UserInputError
-from asg_env.data.digitscenes import dilate_labels, render_scenes
-from asg_env.segmentation import BilinearDeconv, DenseKLGuidance, FCN8sHead, iou_from_confusion, patch_logits
+from asg_env.tasks.digitscenes import dilate_labels, render_scenes
+from asg_env.training.segmentation import BilinearDeconv, DenseKLGuidance, FCN8sHead, iou_from_confusion, patch_logits
 
 
 @pytest.fixture
@@ -157,9 +157,9 @@ def test_segmentation_evaluation_and_the_target_stays_out_of_training(seg_kwargs
 
 
 def test_target_eval_size_0_takes_every_real_scene_and_more_is_capped(seg_kwargs, monkeypatch):
-    import asg_env.data.digitscenes
+    import asg_env.tasks.digitscenes
 
-    monkeypatch.setattr(asg_env.data.digitscenes, "REAL_SCENES", 24)  # 2,000 in the shipped task
+    monkeypatch.setattr(asg_env.tasks.digitscenes, "REAL_SCENES", 24)  # 2,000 in the shipped task
     for asked, scenes in ((0, 24), (16, 16), (100, 24)):
         env = gym.make("SynDigitScenes-v0", **{**seg_kwargs, "target_eval_size": asked}).unwrapped
         assert len(env.trainer.task.target) == scenes, asked
@@ -172,8 +172,8 @@ def test_segmentation_refuses_what_it_does_not_support(seg_kwargs):
         gym.make("SynDigitScenes-v0", guidance="l2sp", **seg_kwargs)
     with pytest.raises(UserInputError, match="label_dilation must be a whole number ≥ 0, not -1"):
         gym.make("SynDigitScenes-v0", label_dilation=-1, **seg_kwargs)
-    from asg_env.backbones import Backbone
-    from asg_env.segmentation import dense_backbone
+    from asg_env.training.backbones import Backbone
+    from asg_env.training.segmentation import dense_backbone
 
     with pytest.raises(UserInputError, match="segmentation is built for"):
         dense_backbone(Backbone(nn.Identity(), nn.Linear(2, 2), "mobilenet"))
@@ -184,9 +184,9 @@ def test_fcn_on_vgg16_and_resnet50_has_the_papers_coordinates_and_starts_at_the_
     """§3.2: FCN-VGG16 has conv1 … conv5, fc6&7 (as convolutions) and the projection and
     upsampling layers; FCN-ResNet50 has conv1, bn1, layer1-4 and the head. θ_o for VGG is
     the ImageNet fc6-fc8 on each patch pooled to 7×7, as ``forward_fc`` after pool5."""
-    from asg_env.backbones import build_backbone
-    from asg_env.coordinates import optimization_coordinates
-    from asg_env.segmentation import DenseTeacher, SegStudentNet, dense_backbone
+    from asg_env.training.backbones import build_backbone
+    from asg_env.training.coordinates import optimization_coordinates
+    from asg_env.training.segmentation import DenseTeacher, SegStudentNet, dense_backbone
 
     parts = build_backbone(backbone, None)
     vgg_classifier = parts.features.classifier.eval() if backbone == "vgg16" else None

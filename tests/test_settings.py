@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from agents.es import ESConfig
 from agents.reinforce import ReinforceConfig
 from asg_env import UserInputError
-from asg_env.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
-from asg_env.env import ASGEnv
-from asg_env.proxy import StudentNet
-from asg_env.self_training import SelfTrainingConfig
-from asg_env.settings import (ENV_FREE_FORM, ENV_SETTINGS, ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
+from asg_env.training.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
+from asg_env.envs.env import ASGEnv
+from asg_env.training.proxy import StudentNet
+from asg_env.adaptation.self_training import SelfTrainingConfig
+from asg_env.envs.settings import (ENV_FREE_FORM, ENV_SETTINGS, ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
                               TRAIN_SETTINGS, Setting, check_settings)
-from asg_env.trainer import Trainer
+from asg_env.training.trainer import Trainer
 
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -45,7 +45,7 @@ def test_every_default_is_allowed():
         for name, p in inspect.signature(fn).parameters.items():
             if name in ENV_SETTINGS:
                 assert ENV_SETTINGS[name].allows(p.default), name
-    ours = [spec for spec in gym.registry.values() if spec.entry_point == "asg_env.env:ASGEnv"]
+    ours = [spec for spec in gym.registry.values() if spec.entry_point == "asg_env.envs.env:ASGEnv"]
     assert len(ours) >= 6
     for spec in ours:
         check_settings(spec.kwargs, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -109,12 +109,12 @@ def test_messages_say_what_is_allowed():
 
 
 def test_the_trainer_checks_before_it_renders_anything(tmp_path, monkeypatch):
-    import asg_env.tasks
+    import asg_env.tasks.registry
 
     def no_render(*args, **kwargs):
         raise AssertionError("rendered before checking the settings")
 
-    monkeypatch.setattr(asg_env.tasks, "load_syndigits", no_render)
+    monkeypatch.setattr(asg_env.tasks.registry, "load_syndigits", no_render)
     for bad in ({"batch_size": 0}, {"lr_base": -1.0}, {"image_size": 4}, {"target_eval_size": -1}, {"lam": math.nan}):
         with pytest.raises(UserInputError):
             Trainer(data_root=str(tmp_path), **bad)

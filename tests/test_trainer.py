@@ -8,8 +8,8 @@ from torch.utils.data import Dataset
 from agents.policies import RandomPolicy
 from agents.rollout import Checkpoints, fine_tune
 from asg_env import UserInputError
-from asg_env.tasks import EpochOrder, LoaderSource
-from asg_env.trainer import Trainer
+from asg_env.tasks.registry import EpochOrder, LoaderSource
+from asg_env.training.trainer import Trainer
 
 
 def _env(kwargs, **kw):

@@ -9,7 +9,7 @@ from PIL import Image
 
 import asg_env  # noqa: F401  (registers the ids)
 from asg_env import UserInputError
-from asg_env.data.visda import VISDA_CLASSES, VisDA17
+from asg_env.tasks.visda import VISDA_CLASSES, VisDA17
 
 
 def make_fake_visda(root, per_class=2, size=40):

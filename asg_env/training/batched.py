@@ -6,7 +6,7 @@ leading run dimension, and the objective is ``vmap(functional_call(objective))``
 (PyTorch's model-ensembling recipe; google/learned_optimization trains on vmapped inner
 problems the same way). The frozen ImageNet head and the BatchNorm statistics are not stacked:
 every run reads the same ones. SGD is applied functionally, with one learning rate per run and
-coordinate, in either of :mod:`asg_env.optim`'s forms; a velocity starting at zero gives the
+coordinate, in either of :mod:`asg_env.training.optim`'s forms; a velocity starting at zero gives the
 same first step as the optimizers' lazily created one.
 
 ``batching="loop"`` computes the same objective run by run instead, each run on leaf views of
@@ -17,7 +17,7 @@ else (the stacked state, the SGD, the resets) is shared by both.
 
 Runs need not be in step: a run that is not ``moving`` in an SGD step (its window is over, it
 is waiting for a reset, or it diverged) keeps its weights and velocity exactly, although the
-batched forward pass still computes it. :class:`~asg_env.trainer.Trainer` (``num_runs=N``)
+batched forward pass still computes it. :class:`~asg_env.training.trainer.Trainer` (``num_runs=N``)
 holds one of these; the data order, the teacher and the decisions stay in the trainer.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from asg_env.coordinates import Coordinate
+from asg_env.training.coordinates import Coordinate
 
 
 def stacked_zeros(t: torch.Tensor, n: int, per_run_layout: bool) -> torch.Tensor:
@@ -49,7 +49,7 @@ class StackedRuns:
             own parameters are the template and are not trained.
         coordinates: the optimization coordinates, whose parameters (those of ``objective``)
             are the ones stacked.
-        sgd, momentum, weight_decay: as :func:`asg_env.optim.make_sgd`.
+        sgd, momentum, weight_decay: as :func:`asg_env.training.optim.make_sgd`.
     """
 
     def __init__(self, objective: nn.Module, coordinates: list[Coordinate], num_runs: int, sgd: str,

@@ -1,6 +1,6 @@
 """ASG fine-tuning as a Gymnasium environment (ASG §2, Algorithm 1).
 
-One episode is one fine-tuning run (:class:`~asg_env.trainer.Trainer`) of an ImageNet model
+One episode is one fine-tuning run (:class:`~asg_env.training.trainer.Trainer`) of an ImageNet model
 on synthetic images, ``T`` decisions long. Each decision picks a learning-rate scale
 ``a_c ∈ {0, 0.1, …, 1.0}`` for every optimization coordinate ``c``; the trainer then holds it
 for a window of SGD steps with ``lr_c = a_c · lr_base``.
@@ -10,14 +10,14 @@ Observation (float32, clipped to finite bounds; names in ``obs_names``)::
     [L_XE, L_guidance, t/T, mean(θ_n), std(θ_n), a_{t-1,1}/10, …, a_{t-1,C}/10]
 
 Reward: ``r_t = L_{t-1} − L_t`` (Algorithm 1, line 8), a Python float, with ``L`` measured on
-the batch that ``reward_batch`` names (see :class:`~asg_env.trainer.Trainer`). The official
+the batch that ``reward_batch`` names (see :class:`~asg_env.training.trainer.Trainer`). The official
 release likewise averages its observation over the window (``obs_avg=True``).
 
 These are the defaults; ``action``, ``observation`` and ``reward`` choose others (log-spaced,
 continuous or relative learning rates, per-coordinate features, log or final-loss rewards; see
-:mod:`asg_env.control`).
+:mod:`asg_env.envs.control`).
 
-Instances (:mod:`asg_env.instances`): ``reset(options={"instance": {...}})`` runs one episode in
+Instances (:mod:`asg_env.envs.instances`): ``reset(options={"instance": {...}})`` runs one episode in
 the env's configuration with those settings on top (another backbone, η_base, run length…; the
 next plain reset returns to the env's own); an env made with ``instances=[...]`` draws one of
 them per episode, uniformly, from the reset's seed. The trainer is rebuilt only when the instance changes, and every instance must give the
@@ -40,10 +40,10 @@ import inspect
 
 import gymnasium as gym
 import numpy as np
-from asg_env.control import Control
+from asg_env.envs.control import Control
 from asg_env.errors import UserInputError
-from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
-from asg_env.trainer import Trainer, run_seeds
+from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
+from asg_env.training.trainer import Trainer, run_seeds
 
 ENV_OWN = ("evaluate_target", "divergence_penalty", "action", "action_levels", "action_min", "action_max",
            "observation", "reward", "synthetic_score")  # the env's settings; the others are the trainer's
@@ -55,7 +55,7 @@ class ASGEnv(gym.Env):
     Args:
         instances: a list of instances (mappings of trainer settings), one drawn per episode.
         action, action_levels, action_min, action_max, observation, reward: what a decision
-            sets, what the policy sees and what it is rewarded for (:mod:`asg_env.control`;
+            sets, what the policy sees and what it is rewarded for (:mod:`asg_env.envs.control`;
             the defaults are the paper's).
         evaluate_target: evaluate on the real target when the trainer says an evaluation is
             due (``eval_every``, and at the end); off makes policy training faster.
@@ -63,7 +63,7 @@ class ASGEnv(gym.Env):
         synthetic_score: report the run's synthetic score (``initial_score`` at reset,
             ``score`` at the end; see the module's text).
         **trainer_kwargs: the fine-tuning run (task, backbone, λ, η_base, windows…): see
-            :class:`~asg_env.trainer.Trainer`.
+            :class:`~asg_env.training.trainer.Trainer`.
     """
 
     metadata = {"render_modes": []}
@@ -78,7 +78,7 @@ class ASGEnv(gym.Env):
         check_own_settings(own)
         if trainer_kwargs.get("num_runs") is not None:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
-                                 "(asg_env.vector.ASGVectorEnv)")
+                                 "(asg_env.envs.vector.ASGVectorEnv)")
         if observation == "per_coordinate":
             trainer_kwargs["coordinate_stats"] = True
         self.instances = [_checked_instance(i, trainer_kwargs) for i in instances or []]
@@ -159,7 +159,7 @@ class ASGEnv(gym.Env):
         self.trainer, self.instance = trainer, dict(instance)
 
     def evaluate_target(self) -> dict[str, float]:
-        """The trainer's evaluation (:meth:`~asg_env.trainer.Trainer.evaluate`)."""
+        """The trainer's evaluation (:meth:`~asg_env.training.trainer.Trainer.evaluate`)."""
         return self.trainer.evaluate()
 
     def _info(self, values: dict[str, float]) -> dict:

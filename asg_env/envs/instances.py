@@ -11,9 +11,9 @@ comes up before any repeats, and a log-uniform axis spreads its draws over strat
 :class:`LogUniform`).
 
 An **instance file** (``configs/instances/*.yaml``) holds what a family drew, a train split and a
-test split that share no instance; ``python -m asg_env.instances FAMILY`` writes one::
+test split that share no instance; ``python -m asg_env.envs.instances FAMILY`` writes one::
 
-    python -m asg_env.instances syndigits --train 12 --test 4 --seed 0 --out configs/instances/syndigits.yaml
+    python -m asg_env.envs.instances syndigits --train 12 --test 4 --seed 0 --out configs/instances/syndigits.yaml
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from asg_env.errors import UserInputError
-from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
+from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
 
 SPLITS = ("train", "test")
 FILE_FORMAT = "asg-gym-instances-v1"
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         p.error("--train and --test must be at least 1 and --seed at least 0")
     data = write_instances(args.family, args.train, args.test, args.seed)
     text = (f"# {FAMILIES[args.family].description}\n"
-            f"# written by: python -m asg_env.instances {args.family} --train {args.train} --test {args.test} "
+            f"# written by: python -m asg_env.envs.instances {args.family} --train {args.train} --test {args.test} "
             f"--seed {args.seed}\n" + yaml.safe_dump(data, sort_keys=False))
     if args.out:
         with open(args.out, "w") as fh:

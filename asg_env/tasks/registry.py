@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
-from asg_env.data.syndigits import load_mnist_target, load_syndigits
-from asg_env.data.visda import VISDA_CLASSES, VisDA17
+from asg_env.tasks.syndigits import load_mnist_target, load_syndigits
+from asg_env.tasks.visda import VISDA_CLASSES, VisDA17
 from asg_env.errors import UserInputError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -325,7 +325,7 @@ def make_digitscenes_task(
     ``REAL_SCENES`` in all; 0: all of them), 11 classes (background + digits).
     The target is rendered from its own seed, so no background is shared with the source.
     Both label sets are dilated by ``label_dilation`` pixels (0: the strokes alone)."""
-    from asg_env.data.digitscenes import CLASSES, REAL_SCENES, dilate_labels, load_digit_scenes
+    from asg_env.tasks.digitscenes import CLASSES, REAL_SCENES, dilate_labels, load_digit_scenes
 
     if source_size < batch_size:
         raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
@@ -355,7 +355,7 @@ def make_gta5_cityscapes_task(
     """GTA5 with the paper's augmentation (source; ``batch_size`` images, fixed by a seeded
     draw and centre-cropped, are held out for the reward) and the Cityscapes validation split
     at its own resolution (target, evaluation only, two images per batch)."""
-    from asg_env.data.gta5_cityscapes import _LUT, CITYSCAPES_CLASSES, cityscapes_val_pairs, gta5_pairs
+    from asg_env.tasks.gta5_cityscapes import _LUT, CITYSCAPES_CLASSES, cityscapes_val_pairs, gta5_pairs
 
     return _files_segmentation_task("GTA5→Cityscapes", "GTA5", CITYSCAPES_CLASSES, gta5_pairs(data_root),
                                     cityscapes_val_pairs(data_root), _LUT, None, 2, image_size, batch_size, device,
@@ -369,7 +369,7 @@ def _files_segmentation_task(name: str, source_name: str, classes: tuple[str, ..
     """Segmentation from (image, label) files: the paper's augmentation on the source, whose
     ``batch_size`` images drawn by a seeded permutation and centre-cropped are held out for the
     reward, and the target resized to ``target_height`` (its own size when None)."""
-    from asg_env.data.gta5_cityscapes import EvalTransform, SegmentationFiles, TrainTransform
+    from asg_env.tasks.gta5_cityscapes import EvalTransform, SegmentationFiles, TrainTransform
 
     if len(pairs) < 2 * batch_size:
         raise UserInputError(f"{source_name} has {len(pairs)} images; it needs at least {2 * batch_size} "
@@ -392,10 +392,10 @@ def _files_segmentation_task(name: str, source_name: str, classes: tuple[str, ..
 def make_segfolder_task(image_size: int, batch_size: int, device: torch.device, mean: Stats, std: Stats,
                         source_root: str | None, target_root: str | None, target_eval_size: int = 0,
                         num_workers: int = 2, shard: tuple[int, int] = (0, 1)) -> Task:
-    """Your own segmentation data (:mod:`asg_env.data.folders`): GTA5's recipe on the source
+    """Your own segmentation data (:mod:`asg_env.tasks.folders`): GTA5's recipe on the source
     folder; the target images resized to ``image_size`` high and evaluated one at a time (so
     they may differ in width)."""
-    from asg_env.data.folders import segmentation_folder
+    from asg_env.tasks.folders import segmentation_folder
 
     classes, pairs, lut = segmentation_folder(source_root, "source_root")
     target_classes, target_pairs, _ = segmentation_folder(target_root, "target_root")
@@ -462,8 +462,8 @@ def _files_classification_task(name: str, source_name: str, classes: tuple[str, 
 def make_imagefolder_task(image_size: int, batch_size: int, device: torch.device, mean: Stats, std: Stats,
                           source_root: str | None, target_root: str | None, target_eval_size: int = 0,
                           num_workers: int = 2, shard: tuple[int, int] = (0, 1)) -> Task:
-    """Your own classification data (:mod:`asg_env.data.folders`) with VisDA-17's recipe."""
-    from asg_env.data.folders import ImageFolderSplit, same_classes
+    """Your own classification data (:mod:`asg_env.tasks.folders`) with VisDA-17's recipe."""
+    from asg_env.tasks.folders import ImageFolderSplit, same_classes
 
     train = ImageFolderSplit(source_root, "source_root", _fixed_transform(image_size, mean, std))
     target = ImageFolderSplit(target_root, "target_root")
@@ -495,7 +495,7 @@ class TaskOptions:
 
 
 # Registered task builders by name: a new syn→real dataset is one entry (its Task.kind names
-# the kind, asg_env.kinds, that trains and measures it).
+# the kind, asg_env.training.kinds, that trains and measures it).
 TASKS: dict[str, Callable[[TaskOptions], Task]] = {
     "syndigits": lambda o: make_syndigits_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
                                                o.source_size, o.target_eval_size, o.render_seed,

@@ -3,9 +3,9 @@ vector env for the embedded tasks.
 
 ``gym.make_vec("SynDigits-v0", num_envs=N)`` returns it (``vectorization_mode=
 "vector_entry_point"``, the default for ids that register one). Sub-env ``i`` behaves as
-:class:`~asg_env.env.ASGEnv` would with the same seed and actions: the same observation,
+:class:`~asg_env.envs.env.ASGEnv` would with the same seed and actions: the same observation,
 reward, termination and info, within float tolerance, because its run is run ``i`` of a
-:class:`~asg_env.trainer.Trainer` with ``num_runs=N`` (:mod:`asg_env.batched`): its own θ_n,
+:class:`~asg_env.training.trainer.Trainer` with ``num_runs=N`` (:mod:`asg_env.training.batched`): its own θ_n,
 data order, learning rates and SGD state; one teacher and one cache for all. A decision of all
 N envs is one step of the batched trainer per SGD step (vmap, or on a CPU the runs in a loop:
 the trainer's ``batching``) and one host–device transfer.
@@ -15,7 +15,7 @@ step after an episode ends resets that env, ignores its action and returns rewar
 ``SAME_STEP`` (reset at once; ``info["final_obs"]`` and ``info["final_info"]`` hold the ended
 episode's last observation and info) and ``DISABLED`` (``reset(options={"reset_mask": m})``
 resets some envs; stepping an env whose episode has ended returns its last observation, reward
-0 and ``terminated=True``, as a diverged :class:`~asg_env.env.ASGEnv` does).
+0 and ``terminated=True``, as a diverged :class:`~asg_env.envs.env.ASGEnv` does).
 
 What it cannot batch it refuses, with the reason: instance lists (runs of one batched model
 share one backbone and configuration), ``bn_stats="train"``, file-based tasks, torchrun and
@@ -36,16 +36,16 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from asg_env.control import Control
-from asg_env.env import _trainer_defaults, capped_score, check_own_settings
+from asg_env.envs.control import Control
+from asg_env.envs.env import _trainer_defaults, capped_score, check_own_settings
 from asg_env.errors import UserInputError
-from asg_env.optim import poly_factor
-from asg_env.trainer import Trainer, batching_refusals, run_seeds
+from asg_env.training.optim import poly_factor
+from asg_env.training.trainer import Trainer, batching_refusals, run_seeds
 
 
 class ASGVectorEnv(gym.vector.VectorEnv):
     """``num_envs`` ASG envs as one batched trainer; every other argument is
-    :class:`~asg_env.env.ASGEnv`'s."""
+    :class:`~asg_env.envs.env.ASGEnv`'s."""
 
     metadata = {"render_modes": []}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asg_env.proxy import StudentNet, kl_to_teacher
+from asg_env.training.proxy import StudentNet, kl_to_teacher
 
 GUIDANCES = ("kl", "l2sp", "feature_l2", "si", "none")
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from asg_env.control import ACTIONS, OBSERVATIONS, REWARDS
+from asg_env.envs.control import ACTIONS, OBSERVATIONS, REWARDS
 from asg_env.errors import UserInputError
-from asg_env.guidance import GUIDANCES
-from asg_env.optim import SGD_FORMS, WINDOWS
-from asg_env.proxy import HEADS
-from asg_env.segmentation import UPSAMPLING
+from asg_env.training.guidance import GUIDANCES
+from asg_env.training.optim import SGD_FORMS, WINDOWS
+from asg_env.training.proxy import HEADS
+from asg_env.training.segmentation import UPSAMPLING
 
 LR_SCHEDULES = ("constant", "poly")
 
@@ -79,7 +79,7 @@ def _one_of(*choices: str) -> Setting:
 
 FLAG = Setting(bool)
 
-# The env: ASGEnv's own two settings and every Trainer keyword (see asg_env.trainer.Trainer).
+# The env: ASGEnv's own two settings and every Trainer keyword (see asg_env.training.trainer.Trainer).
 ENV_SETTINGS: dict[str, Setting] = {
     "evaluate_target": FLAG,
     "divergence_penalty": _number(),
@@ -128,7 +128,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "batching": _one_of("auto", "vmap", "loop"),
 }
 # Names and paths, checked where they are resolved (an unknown one is one error there), and the
-# env's list of instances, each checked against this table by the env (asg_env.env).
+# env's list of instances, each checked against this table by the env (asg_env.envs.env).
 ENV_FREE_FORM = ("task", "backbone", "weights", "data_root", "device", "source_root", "target_root", "instances")
 
 # agent.reinforce: agents.reinforce.ReinforceConfig.
@@ -170,7 +170,7 @@ SB3_SETTINGS: dict[str, Setting] = {
     "max_grad_norm": _number(0, above=True),
     "normalize": FLAG,  # ASG-Gym's, not SB3's: train behind VecNormalize (observations and rewards)
 }
-# adapt.py's self_training section: asg_env.self_training.SelfTrainingConfig.
+# adapt.py's self_training section: asg_env.adaptation.self_training.SelfTrainingConfig.
 SELF_TRAINING_SETTINGS: dict[str, Setting] = {
     "method": _one_of("cbst", "crst-mrkld", "crst-lrent", "crst-mrkld-lrent"),
     "rounds": _whole(1),

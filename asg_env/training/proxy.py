@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asg_env.backbones import Backbone
+from asg_env.training.backbones import Backbone
 
 
 HEADS = ("linear", "mlp")
@@ -67,7 +67,7 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 
 
 class ProxyLoss(NamedTuple):
-    """``total = xe + λ · guidance`` (see :mod:`asg_env.guidance` for the guidance terms)."""
+    """``total = xe + λ · guidance`` (see :mod:`asg_env.training.guidance` for the guidance terms)."""
 
     total: torch.Tensor
     xe: torch.Tensor

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asg_env.backbones import Backbone
+from asg_env.training.backbones import Backbone
 from asg_env.errors import UserInputError
-from asg_env.guidance import Guidance
-from asg_env.proxy import kl_to_teacher
+from asg_env.training.guidance import Guidance
+from asg_env.training.proxy import kl_to_teacher
 
 UPSAMPLING = ("deconv", "bilinear")
 
@@ -90,7 +90,7 @@ class _VGGTrunk(nn.Module):
 
 
 def dense_backbone(backbone: Backbone) -> DenseBackbone:
-    """The dense cut of a classification :class:`~asg_env.backbones.Backbone`."""
+    """The dense cut of a classification :class:`~asg_env.training.backbones.Backbone`."""
     if backbone.name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         return DenseBackbone(_LiteTrunk(backbone.features), ("model.blocks.2", "model.blocks.4", ""),
                              backbone.imagenet_head, 1, backbone.name)

@@ -5,7 +5,7 @@ guidance term and the training objective, and measures the student on the target
 held-out synthetic images. The trainer holds no branch on the kind of task: it asks
 ``KINDS[task.kind]``, so a new kind is one entry here (as DomainBed registers its
 algorithms), and a new dataset of an existing kind is one entry in
-:data:`asg_env.tasks.TASKS`.
+:data:`asg_env.tasks.registry.TASKS`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from asg_env.backbones import Backbone
+from asg_env.training.backbones import Backbone
 from asg_env.errors import UserInputError
-from asg_env.guidance import Guidance, make_guidance
-from asg_env.proxy import StudentNet, make_teacher
-from asg_env.segmentation import (DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, dense_backbone,
+from asg_env.training.guidance import Guidance, make_guidance
+from asg_env.training.proxy import StudentNet, make_teacher
+from asg_env.training.segmentation import (DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, dense_backbone,
                                   iou_from_confusion)
-from asg_env.tasks import Task
+from asg_env.tasks.registry import Task
 
 
 class Objective(nn.Module):

@@ -18,7 +18,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from asg_env.data.folders import fingerprint, load_rgb
+from asg_env.tasks.folders import fingerprint, load_rgb
 from asg_env.errors import UserInputError
 
 VISDA_CLASSES = (

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from asg_env.data.syndigits import _background, cached_render, digit_fonts, load_mnist_target
+from asg_env.tasks.syndigits import _background, cached_render, digit_fonts, load_mnist_target
 
 RENDER_VERSION = 1
 CLASSES = ("background", *(str(d) for d in range(10)))

@@ -3,7 +3,7 @@ part of ASG that a policy drives, without the Gymnasium wrapper.
 
 A run is ``T`` decisions. Decision t holds per-coordinate learning-rate scales
 ``a_c ∈ [0, 1]`` for ``windows[t]`` SGD steps with ``lr_c = a_c · lr_base`` (momentum 0.9,
-weight decay 5e-4) on ``L = L_XE + λ · guidance``. :class:`~asg_env.env.ASGEnv` wraps a
+weight decay 5e-4) on ``L = L_XE + λ · guidance``. :class:`~asg_env.envs.env.ASGEnv` wraps a
 :class:`Trainer` into observations and rewards; ``apply_policy.py`` drives one directly.
 
 Every decision reads the losses and θ_n's weight statistics in one host–device transfer
@@ -12,7 +12,7 @@ Every decision reads the losses and θ_n's weight statistics in one host–devic
 The protocol follows the official release: the whole model stays in eval mode, so BatchNorm
 normalises with the ImageNet statistics while its affine parameters train; at reset the
 student's ImageNet head therefore equals the teacher and the guidance term is 0. SGD puts the
-learning rate inside the momentum (``sgd="official"``, see :mod:`asg_env.optim`).
+learning rate inside the momentum (``sgd="official"``, see :mod:`asg_env.training.optim`).
 
 Under ``torchrun`` (``torch.distributed`` initialised before the trainer is built) the
 student is wrapped in DistributedDataParallel and each global batch of ``batch_size`` images
@@ -35,19 +35,19 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 
-from asg_env.backbones import build_backbone, check_image_size, input_normalisation
-from asg_env.batched import StackedRuns
-from asg_env.coordinates import Coordinate, optimization_coordinates
+from asg_env.training.backbones import build_backbone, check_image_size, input_normalisation
+from asg_env.training.batched import StackedRuns
+from asg_env.training.coordinates import Coordinate, optimization_coordinates
 from asg_env.errors import UserInputError
-from asg_env.kinds import KINDS
-from asg_env.guidance import Guidance
-from asg_env.imagenet_photos import load_imagenet_photos
-from asg_env.optim import action_windows, make_sgd, poly_factor
-from asg_env.proxy import kl_to_teacher
-from asg_env.segmentation import BilinearDeconv
-from asg_env.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
-from asg_env.tasks import EpochOrder, Task, TaskOptions, TensorSource, build_task, default_cache_dir
-from asg_env.teacher_cache import DiskTeacherCache, MemoryTeacherCache
+from asg_env.training.kinds import KINDS
+from asg_env.training.guidance import Guidance
+from asg_env.tasks.imagenet_photos import load_imagenet_photos
+from asg_env.training.optim import action_windows, make_sgd, poly_factor
+from asg_env.training.proxy import kl_to_teacher
+from asg_env.training.segmentation import BilinearDeconv
+from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
+from asg_env.tasks.registry import EpochOrder, Task, TaskOptions, TensorSource, build_task, default_cache_dir
+from asg_env.training.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
 
@@ -81,11 +81,11 @@ class Trainer:
     """One fine-tuning run of an ImageNet model on synthetic images, decision by decision.
 
     Args:
-        task: a name in :data:`asg_env.tasks.TASKS`: ``"syndigits"`` (embedded, offline),
+        task: a name in :data:`asg_env.tasks.registry.TASKS`: ``"syndigits"`` (embedded, offline),
             ``"digitscenes"`` (embedded segmentation), ``"visda"`` (VisDA-17 from ``data_root``),
             ``"gta5"`` (GTA5→Cityscapes from ``data_root``), ``"imagefolder"`` or ``"segfolder"``
             (your own data from ``source_root`` and ``target_root``); or a
-            :class:`~asg_env.tasks.Task` built in code.
+            :class:`~asg_env.tasks.registry.Task` built in code.
         backbone: ``efficientnet_lite0/1/2``, ``resnet50``, ``resnet101``, ``vgg16``, or any
             ImageNet classifier as ``timm:<name>`` or ``torchvision:<name>``. Inputs are
             normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
@@ -104,7 +104,7 @@ class Trainer:
             double within each epoch; T then follows from ``sgd_steps``).
         lam: λ, the weight of the guidance term; 0 disables it (no teacher pass).
         guidance: the term that keeps the student near its ImageNet self (see
-            :mod:`asg_env.guidance`): ``"kl"`` (proxy guidance, the paper's), ``"l2sp"``,
+            :mod:`asg_env.training.guidance`): ``"kl"`` (proxy guidance, the paper's), ``"l2sp"``,
             ``"feature_l2"``, ``"si"`` or ``"none"``.
         lr_base: η_base. momentum, weight_decay: SGD settings shared by all coordinates.
         sgd: ``"official"`` (learning rate inside the momentum) or ``"torch"``.
@@ -142,29 +142,29 @@ class Trainer:
             parameters train) or ``"train"`` (batch statistics, running statistics updated).
         patch_grid: segmentation only: dense proxy guidance on ``g × g`` pooled patches of the
             last feature map (Eq. 5); 1, the default, pools the whole map as the official
-            ``train_seg.py`` does (see :mod:`asg_env.segmentation`).
+            ``train_seg.py`` does (see :mod:`asg_env.training.segmentation`).
         upsample: segmentation only: FCN-8s's ×2, ×2, ×8 upsampling as learned transposed
             convolutions initialised bilinear (``"deconv"``, the official ``fcn8s_vgg.py``) or
             fixed bilinear interpolation (``"bilinear"``).
         label_dilation: SynDigitScenes only: each digit's label also covers the background
             within this many pixels of its strokes (0: the strokes alone; see
-            :func:`asg_env.data.digitscenes.dilate_labels`).
+            :func:`asg_env.tasks.digitscenes.dilate_labels`).
         coordinate_stats: also measure, at the end of every window, each coordinate's gradient
             norm (of the window's last SGD step), its update-to-weight ratio over the window and
             its relative distance from where the run started (ImageNet weights, fresh θ_n), in the
-            same host–device transfer (``values["coordinate_stats"]``, C × 3; see :mod:`asg_env.control`).
+            same host–device transfer (``values["coordinate_stats"]``, C × 3; see :mod:`asg_env.envs.control`).
         source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
-            :mod:`asg_env.data.folders`): the synthetic training images and the real ones,
+            :mod:`asg_env.tasks.folders`): the synthetic training images and the real ones,
             which are only evaluated on.
         num_runs: None (the default) is one run, driven by :meth:`reset` and :meth:`step`. A
             number N holds N runs of this configuration at once as one batched model
-            (:mod:`asg_env.batched`), each with its own θ_n, data order, learning rates and
+            (:mod:`asg_env.training.batched`), each with its own θ_n, data order, learning rates and
             SGD state, sharing the teacher and its cache; they are driven with
             :meth:`reset_runs` and :meth:`step_runs` instead of :meth:`reset` and :meth:`step`.
             Needs an in-memory source (the embedded tasks), ``bn_stats="frozen"``, one process,
             no ``compile`` and a guidance that does not hold the weights (``kl``,
             ``feature_l2``, ``none``).
-        batching: how N runs are computed (:class:`~asg_env.batched.StackedRuns`): ``"vmap"``,
+        batching: how N runs are computed (:class:`~asg_env.training.batched.StackedRuns`): ``"vmap"``,
             one batched model, or ``"loop"``, the runs one after another on their own views of
             the stacked weights. ``"auto"`` (the default) takes loop on a CPU, where vmap's
             grouped convolutions are slower than the runs one by one (README, *Benchmarks*),
@@ -594,7 +594,7 @@ class Trainer:
 
     def evaluate_synthetic(self) -> dict[str, float]:
         """θ_n on the held-out synthetic images alone (``synthetic_acc``, ``synthetic_xe``): what
-        a learning-rate policy is scored on (:func:`asg_env.env.capped_score`). It reads no real
+        a learning-rate policy is scored on (:func:`asg_env.envs.env.capped_score`). It reads no real
         target image. Classification tasks with ``synthetic_eval_size > 0`` only."""
         metrics = {k: m.to(self.device) for k, m in self.kind.metrics(self.task).items() if k.startswith("synthetic_")}
         if "synthetic_xe" not in metrics:
