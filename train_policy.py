@@ -16,7 +16,7 @@ Examples:
   python train_policy.py --env VisDA-v0 --data-root /data/visda17 --device cuda
   python train_policy.py --config configs/reinforce_syndigits.yaml --out runs/r1
   python train_policy.py --out runs/r1 --resume --episodes 40   # continue to 40 episodes
-  python train_policy.py --n-envs 4 --device cuda               # 4 episodes at once (one GPU each, if there are 4)
+  python train_policy.py --num-envs 4 --device cuda               # 4 episodes at once (one GPU each, if there are 4)
   python train_policy.py --instances configs/instances/syndigits.yaml --split train   # a new instance each episode
 
 The run folder gets: policy.pt (the frozen policy: weights, observation normaliser and
@@ -24,7 +24,7 @@ config, readable with torch.load(weights_only=True)), checkpoint.pt (to resume),
 config.yaml (the resolved config, seed included), episodes.csv and steps.csv (plottable
 logs) and tb/ (TensorBoard). --seed seeds the policy's initial weights, its sampled actions
 and the episodes, whose env seeds are spawned from numpy.random.SeedSequence(seed), so runs
-with different seeds never share an episode. --n-envs N runs N episodes at once (REINFORCE then
+with different seeds never share an episode. --num-envs N runs N episodes at once (REINFORCE then
 updates on the batch of episodes). --vector batched runs them as batched models (the native
 vector env of the embedded tasks, asg_env/envs/vector.py): one in this process on one GPU, and
 one per GPU or per CPU core, each in its own process; --vector processes runs each env in its own
@@ -42,7 +42,7 @@ trains one LSTM shared by all coordinates, which then applies to any backbone
 
 --instances FILE --split train trains on a split of an instance file (asg_env/envs/instances.py):
 the file's env and shared settings, and one of the split's instances per episode, drawn from
-the episode's seed (so every agent, and every --n-envs, sees a seeded sequence). policy.pt
+the episode's seed (so every agent, and every --num-envs, sees a seeded sequence). policy.pt
 records the family, the split and the file's digest; episodes.csv records each episode's
 instance (its index in the split) and SGD steps, the compute the policy was trained with.
 """
@@ -87,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--data-root", help="dataset root (VisDA-17) or SynDigits cache folder")
     p.add_argument("--device", help="torch device for the fine-tuned CNN (default: cuda if available)")
-    p.add_argument("--n-envs", type=int, help="episodes run at once (default 1)")
+    p.add_argument("--num-envs", type=int, help="episodes run at once (default 1)")
     p.add_argument("--vector", choices=("auto", "batched", "processes"),
-                   help="how --n-envs runs them: as batched models (one on one GPU, one per GPU on several, one "
+                   help="how --num-envs runs them: as batched models (one on one GPU, one per GPU on several, one "
                         "per core on a CPU), or one process each; auto (the default) batches where it can")
     p.add_argument("--instances", metavar="FILE", help="instance file (configs/instances/): one of its instances per episode")
     p.add_argument("--split", default="train", help="the instance file's split to train on (default: train)")
@@ -108,7 +108,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         if not args.out or not os.path.isfile(os.path.join(args.out, "config.yaml")):
             raise UserInputError("--resume needs --out pointing at an earlier run folder with config.yaml")
         config = load_config(os.path.join(args.out, "config.yaml"))
-        for key in ("episodes", "n_envs", "vector"):
+        if "n_envs" in config["train"]:  # a run folder written before train.n_envs was named num_envs
+            config["train"]["num_envs"] = config["train"].pop("n_envs")
+        for key in ("episodes", "num_envs", "vector"):
             if getattr(args, key) is not None:
                 config["train"][key] = getattr(args, key)
         check_run_config(config, AGENTS)
@@ -119,7 +121,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
         named = args.env or (in_file.get("id") if isinstance(in_file, dict) else None)
         config = with_instances(config, load_instances(args.instances, args.split), named)
     cli = {"env": {"id": args.env} if args.env else {}, "agent": {"name": args.agent} if args.agent else {},
-           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("n_envs", args.n_envs),
+           "train": {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed), ("num_envs", args.num_envs),
                                        ("vector", args.vector)) if v is not None}}
     config = apply_overrides(merge(config, cli), args.set)
     check_run_config(config, AGENTS)
@@ -221,7 +223,7 @@ def _keep_episodes(path: str, episodes: int) -> None:
 
 
 def train_reinforce(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resume: dict | None) -> list[float]:
-    """Batches of ``n_envs`` episodes (the total is rounded up to whole batches)."""
+    """Batches of ``num_envs`` episodes (the total is rounded up to whole batches)."""
     seed0 = config["train"]["seed"]
     trainer = ReinforceTrainer(env, ReinforceConfig(**(config["agent"].get("reinforce") or {})), seed=seed0)
     ckpt_path = os.path.join(out, "checkpoint.pt")
@@ -389,13 +391,13 @@ def train_sb3(env, config: dict, out: str, metadata: dict, log: EpisodeLog, resu
 
 
 def vector_env(config: dict, agent: str, data_root: str | None, device: str):
-    """``n_envs`` envs at once, as ``train.vector`` says: batched (the native vector env,
+    """``num_envs`` envs at once, as ``train.vector`` says: batched (the native vector env,
     :mod:`asg_env.envs.vector`: batched models, one per GPU or per CPU core, each in its own
     process, or one in this process) or each env in its own process. ``auto`` batches wherever
     the native env can take the configuration. Prints which, and why."""
     from asg_env.envs.vector import DeviceSplitVectorEnv, native_vector_env
 
-    n, choice = config["train"]["n_envs"], config["train"].get("vector", "auto")
+    n, choice = config["train"]["num_envs"], config["train"].get("vector", "auto")
     env_id, kwargs = config["env"]["id"], dict(config["env"].get("kwargs", {}))
     kwargs.pop("device", None)
     if data_root is not None:
@@ -448,13 +450,13 @@ def run(args: argparse.Namespace) -> int:
     resume = read_file(os.path.join(out, "checkpoint.pt"), "checkpoint") if args.resume else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when n_envs = 1
+        env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when num_envs = 1
     except UserInputError:
         if created:  # a refused setting leaves no empty run folder behind
             os.rmdir(out)
         raise
     agent = config["agent"]["name"]
-    envs = vector_env(config, agent, args.data_root, device) if config["train"]["n_envs"] > 1 else env
+    envs = vector_env(config, agent, args.data_root, device) if config["train"]["num_envs"] > 1 else env
     with open(os.path.join(out, "config.yaml"), "w") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     metadata = env_metadata(env)

@@ -21,7 +21,7 @@ DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
     "env": {"id": "SynDigits-v0", "kwargs": {"reward_batch": "heldout", "evaluate_target": False}},
     "agent": {"name": "reinforce", "reinforce": {}, "es": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
-    "train": {"episodes": 20, "seed": 0, "n_envs": 1, "vector": "auto", "check": 0},
+    "train": {"episodes": 20, "seed": 0, "num_envs": 1, "vector": "auto", "check": 0},
 }
 
 
@@ -102,8 +102,8 @@ def check_run_config(config: dict, agents: tuple[str, ...]) -> None:
         raise UserInputError(f"agent.{agent} must be a mapping of settings, not {section!r}")
     if agent in ("reinforce", "es"):
         check_settings(section, REINFORCE_SETTINGS if agent == "reinforce" else ES_SETTINGS, f"agent.{agent}.")
-        if agent == "es" and config["train"].get("n_envs", 1) > 1:
-            raise UserInputError("the ES agent runs one env per worker: set agent.es.workers instead of train.n_envs")
+        if agent == "es" and config["train"].get("num_envs", 1) > 1:
+            raise UserInputError("the ES agent runs one env per worker: set agent.es.workers instead of train.num_envs")
     else:  # SB3 checks the values of the keywords it has beyond these
         from agents.sb3_agents import check_hyperparams
 

@@ -211,7 +211,7 @@ class ReinforceTrainer:
     """Algorithm 1: run the env with the LSTM policy; every U steps minimise Eq. 7.
 
     ``env`` is one env or a gymnasium ``VectorEnv`` of N copies (``train_policy.py
-    --n-envs``): then N episodes run at once, and each update averages Eq. 7 over the batch
+    --num-envs``): then N episodes run at once, and each update averages Eq. 7 over the batch
     of episodes, with the per-step baseline tracking the batch's mean reward. With one env the
     numbers are those of the single-episode algorithm.
     """

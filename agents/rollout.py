@@ -107,12 +107,12 @@ def fine_tune(trainer: Trainer, policy: Policy, seed: int, *, evaluate: bool = T
             epoch_before = trainer.sgd_step // trainer.steps_per_epoch
             new = trainer.step(control.scales(action))
             diverged = not new["finite"]
-            row = {"step": trainer.t, "sgd_step": trainer.sgd_step,
-                   "reward": None if diverged else control.reward(values, new, trainer.t >= trainer.T),
+            next_obs, reward, _ = control.outcome(obs, values, new, trainer.t, trainer.T, trainer.lr_base, 0.0)
+            row = {"step": trainer.t, "sgd_step": trainer.sgd_step, "reward": None if diverged else reward,
                    **{k: new[k] for k in ("loss", "loss_xe", "loss_guidance")}, "diverged": diverged}
             row.update({f"action/{n}": float(a) if continuous else int(a) for n, a in zip(names, action)})
             if not diverged:
-                values, obs = new, control.observe(new, trainer.t / trainer.T, trainer.lr_base)
+                values, obs = new, next_obs
                 if evaluate and trainer.evaluation_due:
                     row.update(trainer.evaluate())
             history.append(row)

@@ -169,7 +169,7 @@ def train_policies(bench: Bench, out: str, learners: dict[str, tuple[str, dict, 
                 argv += ["--resume"]
             else:
                 argv += ["--instances", args.instances, "--split", "train", "--agent", agent, "--seed", str(k),
-                         "--n-envs", str(args.n_envs), *_sets(bench, agent, T, env_options, agent_settings)]
+                         "--num-envs", str(args.num_envs), *_sets(bench, agent, T, env_options, agent_settings)]
             if train_policy.main(argv) != 0:
                 raise SystemExit(f"training {name} seed {k} failed")
     return paths
@@ -411,7 +411,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-instances", type=int, help="train instances every tuning trial and replay runs")
     p.add_argument("--reference-trials", type=int, help="trials of each schedule per test instance (upper reference)")
     p.add_argument("--test-instances", type=int, help="use only the first N test instances (0: all)")
-    p.add_argument("--n-envs", type=int, default=1, help="episodes at once while policies train (train_policy.py --n-envs)")
+    p.add_argument("--num-envs", type=int, default=1, help="episodes at once while policies train (train_policy.py --num-envs)")
     p.add_argument("--override", help="JSON settings on top of every instance (for tests)")
     p.add_argument("--data-root", help="cache folder of the rendered images")
     p.add_argument("--variants", help=f"comma-separated learned variants to add, or all: {', '.join(VARIANTS)}")
@@ -428,9 +428,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.override = {**preset["override"], **json.loads(args.override)}
         except json.JSONDecodeError as exc:
             p.error(f"--override is not JSON: {exc}")
-    if min(args.episodes, args.policy_seeds, args.seeds, args.tune_instances, args.reference_trials, args.n_envs) < 1 \
+    if min(args.episodes, args.policy_seeds, args.seeds, args.tune_instances, args.reference_trials, args.num_envs) < 1 \
             or args.test_instances < 0:
-        p.error("--episodes, --policy-seeds, --seeds, --tune-instances, --reference-trials and --n-envs must be at "
+        p.error("--episodes, --policy-seeds, --seeds, --tune-instances, --reference-trials and --num-envs must be at "
                 "least 1, and --test-instances at least 0")
     return args
 

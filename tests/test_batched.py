@@ -1,4 +1,4 @@
-"""N runs as one batched model (asg_env.training.batched, Trainer(num_runs=N)) and the native vector
+"""N runs as one batched model (asg_env.training.batched, BatchedTrainer) and the native vector
 env (asg_env.envs.vector): the same runs as N single ones, Gymnasium's autoreset semantics, and
 clear refusals of what cannot be batched.
 
@@ -24,7 +24,7 @@ from asg_env.training.batched import StackedRuns
 from asg_env.training.coordinates import Coordinate
 from asg_env.errors import UserInputError
 from asg_env.training.optim import make_sgd
-from asg_env.training.trainer import Trainer
+from asg_env.training.trainer import BatchedTrainer, Trainer
 from asg_env.envs.vector import ASGVectorEnv
 
 KW = dict(task="syndigits", image_size=32, source_size=96, batch_size=8, episode_steps=3, sgd_steps_per_action=2,
@@ -102,34 +102,57 @@ def _close(a: dict, b: dict, rel: float = 2e-3) -> None:
     assert a["loss_guidance"] == pytest.approx(b["loss_guidance"], rel=0.05, abs=1e-4)
 
 
+def _run_updates(trainer: BatchedTrainer) -> list[torch.Tensor]:
+    return trainer.runs.coordinate_tensors({n: p.detach().clone() for n, p in trainer.runs.params.items()})
+
+
+def _update_error(update: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest relative difference of two runs' weight updates over the coordinates."""
+    return max(float((u - r).norm() / r.norm()) for u, r in zip(update, reference))
+
+
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
 def test_batched_trainer_gives_the_single_runs(cache_dir, batching):
     kw = dict(KW, data_root=cache_dir, coordinate_stats=True, reward_batch="heldout")
     seeds = {0: (1, 2), 1: (3, 4), 2: (5, 6)}
     scales = np.random.default_rng(0).uniform(0, 1, size=(2, 3, 9))
-    batched = Trainer(**kw, num_runs=3, batching=batching)
-    out = [batched.reset_runs(seeds)] + [batched.step_runs(scales[t], [0, 1, 2]) for t in range(2)]
+    batched = BatchedTrainer(3, batching, **kw)
+    out = [batched.reset(seeds)]
+    start = _run_updates(batched)
+    out += [batched.step(scales[t], [0, 1, 2]) for t in range(2)]
+    moved = [now - then for now, then in zip(_run_updates(batched), start)]
     for r, (head, data) in seeds.items():
-        single = Trainer(**kw)
-        ref = [single.reset(head, data)] + [single.step(scales[t, r]) for t in range(2)]
+        updates = {}
+        for driver in ((r + 1) % 3, r):  # another run's scales (to show the check can fail), then its own
+            single = Trainer(**kw)
+            ref = [single.reset(head, data)]
+            first = single._weights()
+            ref += [single.step(scales[t, driver]) for t in range(2)]
+            updates[driver] = [now[0] - then[0] for now, then in zip(single._weights(), first)]
         for a, b in zip(out, ref):
             _close(a[r], b)
             np.testing.assert_allclose(a[r]["coordinate_stats"], b["coordinate_stats"], rtol=0.05, atol=1e-6)
-    assert batched.run_t == [2, 2, 2] and batched.run_sgd_step == [4, 4, 4]
+        # the SGD itself: each coordinate's update within 3 % of the single run's (vmap's rounding
+        # moves it by up to 1 %); another run's scales move it by 10 % or more, a skipped step by 100 %
+        own = [m[r] for m in moved]
+        assert _update_error(own, updates[r]) < 0.03
+        assert _update_error(own, updates[(r + 1) % 3]) > 0.05
+        assert _update_error([u * 0 for u in own], updates[r]) == 1.0
+    assert batched.t == [2, 2, 2] and batched.sgd_step == [4, 4, 4]
     # run 1 starts again while the others go on: it is then a fresh run of its new seeds
-    batched.reset_runs({1: (7, 8)})
-    step = batched.step_runs(scales[0], [1])
+    batched.reset({1: (7, 8)})
+    step = batched.step(scales[0], [1])
     single = Trainer(**kw)
     single.reset(7, 8)
     _close(step[1], single.step(scales[0, 1]))
-    assert batched.run_t == [2, 1, 2]
-    assert batched.evaluate_run(1)["synthetic_acc"] == pytest.approx(single.evaluate()["synthetic_acc"], abs=0.051)
+    assert batched.t == [2, 1, 2]
+    assert batched.evaluate(1)["synthetic_acc"] == pytest.approx(single.evaluate()["synthetic_acc"], abs=0.051)
 
 
 def test_looped_runs_keep_the_channels_last_layout_per_run(cache_dir):
-    trainer = Trainer(**KW, data_root=cache_dir, num_runs=2)  # a CPU: auto is loop
+    trainer = BatchedTrainer(2, **KW, data_root=cache_dir)  # a CPU: auto is loop
     assert trainer.batching == "loop"
-    trainer.reset_runs({0: (1, 2), 1: (3, 4)})
+    trainer.reset({0: (1, 2), 1: (3, 4)})
     conv = next(p for p in trainer.runs.params.values() if p.dim() == 5)
     x = trainer._batch[0]
     for r in range(2):
@@ -138,16 +161,58 @@ def test_looped_runs_keep_the_channels_last_layout_per_run(cache_dir):
         assert x[r].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_a_run_gone_non_finite_leaves_the_others_exact(cache_dir, batching):
+    scales = np.random.default_rng(3).uniform(0, 1, size=(2, 3, 9))
+    twins = [BatchedTrainer(3, batching, **KW, data_root=cache_dir) for _ in range(2)]
+    blowing_up = scales.copy()
+    blowing_up[:, 1] = 1e30  # run 1's learning rates send its weights to inf and its losses to NaN
+    for trainer in twins:
+        trainer.reset({0: (1, 2), 1: (3, 4), 2: (5, 6)})
+    out = [[trainer.step(s[t], [0, 1, 2]) for t in range(2)] for trainer, s in zip(twins, (scales, blowing_up))]
+    assert out[0][0][1]["finite"] and not out[1][0][1]["finite"] and not out[1][1][1]["finite"]
+    for r in (0, 2):
+        for t in range(2):
+            assert out[0][t][r] == out[1][t][r]
+        for n, p in twins[0].runs.params.items():
+            assert torch.equal(p[r], twins[1].runs.params[n][r]), n
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_batched_runs_resume_from_their_state_exactly(cache_dir, batching):
+    kw = dict(KW, data_root=cache_dir, coordinate_stats=True)
+    scales = np.random.default_rng(4).uniform(0, 1, size=(3, 2, 9))
+    whole = BatchedTrainer(2, batching, **kw)
+    whole.reset({0: (1, 2), 1: (3, 4)})
+    whole.step(scales[0], [0, 1])
+    state = whole.state_dict()
+    rest = [whole.step(scales[t], [0, 1] if t < 2 else [1]) for t in (1, 2)]
+    resumed = BatchedTrainer(2, batching, **kw)
+    resumed.load_state_dict(state)
+    again = [resumed.step(scales[t], [0, 1] if t < 2 else [1]) for t in (1, 2)]
+    for a, b in zip(rest, again):
+        assert a.keys() == b.keys()
+        for r in a:
+            assert {k: v for k, v in a[r].items() if k != "coordinate_stats"} == \
+                   {k: v for k, v in b[r].items() if k != "coordinate_stats"}
+            np.testing.assert_array_equal(a[r]["coordinate_stats"], b[r]["coordinate_stats"])
+    assert resumed.t == whole.t == [2, 3] and resumed.sgd_step == whole.sgd_step
+    for n, p in whole.runs.params.items():
+        assert torch.equal(p, resumed.runs.params[n]) and torch.equal(whole.runs.velocity[n], resumed.runs.velocity[n])
+    with pytest.raises(UserInputError, match="holds 2 runs"):
+        BatchedTrainer(3, batching, **kw).load_state_dict(state)
+
+
 @pytest.mark.parametrize("setting, words", [({"bn_stats": "train"}, "bn_stats"), ({"guidance": "l2sp"}, "guidance"),
                                             ({"compile": "aot_eager"}, "compile")])
 def test_batched_runs_refuse_what_vmap_cannot_batch(cache_dir, setting, words):
     with pytest.raises(UserInputError, match=words):
-        Trainer(**KW, data_root=cache_dir, num_runs=2, **setting)
+        BatchedTrainer(2, **KW, data_root=cache_dir, **setting)
 
 
-def test_the_single_env_refuses_num_runs_and_the_vector_env_instances(cache_dir):
+def test_the_single_env_refuses_num_envs_and_the_vector_env_instances(cache_dir):
     with pytest.raises(UserInputError, match="make_vec"):
-        gym.make("SynDigits-v0", **ENV_KW, data_root=cache_dir, num_runs=2)
+        gym.make("SynDigits-v0", **ENV_KW, data_root=cache_dir, num_envs=2)
     with pytest.raises(UserInputError, match="async"):
         ASGVectorEnv(2, **ENV_KW, data_root=cache_dir, instances=[{"lr_base": 1e-3}])
 
@@ -197,7 +262,7 @@ def test_native_vector_env_resets_a_masked_env_alone(cache_dir):
     got, want = native.reset(options={"reset_mask": mask}), ref.reset(options={"reset_mask": mask.copy()})
     np.testing.assert_allclose(got[0], want[0], rtol=2e-3, atol=1e-4)
     _same_step(native.step(a), ref.step(a), 2)  # env 0 ends its episode while env 1 is at its first step
-    assert native.trainer.run_t == [2, 1]
+    assert native.trainer.t == [2, 1]
     again = native.step(a)  # env 0 has ended and is not reset: last observation, reward 0, still terminated
     assert again[2][0] and again[1][0] == 0 and again[2][1]
 
@@ -268,15 +333,15 @@ def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd
     kw = dict(KW, data_root=cache_dir, lr_schedule="poly", warmup_steps=2, sgd=sgd, window="growing", epochs=None,
               sgd_steps=6, sgd_steps_per_action=1)
     scales = np.random.default_rng(2).uniform(0, 1, size=(2, 9))
-    batched = Trainer(**kw, num_runs=2, batching=batching)
-    batched.reset_runs({0: (1, 2), 1: (3, 4)})
-    out = [batched.step_runs(np.stack([scales[0], scales[1]]), [0, 1]) for _ in range(2)]
+    batched = BatchedTrainer(2, batching, **kw)
+    batched.reset({0: (1, 2), 1: (3, 4)})
+    out = [batched.step(np.stack([scales[0], scales[1]]), [0, 1]) for _ in range(2)]
     for r, seeds in enumerate([(1, 2), (3, 4)]):
         single = Trainer(**kw)
         single.reset(*seeds)
         for values in out:
             _close(values[r], single.step(scales[r]))
-    assert batched.run_sgd_step == [single.sgd_step] * 2
+    assert batched.sgd_step == [single.sgd_step] * 2
 
 
 def test_native_vector_env_takes_the_registered_settings_and_splits_over_cores(cache_dir, monkeypatch):

@@ -192,7 +192,7 @@ BAD_INPUT = [
     *[("train", argv, message) for argv, message in ENV_BAD],
     *[("apply", argv, message) for argv, message in ENV_BAD],
     ("train", ["--episodes", "0"], "train.episodes must be a whole number ≥ 1, not 0"),
-    ("train", ["--n-envs", "-2"], "train.n_envs must be a whole number ≥ 1, not -2"),
+    ("train", ["--num-envs", "-2"], "train.num_envs must be a whole number ≥ 1, not -2"),
     ("train", ["--seed", "-1"], "train.seed must be a whole number ≥ 0, not -1"),
     ("train", ["--config", "{config}"], "train.episodes must be a whole number ≥ 1, not 'abc'"),
     ("train", ["--set", "agent.reinforce.lr=0"], "agent.reinforce.lr must be a finite number > 0, not 0"),
@@ -378,7 +378,7 @@ def test_torchrun_two_ranks_on_gloo_match_one_process(tmp_path, cache_dir):
                                            ("recurrent-ppo", "batched"), ("recurrent-ppo", "auto")])
 def test_two_envs_run_episodes_at_once(tmp_path, cache_dir, agent, vector, capsys):
     out = str(tmp_path / agent)
-    argv = ["--agent", agent, "--episodes", "4", "--n-envs", "2", "--vector", vector, "--out", out,
+    argv = ["--agent", agent, "--episodes", "4", "--num-envs", "2", "--vector", vector, "--out", out,
             "--data-root", cache_dir, "--seed", "2", *TINY]
     if agent == "recurrent-ppo":
         argv += ["--set", "agent.recurrent-ppo.n_steps=3", "--set", "agent.recurrent-ppo.batch_size=6"]
@@ -395,7 +395,7 @@ def test_two_envs_run_episodes_at_once(tmp_path, cache_dir, agent, vector, capsy
 
 
 def test_batched_envs_refuse_what_cannot_be_batched_in_one_line(tmp_path, cache_dir, capsys):
-    argv = ["--agent", "reinforce", "--episodes", "2", "--n-envs", "2", "--vector", "batched", "--out", str(tmp_path / "r"),
+    argv = ["--agent", "reinforce", "--episodes", "2", "--num-envs", "2", "--vector", "batched", "--out", str(tmp_path / "r"),
             "--data-root", cache_dir, *TINY, "--set", "env.kwargs.bn_stats=train"]
     assert train_policy.main(argv) == 2
     assert 'bn_stats="frozen"' in capsys.readouterr().err

@@ -17,7 +17,7 @@ from asg_env.training.proxy import StudentNet
 from asg_env.adaptation.self_training import SelfTrainingConfig
 from asg_env.envs.settings import (ENV_FREE_FORM, ENV_SETTINGS, ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
                               TRAIN_SETTINGS, Setting, check_settings)
-from asg_env.training.trainer import Trainer
+from asg_env.training.trainer import BatchedTrainer, Trainer
 
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -28,7 +28,8 @@ def _parameters(fn) -> set[str]:
 
 
 def test_every_env_and_agent_setting_has_an_entry():
-    assert _parameters(Trainer.__init__) | _parameters(ASGEnv.__init__) == set(ENV_SETTINGS) | set(ENV_FREE_FORM)
+    assert (_parameters(Trainer.__init__) | _parameters(BatchedTrainer.__init__) | _parameters(ASGEnv.__init__)
+            == set(ENV_SETTINGS) | set(ENV_FREE_FORM))
     assert {f.name for f in dataclasses.fields(ReinforceConfig)} == set(REINFORCE_SETTINGS)
     assert {f.name for f in dataclasses.fields(ESConfig)} == set(ES_SETTINGS)
     assert {f.name for f in dataclasses.fields(SelfTrainingConfig)} == set(SELF_TRAINING_SETTINGS)
@@ -41,9 +42,9 @@ def test_every_default_is_allowed():
     """The shipped defaults pass their own checks (and so do the registered envs')."""
     import gymnasium as gym
 
-    for fn in (Trainer.__init__, ASGEnv.__init__):
+    for fn in (Trainer.__init__, BatchedTrainer.__init__, ASGEnv.__init__):
         for name, p in inspect.signature(fn).parameters.items():
-            if name in ENV_SETTINGS:
+            if name in ENV_SETTINGS and p.default is not p.empty:
                 assert ENV_SETTINGS[name].allows(p.default), name
     ours = [spec for spec in gym.registry.values() if spec.entry_point == "asg_env.envs.env:ASGEnv"]
     assert len(ours) >= 6

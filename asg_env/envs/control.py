@@ -117,6 +117,18 @@ class Control:
         obs = np.concatenate(parts).astype(np.float32)
         return np.clip(obs, self.observation_space.low, self.observation_space.high)
 
+    def outcome(self, last_obs: np.ndarray, previous: dict, values: dict, t: int, T: int, lr_base: float,
+                divergence_penalty: float) -> tuple[np.ndarray, float, bool]:
+        """A decision's observation, reward and termination from the trainer's ``values`` after
+        decision ``t`` of ``T`` (``previous``: the last finite values), for the env, the vector
+        env and the rollouts alike: a non-finite loss ends the run with ``divergence_penalty``
+        and the last finite observation, its progress updated."""
+        if not values["finite"]:
+            obs = last_obs.copy()
+            obs[2] = t / T
+            return obs, divergence_penalty, True
+        return self.observe(values, t / T, lr_base), self.reward(previous, values, t >= T), t >= T
+
     def reward(self, previous: dict, values: dict, last: bool) -> float:
         if self.reward_kind == "loss_decrease":
             return previous["loss"] - values["loss"]

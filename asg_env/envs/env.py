@@ -76,9 +76,10 @@ class ASGEnv(gym.Env):
                "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
                "observation": observation, "reward": reward, "synthetic_score": synthetic_score}
         check_own_settings(own)
-        if trainer_kwargs.get("num_runs") is not None:
+        if "num_envs" in trainer_kwargs:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
                                  "(asg_env.envs.vector.ASGVectorEnv)")
+        trainer_kwargs.pop("batching", None)  # how a vector env computes its runs; one run has nothing to batch
         if observation == "per_coordinate":
             trainer_kwargs["coordinate_stats"] = True
         self.instances = [_checked_instance(i, trainer_kwargs) for i in instances or []]
@@ -132,21 +133,18 @@ class ASGEnv(gym.Env):
             return self._obs.copy(), 0.0, True, False, {"diverged": self.diverged}
         values = self.trainer.step(self.control.scales(action))
         t, T = self.trainer.t, self.trainer.T
-        if not values["finite"]:
-            self.diverged = True
-            self._obs[2] = t / T
-            info = self._info(values)
-            if self.synthetic_score:
-                info["score"] = self._initial_score
-            return self._obs.copy(), self.divergence_penalty, True, False, info
-        previous, self._values = self._values, values
-        self._obs = self.control.observe(values, t / T, self.trainer.lr_base)
+        self.diverged = not values["finite"]
+        self._obs, reward, terminated = self.control.outcome(self._obs, self._values, values, t, T, self.trainer.lr_base,
+                                                             self.divergence_penalty)
         info = self._info(values)
-        if self.evaluate_target_enabled and self.trainer.evaluation_due:
-            info.update(self.trainer.evaluate())
-        if self.synthetic_score and t >= T:
-            info["score"] = capped_score(self.trainer.evaluate_synthetic()["synthetic_xe"], self._initial_score)
-        return self._obs.copy(), self.control.reward(previous, values, t >= T), t >= T, False, info
+        if not self.diverged:
+            self._values = values
+            if self.evaluate_target_enabled and self.trainer.evaluation_due:
+                info.update(self.trainer.evaluate())
+        if self.synthetic_score and terminated:
+            info["score"] = self._initial_score if self.diverged else capped_score(
+                self.trainer.evaluate_synthetic()["synthetic_xe"], self._initial_score)
+        return self._obs.copy(), reward, terminated, False, info
 
     def _use_instance(self, instance: dict, index: int) -> None:
         self.instance_index = index

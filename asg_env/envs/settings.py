@@ -124,7 +124,7 @@ ENV_SETTINGS: dict[str, Setting] = {
     "upsample": _one_of(*UPSAMPLING),
     "label_dilation": _whole(0),
     "coordinate_stats": FLAG,
-    "num_runs": _whole(1, optional=True),
+    "num_envs": _whole(1),
     "batching": _one_of("auto", "vmap", "loop"),
 }
 # Names and paths, checked where they are resolved (an unknown one is one error there), and the
@@ -197,7 +197,7 @@ SELF_TRAINING_SETTINGS: dict[str, Setting] = {
 TRAIN_SETTINGS: dict[str, Setting] = {
     "episodes": _whole(1),
     "seed": _whole(0),
-    "n_envs": _whole(1),
+    "num_envs": _whole(1),
     "vector": _one_of("auto", "batched", "processes"),
     "check": _whole(0),  # held-out check runs per policy after training (REINFORCE and ES)
 }

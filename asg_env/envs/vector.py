@@ -5,7 +5,7 @@ vector env for the embedded tasks.
 "vector_entry_point"``, the default for ids that register one). Sub-env ``i`` behaves as
 :class:`~asg_env.envs.env.ASGEnv` would with the same seed and actions: the same observation,
 reward, termination and info, within float tolerance, because its run is run ``i`` of a
-:class:`~asg_env.training.trainer.Trainer` with ``num_runs=N`` (:mod:`asg_env.training.batched`): its own θ_n,
+:class:`~asg_env.training.trainer.BatchedTrainer` of ``num_envs=N`` (:mod:`asg_env.training.batched`): its own θ_n,
 data order, learning rates and SGD state; one teacher and one cache for all. A decision of all
 N envs is one step of the batched trainer per SGD step (vmap, or on a CPU the runs in a loop:
 the trainer's ``batching``) and one host–device transfer.
@@ -40,7 +40,7 @@ from asg_env.envs.control import Control
 from asg_env.envs.env import _trainer_defaults, capped_score, check_own_settings
 from asg_env.errors import UserInputError
 from asg_env.training.optim import poly_factor
-from asg_env.training.trainer import Trainer, batching_refusals, run_seeds
+from asg_env.training.trainer import BatchedTrainer, batching_refusals, run_seeds
 
 
 class ASGVectorEnv(gym.vector.VectorEnv):
@@ -62,14 +62,12 @@ class ASGVectorEnv(gym.vector.VectorEnv):
             raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
         check_batchable(trainer_kwargs)
         trainer_kwargs.pop("instances", None)
-        if "num_runs" in trainer_kwargs:
-            raise UserInputError("num_runs is the vector env's num_envs")
         if observation == "per_coordinate":
             trainer_kwargs["coordinate_stats"] = True
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.num_envs = num_envs
-        self.trainer = Trainer(**trainer_kwargs, num_runs=num_envs)
+        self.trainer = BatchedTrainer(num_envs, **trainer_kwargs)
         self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
         self.evaluate_target_enabled, self.divergence_penalty = bool(evaluate_target), float(divergence_penalty)
         self.synthetic_score = bool(synthetic_score)
@@ -138,27 +136,21 @@ class ASGVectorEnv(gym.vector.VectorEnv):
             if not self.single_action_space.contains(actions[i]):
                 raise UserInputError(f"action {actions[i].tolist()} of env {i} is outside {self.single_action_space}")
             scales[i] = self.controls[i].scales(actions[i])
-        values = self.trainer.step_runs(scales, stepping) if stepping else {}
+        values = self.trainer.step(scales, stepping) if stepping else {}
         T = self.trainer.T
         for i in stepping:
-            v, t = values[i], self.trainer.run_t[i]
-            if not v["finite"]:
-                self._diverged[i] = True
-                self._obs[i, 2] = t / T
-                rewards[i], terminated[i] = self.divergence_penalty, True
-                info[i] = self._info(i, v)
-                if self.synthetic_score:
-                    info[i]["score"] = self._initial_score[i]
-                continue
-            previous, self._values[i] = self._values[i], v
-            self._obs[i] = self.controls[i].observe(v, t / T, self.trainer.lr_base)
-            rewards[i], terminated[i] = self.controls[i].reward(previous, v, t >= T), t >= T
+            v, t = values[i], self.trainer.t[i]
+            self._diverged[i] = not v["finite"]
+            self._obs[i], rewards[i], terminated[i] = self.controls[i].outcome(
+                self._obs[i], self._values[i], v, t, T, self.trainer.lr_base, self.divergence_penalty)
             info[i] = self._info(i, v)
-            if self.evaluate_target_enabled and self.trainer.runs_due[i]:
-                info[i].update(self.trainer.evaluate_run(i))
-            if self.synthetic_score and t >= T:
-                final = self.trainer.evaluate_run(i, synthetic_only=True)["synthetic_xe"]
-                info[i]["score"] = capped_score(final, self._initial_score[i])
+            if not self._diverged[i]:
+                self._values[i] = v
+                if self.evaluate_target_enabled and self.trainer.evaluation_due[i]:
+                    info[i].update(self.trainer.evaluate(i))
+            if self.synthetic_score and terminated[i]:
+                info[i]["score"] = self._initial_score[i] if self._diverged[i] else capped_score(
+                    self.trainer.evaluate_synthetic(i)["synthetic_xe"], self._initial_score[i])
         ended = [i for i in stepping if terminated[i]]
         self._ended[ended] = True
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
@@ -171,7 +163,7 @@ class ASGVectorEnv(gym.vector.VectorEnv):
 
     def evaluate_target(self, env: int) -> dict[str, float]:
         """The trainer's evaluation of env ``env``'s run."""
-        return self.trainer.evaluate_run(env)
+        return self.trainer.evaluate(env)
 
     # ---------------------------------------------------------------------------- helpers
     def _reset_envs(self, envs: list[int]) -> dict[int, dict]:
@@ -181,7 +173,7 @@ class ASGVectorEnv(gym.vector.VectorEnv):
             if self._rngs[i] is None:
                 self._rngs[i], _ = gym.utils.seeding.np_random(None)
             seeds[i] = run_seeds(self._rngs[i])
-        values = self.trainer.reset_runs(seeds)
+        values = self.trainer.reset(seeds)
         info = {}
         for i in envs:
             self.controls[i].reset()
@@ -190,7 +182,7 @@ class ASGVectorEnv(gym.vector.VectorEnv):
             self._ended[i] = self._diverged[i] = self._autoreset[i] = False
             info[i] = self._info(i, values[i])
             if self.synthetic_score:
-                self._initial_score[i] = info[i]["initial_score"] = self.trainer.evaluate_run(i, synthetic_only=True)["synthetic_xe"]
+                self._initial_score[i] = info[i]["initial_score"] = self.trainer.evaluate_synthetic(i)["synthetic_xe"]
         return info
 
     def _batched(self, info: dict[int, dict]) -> dict:
@@ -202,11 +194,11 @@ class ASGVectorEnv(gym.vector.VectorEnv):
 
     def _info(self, i: int, values: dict) -> dict:
         trainer = self.trainer
-        step = trainer.run_sgd_step[i]
+        step = trainer.sgd_step[i]
         poly = trainer.lr_schedule == "poly" and step > 0  # a fresh run reports η_base, as ASGEnv's SGD does
         factor = poly_factor(step - 1, trainer.total_sgd_steps, trainer.warmup_steps) if poly else 1.0
         lr = {n: float(s) * trainer.lr_base * factor for n, s in zip(self.coordinate_names, self.controls[i].scale)}
-        return {"step": trainer.run_t[i], "sgd_step": step, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
+        return {"step": trainer.t[i], "sgd_step": step, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
                 "lr": lr, "diverged": bool(self._diverged[i]), "instance": -1}
 
 

@@ -17,7 +17,7 @@ else (the stacked state, the SGD, the resets) is shared by both.
 
 Runs need not be in step: a run that is not ``moving`` in an SGD step (its window is over, it
 is waiting for a reset, or it diverged) keeps its weights and velocity exactly, although the
-batched forward pass still computes it. :class:`~asg_env.training.trainer.Trainer` (``num_runs=N``)
+batched forward pass still computes it. :class:`~asg_env.training.trainer.BatchedTrainer`
 holds one of these; the data order, the teacher and the decisions stay in the trainer.
 """
 
@@ -41,7 +41,7 @@ def stacked_zeros(t: torch.Tensor, n: int, per_run_layout: bool) -> torch.Tensor
 
 
 class StackedRuns:
-    """The trainable weights and SGD velocities of ``num_runs`` runs, stacked, and the batched
+    """The trainable weights and SGD velocities of ``num_envs`` runs, stacked, and the batched
     objective over them.
 
     Args:
@@ -52,11 +52,11 @@ class StackedRuns:
         sgd, momentum, weight_decay: as :func:`asg_env.training.optim.make_sgd`.
     """
 
-    def __init__(self, objective: nn.Module, coordinates: list[Coordinate], num_runs: int, sgd: str,
+    def __init__(self, objective: nn.Module, coordinates: list[Coordinate], num_envs: int, sgd: str,
                  momentum: float, weight_decay: float, batching: str = "vmap"):
         if batching not in ("vmap", "loop"):
             raise ValueError(f"batching must be vmap or loop, not {batching!r}")
-        self.num_runs, self.sgd, self.momentum, self.weight_decay = num_runs, sgd, momentum, weight_decay
+        self.num_envs, self.sgd, self.momentum, self.weight_decay = num_envs, sgd, momentum, weight_decay
         self.batching = batching
         name_of = {id(p): n for n, p in objective.named_parameters()}
         self.groups = [[name_of[id(p)] for p in c.params] for c in coordinates]
@@ -68,7 +68,7 @@ class StackedRuns:
         self.velocity = {n: torch.zeros_like(p) for n, p in self.params.items()}
         # loop: each run's weights as leaves of their own, views of the stacked storage
         self._views = [{n: p[r].detach().requires_grad_() for n, p in self.params.items()}
-                       for r in range(num_runs)] if batching == "loop" else []
+                       for r in range(num_envs)] if batching == "loop" else []
 
         def one_run(params, x, y, teacher):
             return functional_call(objective, {**params, **self.shared}, (x, y, teacher))
@@ -82,13 +82,13 @@ class StackedRuns:
 
     def zeros_like_runs(self, t: torch.Tensor) -> torch.Tensor:
         """Zeros for every run's copy of ``t``, (N, *t.shape), in the layout this batching wants."""
-        return stacked_zeros(t, self.num_runs, per_run_layout=self.batching == "loop")
+        return stacked_zeros(t, self.num_envs, per_run_layout=self.batching == "loop")
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
         """``[L, L_XE, guidance]`` of every run on its own batch: ``x`` is (N, B, …); (N, 3)."""
         if self.batching == "loop":
             return torch.stack([self._one_run(self._views[r], x[r], y[r], None if teacher is None else teacher[r])
-                                for r in range(self.num_runs)])
+                                for r in range(self.num_envs)])
         if teacher is None:
             return self._per_run_no_teacher(self.params, x, y)
         return self._per_run(self.params, x, y, teacher)
@@ -128,7 +128,7 @@ class StackedRuns:
                 p, v = self.params[n], self.velocity[n]
                 if p.grad is None:
                     continue
-                lr = lrs[:, c].view((self.num_runs,) + (1,) * (p.dim() - 1))
+                lr = lrs[:, c].view((self.num_envs,) + (1,) * (p.dim() - 1))
                 g = p.grad.add_(p, alpha=self.weight_decay) if self.weight_decay else p.grad
                 if moving is None:
                     if self.sgd == "official":  # v ← ρv + lr·g;  p ← p − v
@@ -161,4 +161,4 @@ class StackedRuns:
 
     def coordinate_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per coordinate, every run's values flattened into one row: C tensors of (N, size)."""
-        return [torch.cat([tensors[n].reshape(self.num_runs, -1) for n in names], 1) for names in self.groups]
+        return [torch.cat([tensors[n].reshape(self.num_envs, -1) for n in names], 1) for names in self.groups]

@@ -5,6 +5,11 @@ A run is ``T`` decisions. Decision t holds per-coordinate learning-rate scales
 ``a_c ∈ [0, 1]`` for ``windows[t]`` SGD steps with ``lr_c = a_c · lr_base`` (momentum 0.9,
 weight decay 5e-4) on ``L = L_XE + λ · guidance``. :class:`~asg_env.envs.env.ASGEnv` wraps a
 :class:`Trainer` into observations and rewards; ``apply_policy.py`` drives one directly.
+:class:`BatchedTrainer` holds N runs of one configuration as one batched model
+(:mod:`asg_env.training.batched`), with the same verbs; :class:`~asg_env.envs.vector.ASGVectorEnv`
+wraps it. Both build the models in :class:`FineTuning`, their shared core, and read a
+decision's outcome with the same functions (:func:`decision_values`, :func:`coordinate_stats`,
+:func:`evaluation_due`).
 
 Every decision reads the losses and θ_n's weight statistics in one host–device transfer
 (:meth:`Trainer.step` returns them as floats); nothing else in a window waits for the device.
@@ -60,10 +65,10 @@ def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def batching_refusals(settings: dict) -> list[str]:
-    """Why these Trainer settings cannot run as batched runs (``num_runs=N``), judged from the
-    settings alone (missing ones take the Trainer's defaults); the trainer adds what it learns
-    when it is built (torchrun, a file-based source)."""
-    get = lambda key: settings.get(key, inspect.signature(Trainer).parameters[key].default)  # noqa: E731
+    """Why these settings cannot run as a :class:`BatchedTrainer`, judged from the settings
+    alone (missing ones take the defaults); the trainer adds what it learns when it is built
+    (torchrun, a file-based source)."""
+    get = lambda key: settings.get(key, inspect.signature(FineTuning).parameters[key].default)  # noqa: E731
     why = []
     if get("bn_stats") != "frozen":
         why.append('bn_stats="frozen" (batch statistics update shared buffers in place, which vmap cannot '
@@ -77,8 +82,58 @@ def batching_refusals(settings: dict) -> list[str]:
     return why
 
 
-class Trainer:
-    """One fine-tuning run of an ImageNet model on synthetic images, decision by decision.
+def evaluation_due(t: int, T: int, sgd_step: int, epoch_before: int, steps_per_epoch: int, eval_every: int | str) -> bool:
+    """Whether the decision that brought a run to decision ``t`` and SGD step ``sgd_step`` (from
+    epoch ``epoch_before``) is followed by an evaluation: ``eval_every`` decisions, or
+    ``"epoch"`` at the first decision that ends in a new epoch, and always at the end."""
+    if eval_every == "epoch":
+        due = sgd_step // steps_per_epoch > epoch_before
+    else:
+        due = bool(eval_every) and t % eval_every == 0
+    return t >= T or due
+
+
+def decision_values(losses: torch.Tensor, check: torch.Tensor, head: torch.Tensor, stats: torch.Tensor | None,
+                    rows: list[int], reduce=None) -> list[dict]:
+    """A decision's outcome for each of N runs, as floats, in one host–device transfer: the
+    losses (N × 3: L, L_XE, guidance), θ_n's weight mean and std (``head``, N × k) and, when
+    given, the per-coordinate ``stats`` (N × C × 3). ``check`` (N: the window's summed training
+    loss) only decides ``finite``. ``reduce`` averages the first four columns over the ranks.
+    Returns the values of the runs ``rows``, in that order."""
+    values = torch.cat([losses.detach().float(), check.detach().float()[:, None], head.mean(1, keepdim=True),
+                        head.std(1, keepdim=True)], 1)
+    if reduce is not None:
+        values[:, :4] = reduce(values[:, :4])
+    if stats is not None:
+        values = torch.cat([values, stats.float().flatten(1)], 1)
+    out = []
+    for numbers in values[rows].tolist():
+        v = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:6]))
+        v["finite"] = all(math.isfinite(x) for x in numbers[:6])
+        if stats is not None:
+            v["coordinate_stats"] = np.array(numbers[6:]).reshape(-1, 3)
+        out.append(v)
+    return out
+
+
+def coordinate_stats(now: list[torch.Tensor], before: list[torch.Tensor], origin: list[torch.Tensor],
+                     grad_norms: torch.Tensor) -> torch.Tensor:
+    """Per run and coordinate: the gradient norm (``grad_norms``, N × C), the update-to-weight
+    ratio since ``before`` (the window's start) and the relative distance from ``origin`` (the
+    run's start), as one N × C × 3 tensor. The weights are C tensors of N × size."""
+    rows = []
+    for c, (w, ref, start) in enumerate(zip(now, before, origin)):
+        tiny = torch.finfo(w.dtype).tiny
+        rows.append(torch.stack([grad_norms[:, c], (w - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(tiny),
+                                 (w - start).norm(dim=1) / start.norm(dim=1).clamp_min(tiny)], 1))
+    return torch.stack(rows, 1)
+
+
+class FineTuning:
+    """What every fine-tuning run of one configuration shares: the task, the student and its
+    frozen teacher, the coordinates, the guidance and the objective, the teacher's cache, the
+    windows of the decisions, and the evaluation of the student's current weights. The two
+    trainers, :class:`Trainer` (one run) and :class:`BatchedTrainer` (N runs), add the runs.
 
     Args:
         task: a name in :data:`asg_env.tasks.registry.TASKS`: ``"syndigits"`` (embedded, offline),
@@ -156,19 +211,6 @@ class Trainer:
         source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
             :mod:`asg_env.tasks.folders`): the synthetic training images and the real ones,
             which are only evaluated on.
-        num_runs: None (the default) is one run, driven by :meth:`reset` and :meth:`step`. A
-            number N holds N runs of this configuration at once as one batched model
-            (:mod:`asg_env.training.batched`), each with its own θ_n, data order, learning rates and
-            SGD state, sharing the teacher and its cache; they are driven with
-            :meth:`reset_runs` and :meth:`step_runs` instead of :meth:`reset` and :meth:`step`.
-            Needs an in-memory source (the embedded tasks), ``bn_stats="frozen"``, one process,
-            no ``compile`` and a guidance that does not hold the weights (``kl``,
-            ``feature_l2``, ``none``).
-        batching: how N runs are computed (:class:`~asg_env.training.batched.StackedRuns`): ``"vmap"``,
-            one batched model, or ``"loop"``, the runs one after another on their own views of
-            the stacked weights. ``"auto"`` (the default) takes loop on a CPU, where vmap's
-            grouped convolutions are slower than the runs one by one (README, *Benchmarks*),
-            and vmap elsewhere. Both give the same results within float tolerance.
     """
 
     def __init__(
@@ -214,8 +256,6 @@ class Trainer:
         source_root: str | None = None,
         target_root: str | None = None,
         coordinate_stats: bool = False,
-        num_runs: int | None = None,
-        batching: str = "auto",
     ):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
@@ -286,9 +326,6 @@ class Trainer:
         self._target_reference: dict | None = None  # the teacher's target / ImageNet-photo predictions
         self.t = self.sgd_step = 0
         self.evaluation_due = False
-        self.batched, self.num_runs = num_runs is not None, 1 if num_runs is None else int(num_runs)
-        if self.batched:
-            self._init_batched(guidance if self.lam > 0 else "none", compile, batching)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -303,235 +340,6 @@ class Trainer:
     def class_iou_keys(self) -> list[str]:
         """The per-class entries of an evaluation (the IoU of each class, for segmentation)."""
         return self.kind.class_keys(self.task)
-
-    # ----------------------------------------------------------------------------- the run
-    def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
-        """Start a run from the ImageNet weights: a fresh θ_n from ``head_seed``, a fresh SGD,
-        and the data order of ``data_seed``. Returns L_0 (Algorithm 1, line 2) as floats."""
-        self._require_single("reset")
-        torch.manual_seed(head_seed)  # only stochastic layers (VGG's dropout, bn_stats="train") draw from it
-        self.student.load_state_dict(self._imagenet_state, strict=False)
-        self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
-        self.optimizer = make_sgd(
-            self.sgd, [{"params": c.params, "lr": self.lr_base, "name": c.name} for c in self.coordinates],
-            lr=self.lr_base, momentum=self.momentum, weight_decay=self.weight_decay,
-        )
-        self.task.source.reset(data_seed)
-        self.t = self.sgd_step = 0
-        self.evaluation_due = False
-        self.student.train(self.bn_stats == "train")
-        for p in self.student.parameters():  # the previous run's last gradient is not this run's
-            p.grad = None
-        self._origin = self._weights() if self.coordinate_stats else None
-        self._pending = self._train_losses()
-        return self._read(self._pending if self.reward_batch == "train" else self._heldout_losses(),
-                          stats=self._stats(self._origin) if self.coordinate_stats else None)
-
-    def step(self, scales) -> dict[str, float]:
-        """Hold learning-rate ``scales`` (one per coordinate, in [0, 1]) for the next window of
-        SGD steps. Returns the decision's losses and θ_n's statistics; ``finite`` is False when
-        any loss of the window was not finite. Sets :attr:`evaluation_due`."""
-        self._require_single("step")
-        if self.t >= self.T:
-            raise RuntimeError(f"the run is over: all {self.T} decisions were made")
-        window = self.windows[self.t]
-        epoch_before = self.sgd_step // self.steps_per_epoch
-        before = self._weights() if self.coordinate_stats else None
-        sums = None
-        for i in range(window):
-            factor = poly_factor(self.sgd_step, self.total_sgd_steps, self.warmup_steps) if self.lr_schedule == "poly" else 1.0
-            for group, scale in zip(self.optimizer.param_groups, scales):
-                group["lr"] = float(scale) * self.lr_base * factor
-            self.optimizer.zero_grad(set_to_none=True)
-            self._pending[0].backward()
-            self.optimizer.step()
-            self.sgd_step += 1
-            # forward of the next batch with the new θ; only the window's last is a checkpoint point
-            self._pending = self._train_losses(snapshot=i == window - 1)
-            losses = self._pending.detach()
-            sums = losses if sums is None else sums + losses
-        self.t += 1
-        values = self._read(sums / window if self.reward_batch == "train" else self._heldout_losses(), check=sums[0],
-                            stats=self._stats(before) if self.coordinate_stats else None)
-        if self.eval_every == "epoch":
-            due = self.sgd_step // self.steps_per_epoch > epoch_before
-        else:
-            due = bool(self.eval_every) and self.t % self.eval_every == 0
-        self.evaluation_due = self.t >= self.T or due
-        return values
-
-    @property
-    def learning_rates(self) -> dict[str, float]:
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-
-    # ---------------------------------------------------------------- N runs at once (num_runs=N)
-    def _init_batched(self, guidance: str, compile: str | None, batching: str) -> None:
-        why = []
-        if self.world_size > 1:
-            why.append("one process (not torchrun)")
-        if not isinstance(self.task.source, TensorSource):
-            why.append("an in-memory source (the embedded tasks, not files)")
-        why += batching_refusals({"bn_stats": self.bn_stats, "compile": compile, "guidance": guidance, "lam": self.lam})
-        if why:
-            raise UserInputError("batched runs need " + ", ".join(why))
-        N = self.num_runs
-        self.batching = batching if batching != "auto" else ("loop" if self.device.type == "cpu" else "vmap")
-        self.runs = StackedRuns(self.objective, self.coordinates, N, self.sgd, self.momentum, self.weight_decay,
-                                self.batching)
-        self._orders = [EpochOrder(len(self.task.source), self.task.source.batch_size) for _ in range(N)]
-        self.run_t, self.run_sgd_step = [-1] * N, [0] * N  # -1: never started
-        self.runs_due = np.zeros(N, dtype=bool)
-        self._classifier_name = next(n for n, p in self.objective.named_parameters() if p is self.student.classifier.weight)
-        self._batch: list[torch.Tensor | None] | None = None  # every run's pending batch: x, y, teacher
-        self._origin_runs = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
-
-    def reset_runs(self, seeds: dict[int, tuple[int, int]]) -> dict[int, dict[str, float]]:
-        """Start the given runs afresh, ``{run: (head_seed, data_seed)}`` (as :meth:`reset` does
-        for one run); the others keep going. Returns each started run's L_0, in one transfer."""
-        self._require_batched("reset_runs")
-        for run, (head_seed, data_seed) in seeds.items():
-            self.student.load_state_dict(self._imagenet_state, strict=False)
-            self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
-            start = {n: p.detach() for n, p in self.objective.named_parameters() if n in self.runs.params}
-            self.runs.load_run(run, start)
-            if self._origin_runs is not None:
-                for n, w in start.items():
-                    self._origin_runs[n][run].copy_(w)
-            self._orders[run].reset(data_seed)
-            self.run_t[run] = self.run_sgd_step[run] = 0
-            self.runs_due[run] = False
-        runs = sorted(seeds)
-        self._draw(runs)
-        with self._autocast():
-            self._pending = self.runs.losses(*self._batch)
-        losses = self._pending if self.reward_batch == "train" else self._heldout_losses_runs()
-        stats = None
-        if self.coordinate_stats:
-            stats = self._stats_runs(self._origin_runs, torch.zeros(self.num_runs, len(self.coordinates), device=self.device))
-        return self._read_runs(losses, losses[:, 0], stats, runs)
-
-    def step_runs(self, scales: np.ndarray, runs: list[int]) -> dict[int, dict[str, float]]:
-        """Hold ``scales[r]`` (N × C) for the next window of each run ``r`` in ``runs``; the
-        other runs keep their weights and data position. Returns each stepped run's values, as
-        :meth:`step` does for one run, all in one transfer; sets :attr:`runs_due`."""
-        self._require_batched("step_runs")
-        for r in runs:
-            if not 0 <= self.run_t[r] < self.T:
-                raise RuntimeError(f"run {r} is {'over' if self.run_t[r] >= self.T else 'not started'}")
-        N, scales = self.num_runs, np.asarray(scales, dtype=float)
-        window = np.zeros(N, dtype=int)
-        window[runs] = [self.windows[self.run_t[r]] for r in runs]
-        epoch_before = {r: self.run_sgd_step[r] // self.steps_per_epoch for r in runs}
-        before = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
-        grad_norms = torch.zeros(N, len(self.coordinates), device=self.device)
-        sums = torch.zeros(N, 3, device=self.device)
-        # every learning rate of the windows and the masks go to the device once per decision
-        longest = int(window.max())
-        factors = np.ones((longest, N))
-        for r in runs:
-            for i in range(window[r]):
-                if self.lr_schedule == "poly":
-                    factors[i, r] = poly_factor(self.run_sgd_step[r] + i, self.total_sgd_steps, self.warmup_steps)
-        lrs = torch.as_tensor(factors[:, :, None] * scales[None] * self.lr_base, dtype=torch.float32, device=self.device)
-        window_t = torch.as_tensor(window, device=self.device)
-        for i in range(longest):
-            moving_runs = [r for r in runs if i < window[r]]
-            moving = window_t > i
-            self.runs.backward(self._pending, moving)
-            if self.coordinate_stats:  # the gradient of each run's last SGD step of its window
-                grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.runs.params.items()}
-                norms = torch.stack([g.norm(dim=1) for g in self.runs.coordinate_tensors(grads)], 1)
-                grad_norms = torch.where((window_t == i + 1)[:, None], norms, grad_norms)
-            self.runs.sgd_step(lrs[i], None if len(moving_runs) == N else moving)
-            for r in moving_runs:
-                self.run_sgd_step[r] += 1
-            self._draw(moving_runs)
-            with self._autocast():
-                self._pending = self.runs.losses(*self._batch)
-            sums += torch.where(moving[:, None], self._pending.detach(), torch.zeros_like(sums))
-        for r in runs:
-            self.run_t[r] += 1
-            if self.eval_every == "epoch":
-                due = self.run_sgd_step[r] // self.steps_per_epoch > epoch_before[r]
-            else:
-                due = bool(self.eval_every) and self.run_t[r] % self.eval_every == 0
-            self.runs_due[r] = self.run_t[r] >= self.T or due
-        mean = sums / window_t.clamp(min=1)[:, None]
-        losses = mean if self.reward_batch == "train" else self._heldout_losses_runs()
-        stats = self._stats_runs(before, grad_norms) if self.coordinate_stats else None
-        return self._read_runs(losses, sums[:, 0], stats, runs)
-
-    def evaluate_run(self, run: int, synthetic_only: bool = False) -> dict[str, float]:
-        """:meth:`evaluate` (:meth:`evaluate_synthetic` with ``synthetic_only``) of run ``run``
-        (its weights are copied into the trainer's student)."""
-        self._require_batched("evaluate_run")
-        with torch.no_grad():
-            for n, p in self.objective.named_parameters():
-                if n in self.runs.params:
-                    p.copy_(self.runs.params[n][run])
-        return self.evaluate_synthetic() if synthetic_only else self.evaluate()
-
-    def _require_single(self, method: str) -> None:
-        if self.batched:
-            raise RuntimeError(f"{method} drives one run; a trainer of num_runs={self.num_runs} takes reset_runs and step_runs")
-
-    def _require_batched(self, method: str) -> None:
-        if not self.batched:
-            raise RuntimeError(f"{method} drives batched runs (num_runs=N); use reset and step for one run")
-
-    def _draw(self, runs: list[int]) -> None:
-        """The next training batch of each of ``runs``, into the pending batches."""
-        if not runs:
-            return
-        x, y, index, key = self.task.source.next_runs([self._orders[r] for r in runs])
-        teacher = None
-        if self.guidance.teacher_output is not None:
-            flat = x.flatten(0, 1).contiguous(memory_format=self.memory_format)
-            if self._teacher_cache is not None:
-                teacher = self._teacher_cache(flat, index.flatten(), key.flatten(), self._teacher_out)
-            else:
-                teacher = self._teacher_out(flat)
-            teacher = teacher.view(len(runs), -1, *teacher.shape[1:])
-        if self._batch is None:
-            layouts = (x[0].contiguous(memory_format=self.memory_format), y[0], None if teacher is None else teacher[0])
-            self._batch = [self.runs.zeros_like_runs(t) if t is not None else None for t in layouts]
-        for store, new in zip(self._batch, (x, y, teacher)):
-            if new is not None:
-                store[runs] = new
-
-    def _heldout_losses_runs(self) -> torch.Tensor:
-        x, y = self.task.heldout
-        with self._autocast():
-            return self.runs.losses_on(x.contiguous(memory_format=self.memory_format), y, self._teacher_heldout)
-
-    def _read_runs(self, losses: torch.Tensor, check: torch.Tensor, stats: torch.Tensor | None,
-                   runs: list[int]) -> dict[int, dict[str, float]]:
-        """:meth:`_read` for every run at once (N × …), one transfer; the entries of ``runs``."""
-        w = self.runs.params[self._classifier_name].detach().flatten(1)
-        values = torch.cat([losses.detach().float(), check.detach().float()[:, None], w.mean(1, keepdim=True),
-                            w.std(1, keepdim=True)], 1)
-        if stats is not None:
-            values = torch.cat([values, stats.float().flatten(1)], 1)
-        rows = values[runs].tolist()
-        out = {}
-        for r, numbers in zip(runs, rows):
-            v = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:6]))
-            v["finite"] = all(math.isfinite(x) for x in numbers[:6])
-            if stats is not None:
-                v["coordinate_stats"] = np.array(numbers[6:]).reshape(-1, 3)
-            out[r] = v
-        return out
-
-    def _stats_runs(self, reference: dict[str, torch.Tensor], grad_norms: torch.Tensor) -> torch.Tensor:
-        """:meth:`_stats` for every run: N × C × 3."""
-        params = {n: p.detach() for n, p in self.runs.params.items()}
-        rows = []
-        for c, (now, ref, origin) in enumerate(zip(*(self.runs.coordinate_tensors(t) for t in
-                                                     (params, reference, self._origin_runs)))):
-            tiny = torch.finfo(now.dtype).tiny
-            rows.append(torch.stack([grad_norms[:, c], (now - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(tiny),
-                                     (now - origin).norm(dim=1) / origin.norm(dim=1).clamp_min(tiny)], 1))
-        return torch.stack(rows, 1)
 
     # ------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -610,42 +418,6 @@ class Trainer:
         for x, y in self.task.source_eval.batches(shard=(self.rank, self.world_size)):
             self.kind.update_synthetic(metrics, self.student, x.contiguous(memory_format=self.memory_format), y)
 
-    # ------------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """Everything that determines the rest of the run, taken between two decisions: the
-        student, the optimizer, the progress, the data position and the RNGs, as of just
-        before the batch that the next SGD step trains on was drawn (that batch's forward
-        pass is redone on loading). With ``bn_stats="train"`` that forward pass has already
-        updated the BatchNorm running statistics, so the buffers are saved as they were
-        before it, and loading counts the batch once."""
-        self._require_single("state_dict")
-        pending = dict(self._before_pending)
-        student = self.student.state_dict()
-        student.update((k, v) for k, v in pending.pop("buffers", {}).items() if k in student)
-        state = {"student": student, "optimizer": self.optimizer.state_dict(),
-                 "t": self.t, "sgd_step": self.sgd_step, **pending}
-        if isinstance(self._teacher_cache, MemoryTeacherCache):
-            state["teacher_cache"] = self._teacher_cache.state_dict()
-        return copy.deepcopy(state)  # a snapshot: training goes on updating these tensors in place
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the run saved by :meth:`state_dict` (after :meth:`reset` built its SGD)."""
-        try:
-            self.student.load_state_dict(state["student"])
-        except RuntimeError as err:
-            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-            raise UserInputError(f"the checkpoint's weights do not fit this model (another configuration or an "
-                                 f"older ASG-Gym): {first}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.t, self.sgd_step = int(state["t"]), int(state["sgd_step"])
-        if "teacher_cache" in state and isinstance(self._teacher_cache, MemoryTeacherCache):
-            self._teacher_cache.load_state_dict(state["teacher_cache"])
-        self.task.source.load_state_dict(state["source"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self._pending = self._train_losses()
-
     # ---------------------------------------------------------------------------- helpers
     def _autocast(self):
         if self.amp:
@@ -674,6 +446,119 @@ class Trainer:
             dist.barrier()
         return DiskTeacherCache(path, self.device)
 
+    def _start_weights(self, head_seed: int) -> None:
+        """The student at the ImageNet weights (kept in memory) with a fresh θ_n from ``head_seed``."""
+        self.student.load_state_dict(self._imagenet_state, strict=False)
+        self._init_new_head(torch.Generator(device="cpu").manual_seed(head_seed))
+
+    def _init_new_head(self, generator: torch.Generator) -> None:
+        """θ_n afresh: PyTorch's default Linear init, drawn from the run's seed; FCN score
+        convolutions at zero and learned upsampling at bilinear (the official ``fcn8s_vgg.py``)."""
+        with torch.no_grad():
+            for layer in self.student.new_head.modules():
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    for p in (layer.weight, layer.bias):
+                        p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+                elif isinstance(layer, nn.Conv2d):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+                elif isinstance(layer, BilinearDeconv):
+                    layer.reset_parameters()
+
+
+
+class Trainer(FineTuning):
+    """One fine-tuning run of an ImageNet model on synthetic images, decision by decision:
+    :meth:`reset`, then :meth:`step` T times; :meth:`evaluate` at any point. Takes the settings
+    of :class:`FineTuning`."""
+
+    def reset(self, head_seed: int, data_seed: int) -> dict[str, float]:
+        """Start a run from the ImageNet weights: a fresh θ_n from ``head_seed``, a fresh SGD,
+        and the data order of ``data_seed``. Returns L_0 (Algorithm 1, line 2) as floats."""
+        torch.manual_seed(head_seed)  # only stochastic layers (VGG's dropout, bn_stats="train") draw from it
+        self._start_weights(head_seed)
+        self.optimizer = make_sgd(
+            self.sgd, [{"params": c.params, "lr": self.lr_base, "name": c.name} for c in self.coordinates],
+            lr=self.lr_base, momentum=self.momentum, weight_decay=self.weight_decay,
+        )
+        self.task.source.reset(data_seed)
+        self.t = self.sgd_step = 0
+        self.evaluation_due = False
+        self.student.train(self.bn_stats == "train")
+        for p in self.student.parameters():  # the previous run's last gradient is not this run's
+            p.grad = None
+        self._origin = self._weights() if self.coordinate_stats else None
+        self._pending = self._train_losses()
+        losses = self._pending if self.reward_batch == "train" else self._heldout_losses()
+        return self._read(losses, losses[0], self._origin)
+
+    def step(self, scales) -> dict[str, float]:
+        """Hold learning-rate ``scales`` (one per coordinate, in [0, 1]) for the next window of
+        SGD steps. Returns the decision's losses and θ_n's statistics; ``finite`` is False when
+        any loss of the window was not finite. Sets :attr:`evaluation_due`."""
+        if self.t >= self.T:
+            raise RuntimeError(f"the run is over: all {self.T} decisions were made")
+        window = self.windows[self.t]
+        epoch_before = self.sgd_step // self.steps_per_epoch
+        before = self._weights() if self.coordinate_stats else None
+        sums = None
+        for i in range(window):
+            factor = poly_factor(self.sgd_step, self.total_sgd_steps, self.warmup_steps) if self.lr_schedule == "poly" else 1.0
+            for group, scale in zip(self.optimizer.param_groups, scales):
+                group["lr"] = float(scale) * self.lr_base * factor
+            self.optimizer.zero_grad(set_to_none=True)
+            self._pending[0].backward()
+            self.optimizer.step()
+            self.sgd_step += 1
+            # forward of the next batch with the new θ; only the window's last is a checkpoint point
+            self._pending = self._train_losses(snapshot=i == window - 1)
+            losses = self._pending.detach()
+            sums = losses if sums is None else sums + losses
+        self.t += 1
+        values = self._read(sums / window if self.reward_batch == "train" else self._heldout_losses(), sums[0], before)
+        self.evaluation_due = evaluation_due(self.t, self.T, self.sgd_step, epoch_before, self.steps_per_epoch,
+                                             self.eval_every)
+        return values
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def state_dict(self) -> dict:
+        """Everything that determines the rest of the run, taken between two decisions: the
+        student, the optimizer, the progress, the data position and the RNGs, as of just
+        before the batch that the next SGD step trains on was drawn (that batch's forward
+        pass is redone on loading). With ``bn_stats="train"`` that forward pass has already
+        updated the BatchNorm running statistics, so the buffers are saved as they were
+        before it, and loading counts the batch once."""
+        pending = dict(self._before_pending)
+        student = self.student.state_dict()
+        student.update((k, v) for k, v in pending.pop("buffers", {}).items() if k in student)
+        state = {"student": student, "optimizer": self.optimizer.state_dict(),
+                 "t": self.t, "sgd_step": self.sgd_step, **pending}
+        if isinstance(self._teacher_cache, MemoryTeacherCache):
+            state["teacher_cache"] = self._teacher_cache.state_dict()
+        return copy.deepcopy(state)  # a snapshot: training goes on updating these tensors in place
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the run saved by :meth:`state_dict` (after :meth:`reset` built its SGD)."""
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise UserInputError(f"the checkpoint's weights do not fit this model (another configuration or an "
+                                 f"older ASG-Gym): {first}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.t, self.sgd_step = int(state["t"]), int(state["sgd_step"])
+        if "teacher_cache" in state and isinstance(self._teacher_cache, MemoryTeacherCache):
+            self._teacher_cache.load_state_dict(state["teacher_cache"])
+        self.task.source.load_state_dict(state["source"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self._pending = self._train_losses()
+
     def _train_losses(self, snapshot: bool = True) -> torch.Tensor:
         if snapshot:  # what state_dict() needs to redraw this batch after a restart
             self._before_pending = {"source": self.task.source.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -699,57 +584,21 @@ class Trainer:
         self.student.train(was_training)
         return losses
 
-    def _init_new_head(self, generator: torch.Generator) -> None:
-        """θ_n afresh: PyTorch's default Linear init, drawn from the run's seed; FCN score
-        convolutions at zero and learned upsampling at bilinear (the official ``fcn8s_vgg.py``)."""
-        with torch.no_grad():
-            for layer in self.student.new_head.modules():
-                if isinstance(layer, nn.Linear):
-                    bound = 1.0 / math.sqrt(layer.in_features)
-                    for p in (layer.weight, layer.bias):
-                        p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
-                elif isinstance(layer, nn.Conv2d):
-                    layer.weight.zero_()
-                    layer.bias.zero_()
-                elif isinstance(layer, BilinearDeconv):
-                    layer.reset_parameters()
+    def _read(self, losses: torch.Tensor, check: torch.Tensor, before: list[torch.Tensor] | None) -> dict[str, float]:
+        """:func:`decision_values` of this run (the losses averaged over the ranks), with the
+        per-coordinate statistics since ``before`` when the trainer measures them."""
+        stats = None
+        if self.coordinate_stats:
+            grads = [[p.grad.detach().flatten() for p in c.params if p.grad is not None] for c in self.coordinates]
+            norms = torch.stack([torch.cat(g).norm() if g else torch.zeros((), device=self.device) for g in grads])
+            stats = coordinate_stats(self._weights(), before, self._origin, norms[None])
+        head = self.student.classifier.weight.detach().reshape(1, -1)
+        reduce = self._all_mean if self.world_size > 1 else None
+        return decision_values(losses[None], check.view(1), head, stats, [0], reduce)[0]
 
-    def _read(self, losses: torch.Tensor, check: torch.Tensor | None = None,
-              stats: torch.Tensor | None = None) -> dict[str, float]:
-        """``losses`` (L, L_XE, guidance; averaged over the ranks) and θ_n's weight statistics
-        as floats, in one host–device transfer, with the per-coordinate ``stats`` (C × 3, the
-        same on every rank) when given. ``check`` (the window's summed training loss) only
-        decides ``finite``."""
-        w = self.student.classifier.weight.detach()
-        check = losses[0] if check is None else check
-        values = torch.cat([losses.detach().float(), check.detach().float().view(1), torch.stack([w.mean(), w.std()])])
-        if self.world_size > 1:
-            values[:4] = self._all_mean(values[:4])
-        if stats is not None:
-            values = torch.cat([values, stats.float().flatten()])
-        numbers = values.tolist()
-        out = dict(zip(VALUE_KEYS, numbers[:3] + numbers[4:6]))
-        out["finite"] = all(math.isfinite(v) for v in numbers[:6])
-        if stats is not None:
-            out["coordinate_stats"] = np.array(numbers[6:]).reshape(-1, 3)
-        return out
-
-    def _weights(self) -> list[list[torch.Tensor]]:
-        return [[p.detach().clone() for p in c.params] for c in self.coordinates]
-
-    def _stats(self, reference: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Per coordinate: the gradient norm, the update-to-weight ratio since ``before`` (the
-        window's start) and the relative distance from the run's start, as one C × 3 tensor."""
-        rows = []
-        for c, ref, origin in zip(self.coordinates, reference, self._origin):
-            now = torch.cat([p.detach().flatten() for p in c.params])
-            grads = [p.grad.detach().flatten() for p in c.params if p.grad is not None]
-            grad = torch.cat(grads).norm() if grads else now.new_zeros(())
-            ref, origin = torch.cat([r.flatten() for r in ref]), torch.cat([o.flatten() for o in origin])
-            tiny = torch.finfo(now.dtype).tiny
-            rows.append(torch.stack([grad, (now - ref).norm() / ref.norm().clamp_min(tiny),
-                                     (now - origin).norm() / origin.norm().clamp_min(tiny)]))
-        return torch.stack(rows)
+    def _weights(self) -> list[torch.Tensor]:
+        """Each coordinate's weights, flattened into one row: C tensors of 1 × size."""
+        return [torch.cat([p.detach().flatten() for p in c.params])[None] for c in self.coordinates]
 
     @staticmethod
     def _all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -757,6 +606,208 @@ class Trainer:
         dist.all_reduce(x)
         return x / dist.get_world_size()
 
+
+
+
+class BatchedTrainer(FineTuning):
+    """``num_envs`` fine-tuning runs of one configuration at once, as one batched model
+    (:mod:`asg_env.training.batched`): each with its own θ_n, data order, learning rates and SGD
+    state, sharing the teacher and its cache. The verbs are :class:`Trainer`'s, for a set of
+    runs: :meth:`reset` starts some, :meth:`step` moves some one decision, :meth:`evaluate`
+    measures one; ``t``, ``sgd_step`` and ``evaluation_due`` hold one entry per run.
+
+    Needs an in-memory source (the embedded tasks), ``bn_stats="frozen"``, one process, no
+    ``compile`` and a guidance that does not hold the weights (``kl``, ``feature_l2``,
+    ``none``).
+
+    Args:
+        num_envs: N, the number of runs.
+        batching: how they are computed (:class:`~asg_env.training.batched.StackedRuns`):
+            ``"vmap"``, one batched model, or ``"loop"``, the runs one after another on their own
+            views of the stacked weights. ``"auto"`` (the default) takes loop on a CPU, where
+            vmap's grouped convolutions are slower than the runs one by one (the benchmarks),
+            and vmap elsewhere. Both give the same results within float tolerance.
+        **settings: the runs' configuration, as :class:`FineTuning` takes it.
+    """
+
+    def __init__(self, num_envs: int, batching: str = "auto", **settings):
+        check_settings({"num_envs": num_envs, "batching": batching}, ENV_SETTINGS)
+        super().__init__(**settings)
+        why = []
+        if self.world_size > 1:
+            why.append("one process (not torchrun)")
+        if not isinstance(self.task.source, TensorSource):
+            why.append("an in-memory source (the embedded tasks, not files)")
+        why += batching_refusals(self.config)
+        if why:
+            raise UserInputError("batched runs need " + ", ".join(why))
+        N = self.num_envs = int(num_envs)
+        self.batching = batching if batching != "auto" else ("loop" if self.device.type == "cpu" else "vmap")
+        self.runs = StackedRuns(self.objective, self.coordinates, N, self.sgd, self.momentum, self.weight_decay,
+                                self.batching)
+        self._orders = [EpochOrder(len(self.task.source), self.task.source.batch_size) for _ in range(N)]
+        self.t, self.sgd_step = [-1] * N, [0] * N  # -1: never started
+        self.evaluation_due = np.zeros(N, dtype=bool)
+        self._classifier_name = next(n for n, p in self.objective.named_parameters() if p is self.student.classifier.weight)
+        self._batch: list[torch.Tensor | None] | None = None  # every run's pending batch: x, y, teacher
+        self._origin = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
+
+    def reset(self, seeds: dict[int, tuple[int, int]]) -> dict[int, dict[str, float]]:
+        """Start the given runs afresh, ``{run: (head_seed, data_seed)}`` (as
+        :meth:`Trainer.reset` does for one run); the others keep going. Returns each started
+        run's L_0, in one transfer."""
+        for run, (head_seed, data_seed) in seeds.items():
+            self._start_weights(head_seed)
+            start = {n: p.detach() for n, p in self.objective.named_parameters() if n in self.runs.params}
+            self.runs.load_run(run, start)
+            if self._origin is not None:
+                for n, w in start.items():
+                    self._origin[n][run].copy_(w)
+            self._orders[run].reset(data_seed)
+            self.t[run] = self.sgd_step[run] = 0
+            self.evaluation_due[run] = False
+        runs = sorted(seeds)
+        self._draw(runs)
+        with self._autocast():
+            self._pending = self.runs.losses(*self._batch)
+        losses = self._pending if self.reward_batch == "train" else self._heldout_losses()
+        grads = torch.zeros(self.num_envs, len(self.coordinates), device=self.device)
+        return self._read(losses, losses[:, 0], self._origin, grads, runs)
+
+    def step(self, scales: np.ndarray, runs: list[int]) -> dict[int, dict[str, float]]:
+        """Hold ``scales[r]`` (N × C) for the next window of each run ``r`` in ``runs``; the
+        other runs keep their weights and data position. Returns each stepped run's values, as
+        :meth:`Trainer.step` does for one run, all in one transfer; sets :attr:`evaluation_due`."""
+        for r in runs:
+            if not 0 <= self.t[r] < self.T:
+                raise RuntimeError(f"run {r} is {'over' if self.t[r] >= self.T else 'not started'}")
+        N, scales = self.num_envs, np.asarray(scales, dtype=float)
+        window = np.zeros(N, dtype=int)
+        window[runs] = [self.windows[self.t[r]] for r in runs]
+        epoch_before = {r: self.sgd_step[r] // self.steps_per_epoch for r in runs}
+        before = {n: p.detach().clone() for n, p in self.runs.params.items()} if self.coordinate_stats else None
+        grad_norms = torch.zeros(N, len(self.coordinates), device=self.device)
+        sums = torch.zeros(N, 3, device=self.device)
+        # every learning rate of the windows and the masks go to the device once per decision
+        longest = int(window.max())
+        factors = np.ones((longest, N))
+        for r in runs:
+            for i in range(window[r]):
+                if self.lr_schedule == "poly":
+                    factors[i, r] = poly_factor(self.sgd_step[r] + i, self.total_sgd_steps, self.warmup_steps)
+        lrs = torch.as_tensor(factors[:, :, None] * scales[None] * self.lr_base, dtype=torch.float32, device=self.device)
+        window_t = torch.as_tensor(window, device=self.device)
+        for i in range(longest):
+            moving_runs = [r for r in runs if i < window[r]]
+            moving = window_t > i
+            self.runs.backward(self._pending, moving)
+            if self.coordinate_stats:  # the gradient of each run's last SGD step of its window
+                grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.runs.params.items()}
+                norms = torch.stack([g.norm(dim=1) for g in self.runs.coordinate_tensors(grads)], 1)
+                grad_norms = torch.where((window_t == i + 1)[:, None], norms, grad_norms)
+            self.runs.sgd_step(lrs[i], None if len(moving_runs) == N else moving)
+            for r in moving_runs:
+                self.sgd_step[r] += 1
+            self._draw(moving_runs)
+            with self._autocast():
+                self._pending = self.runs.losses(*self._batch)
+            sums += torch.where(moving[:, None], self._pending.detach(), torch.zeros_like(sums))
+        for r in runs:
+            self.t[r] += 1
+            self.evaluation_due[r] = evaluation_due(self.t[r], self.T, self.sgd_step[r], epoch_before[r],
+                                                    self.steps_per_epoch, self.eval_every)
+        mean = sums / window_t.clamp(min=1)[:, None]
+        losses = mean if self.reward_batch == "train" else self._heldout_losses()
+        return self._read(losses, sums[:, 0], before, grad_norms, runs)
+
+    def evaluate(self, run: int) -> dict[str, float]:
+        """:meth:`FineTuning.evaluate` of run ``run``'s weights."""
+        self._load_student(run)
+        return super().evaluate()
+
+    def evaluate_synthetic(self, run: int) -> dict[str, float]:
+        """:meth:`FineTuning.evaluate_synthetic` of run ``run``'s weights."""
+        self._load_student(run)
+        return super().evaluate_synthetic()
+
+    def state_dict(self) -> dict:
+        """Everything that determines the rest of every run, taken between two decisions: the
+        stacked weights and velocities, each run's progress and data position, and the pending
+        batches (whose forward pass is redone on loading)."""
+        clone = lambda tensors: {n: t.detach().clone() for n, t in tensors.items()}  # noqa: E731
+        state = {"params": clone(self.runs.params), "velocity": clone(self.runs.velocity), "t": list(self.t),
+                 "sgd_step": list(self.sgd_step), "evaluation_due": self.evaluation_due.copy(),
+                 "orders": copy.deepcopy([o.state_dict() for o in self._orders]),
+                 "batch": None if self._batch is None else [None if t is None else t.clone() for t in self._batch],
+                 "origin": None if self._origin is None else clone(self._origin)}
+        if isinstance(self._teacher_cache, MemoryTeacherCache):
+            state["teacher_cache"] = copy.deepcopy(self._teacher_cache.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the runs saved by :meth:`state_dict`, in a trainer of the same configuration."""
+        if len(state["t"]) != self.num_envs:
+            raise UserInputError(f"the checkpoint holds {len(state['t'])} runs, not num_envs={self.num_envs}")
+        with torch.no_grad():
+            for n, p in self.runs.params.items():
+                p.copy_(state["params"][n])
+                self.runs.velocity[n].copy_(state["velocity"][n])
+            if self._origin is not None:
+                for n, w in self._origin.items():
+                    w.copy_(state["origin"][n])
+        self.t, self.sgd_step = list(state["t"]), list(state["sgd_step"])
+        self.evaluation_due = np.array(state["evaluation_due"], dtype=bool)
+        for order, saved in zip(self._orders, state["orders"]):
+            order.load_state_dict(saved)
+        if "teacher_cache" in state and isinstance(self._teacher_cache, MemoryTeacherCache):
+            self._teacher_cache.load_state_dict(state["teacher_cache"])
+        self._batch = None if state["batch"] is None else [None if t is None else self.runs.zeros_like_runs(t[0]).copy_(t)
+                                                           for t in state["batch"]]
+        if self._batch is not None:
+            with self._autocast():
+                self._pending = self.runs.losses(*self._batch)
+
+    def _load_student(self, run: int) -> None:
+        with torch.no_grad():
+            for n, p in self.objective.named_parameters():
+                if n in self.runs.params:
+                    p.copy_(self.runs.params[n][run])
+
+    def _draw(self, runs: list[int]) -> None:
+        """The next training batch of each of ``runs``, into the pending batches."""
+        if not runs:
+            return
+        x, y, index, key = self.task.source.next_runs([self._orders[r] for r in runs])
+        teacher = None
+        if self.guidance.teacher_output is not None:
+            flat = x.flatten(0, 1).contiguous(memory_format=self.memory_format)
+            if self._teacher_cache is not None:
+                teacher = self._teacher_cache(flat, index.flatten(), key.flatten(), self._teacher_out)
+            else:
+                teacher = self._teacher_out(flat)
+            teacher = teacher.view(len(runs), -1, *teacher.shape[1:])
+        if self._batch is None:
+            layouts = (x[0].contiguous(memory_format=self.memory_format), y[0], None if teacher is None else teacher[0])
+            self._batch = [self.runs.zeros_like_runs(t) if t is not None else None for t in layouts]
+        for store, new in zip(self._batch, (x, y, teacher)):
+            if new is not None:
+                store[runs] = new
+
+    def _heldout_losses(self) -> torch.Tensor:
+        x, y = self.task.heldout
+        with self._autocast():
+            return self.runs.losses_on(x.contiguous(memory_format=self.memory_format), y, self._teacher_heldout)
+
+    def _read(self, losses: torch.Tensor, check: torch.Tensor, before: dict[str, torch.Tensor] | None,
+              grad_norms: torch.Tensor, runs: list[int]) -> dict[int, dict[str, float]]:
+        """:func:`decision_values` of the runs ``runs``, by run, with the per-coordinate
+        statistics since ``before`` when the trainer measures them."""
+        stats = None
+        if self.coordinate_stats:
+            now = {n: p.detach() for n, p in self.runs.params.items()}
+            stats = coordinate_stats(*(self.runs.coordinate_tensors(t) for t in (now, before, self._origin)), grad_norms)
+        head = self.runs.params[self._classifier_name].detach().flatten(1)
+        return dict(zip(runs, decision_values(losses, check, head, stats, runs)))
 
 def init_distributed() -> tuple[int, int, str | None]:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs,
