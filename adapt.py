@@ -43,10 +43,19 @@ from tqdm.auto import tqdm
 from agents.config import apply_overrides, read_config_file, run_cli
 from agents.loading import read_file, save_policy
 from asg_env import UserInputError
-from asg_env.envs.env import ENV_OWN
-from asg_env.adaptation.self_training import (IGNORE, METHODS, ConfidenceCollector, SelfTrainingConfig, hard_labels, labelled_fraction,
-                                   one_hot, self_training_loss, soft_labels)
-from asg_env.envs.settings import SELF_TRAINING_SETTINGS, check_settings
+from asg_env.adaptation.self_training import (
+    IGNORE,
+    METHODS,
+    SELF_TRAINING_SETTINGS,
+    ConfidenceCollector,
+    SelfTrainingConfig,
+    hard_labels,
+    labelled_fraction,
+    one_hot,
+    self_training_loss,
+    soft_labels,
+)
+from asg_env.envs.settings import ENV_OWN, check_settings
 from asg_env.tasks.registry import TensorSource
 from asg_env.training.trainer import Trainer
 

@@ -62,8 +62,16 @@ import time
 import torch
 
 from agents.config import DEFAULTS, apply_overrides, make_env, read_config_file, run_cli
-from agents.loading import (PRETRAINED, load_policy, pretrained_names, read_file, read_policy_file, resolve_policy,
-                            save_policy, transfer_note)
+from agents.loading import (
+    PRETRAINED,
+    load_policy,
+    pretrained_names,
+    read_file,
+    read_policy_file,
+    resolve_policy,
+    save_policy,
+    transfer_note,
+)
 from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError

@@ -61,9 +61,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import (apply_overrides, check_run_config, env_factories, load_config, make_env, merge,
-                           read_config_file, run_cli)
 from agents.check import check_table, held_out_scores
+from agents.config import (
+    apply_overrides,
+    check_run_config,
+    env_factories,
+    load_config,
+    make_env,
+    merge,
+    read_config_file,
+    run_cli,
+)
 from agents.loading import env_metadata, read_file, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import EVAL_KEYS, episode_seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import re
@@ -14,14 +15,39 @@ import torch
 import yaml
 
 import asg_env  # noqa: F401  (registers the ids)
+from agents.es import ES_SETTINGS
+from agents.reinforce import REINFORCE_SETTINGS
 from asg_env import UserInputError
-from asg_env.envs.settings import ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, TRAIN_SETTINGS, check_settings
+from asg_env.training.settings import FLAG, Setting, check_settings, number, one_of, settings_table, whole
 
 DEFAULTS: dict = {
     # Policy training: a fixed held-out synthetic batch for the reward, and no target evaluation.
     "env": {"id": "SynDigits-v0", "kwargs": {"reward_batch": "heldout", "evaluate_target": False}},
     "agent": {"name": "reinforce", "reinforce": {}, "es": {}, "recurrent-ppo": {}, "ppo": {}, "a2c": {}},
     "train": {"episodes": 20, "seed": 0, "num_envs": 1, "vector": "auto", "check": 0},
+}
+
+# agent.<sb3 agent>: the numeric hyperparameters of SB3's PPO, RecurrentPPO and A2C. Any other
+# keyword goes to SB3 as it is, and an error there is one line too.
+SB3_SETTINGS: dict[str, Setting] = {
+    "n_steps": whole(1),
+    "batch_size": whole(1),
+    "n_epochs": whole(1),
+    "learning_rate": number(0, above=True),
+    "gamma": number(0, 1),
+    "gae_lambda": number(0, 1),
+    "ent_coef": number(0),
+    "vf_coef": number(0),
+    "clip_range": number(0, above=True),
+    "max_grad_norm": number(0, above=True),
+    "normalize": FLAG,  # ASG-Gym's, not SB3's: train behind VecNormalize (observations and rewards)
+}
+TRAIN_SETTINGS: dict[str, Setting] = {
+    "episodes": whole(1),
+    "seed": whole(0),
+    "num_envs": whole(1),
+    "vector": one_of("auto", "batched", "processes"),
+    "check": whole(0),  # held-out check runs per policy after training (REINFORCE and ES)
 }
 
 
@@ -143,3 +169,15 @@ def run_cli(run: Callable, parse_args: Callable, argv=None) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def agent_settings_markdown() -> str:
+    """The documentation's tables of the agents' and self-training's settings."""
+    from agents.es import ESConfig
+    from agents.reinforce import ReinforceConfig
+    from asg_env.adaptation.self_training import SelfTrainingConfig
+
+    parts = [("REINFORCE (`agent.reinforce`, `ReinforceConfig`)", ReinforceConfig),
+             ("Evolution strategies (`agent.es`, `ESConfig`)", ESConfig),
+             ("Self-training (`adapt.py`'s `self_training`, `SelfTrainingConfig`)", SelfTrainingConfig)]
+    return "\n".join(f"### {title}\n\n{settings_table(dataclasses.fields(config))}" for title, config in parts)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import gymnasium as gym
 import numpy as np
@@ -43,16 +43,21 @@ from torch import nn
 
 from agents.reinforce import POLICY_FORMAT, ReinforceConfig, ReinforcePolicy, build_network
 from asg_env import UserInputError
+from asg_env.training.settings import number, one_of, setting, whole
 
 
 @dataclass
 class ESConfig:
-    network: str = "paper"  # "paper" or "coordinate-wise", as REINFORCE's
-    hidden_size: int = 20  # paper: |h| = 20
-    pairs: int = 8  # antithetic pairs per generation: 2·pairs episodes
-    sigma: float = 0.05  # perturbation scale
-    lr: float = 0.03  # Adam on the shaped gradient estimate
-    workers: int = 1  # processes (train_policy.py starts them, gloo); any number gives the same updates
+    network: str = setting("paper", one_of("paper", "coordinate-wise"), "as REINFORCE's")
+    hidden_size: int = setting(20, whole(1), "the LSTM's hidden size (paper: |h| = 20)")
+    pairs: int = setting(8, whole(1), "antithetic pairs per generation: 2·pairs episodes")
+    sigma: float = setting(0.05, number(0, above=True), "the perturbation scale")
+    lr: float = setting(0.03, number(0, above=True), "Adam's learning rate on the shaped gradient estimate")
+    workers: int = setting(1, whole(1), "processes (train_policy.py starts them, gloo); any number gives the same "
+                           "updates")
+
+
+ES_SETTINGS = {f.name: f.metadata["check"] for f in fields(ESConfig)}
 
 
 def centred_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -53,24 +53,30 @@ from torch.distributions import Categorical
 from asg_env import N_LEVELS, UserInputError
 from asg_env.envs.control import BASE_OBS_NAMES
 from asg_env.envs.vector import env_info
+from asg_env.training.settings import number, one_of, setting, whole
 
 POLICY_FORMAT = "asg-gym-policy/1"
 
 
 @dataclass
 class ReinforceConfig:
-    hidden_size: int = 20  # paper: |h| = 20
-    unroll: int = 5  # paper: U = 5
-    optimizer: str = "adam"  # "adam" or "sgd"
-    lr: float = 3e-3
-    entropy_coef: float = 0.01
-    baseline: str = "per-step"  # "per-step" or "none"
-    baseline_decay: float = 0.9
-    max_grad_norm: float = 1.0
-    network: str = "paper"  # "paper" or "coordinate-wise"
-    returns: str = "discounted"  # "discounted" (official, γ) or "immediate" (Eq. 7 as written)
-    gamma: float = 0.99  # the official value
-    reward_scale: str = "initial_loss"  # "initial_loss" (r_t / L_0 of its episode) or "none"
+    hidden_size: int = setting(20, whole(1), "the LSTM's hidden size (paper: |h| = 20)")
+    unroll: int = setting(5, whole(1), "decisions per update (paper: U = 5)")
+    optimizer: str = setting("adam", one_of("adam", "sgd"), "the policy's optimizer")
+    lr: float = setting(3e-3, number(0, above=True), "the policy's learning rate")
+    entropy_coef: float = setting(0.01, number(0), "weight of the entropy bonus")
+    baseline: str = setting("per-step", one_of("per-step", "none"), "a moving-average baseline per decision, or none")
+    baseline_decay: float = setting(0.9, number(0, 1, below=True), "the baseline's moving-average decay")
+    max_grad_norm: float = setting(1.0, number(0, above=True), "gradient clipping")
+    network: str = setting("paper", one_of("paper", "coordinate-wise"), "one LSTM over all coordinates (the "
+                           "paper's) or one shared by the coordinates (applies to any backbone)")
+    returns: str = setting("discounted", one_of("discounted", "immediate"), "discounted (the official, γ) or "
+                           "immediate (Eq. 7 as written)")
+    gamma: float = setting(0.99, number(0, 1), "the discount of the returns (the official value)")
+    reward_scale: str = setting("initial_loss", one_of("initial_loss", "none"), "r_t / L_0 of its episode, or none")
+
+
+REINFORCE_SETTINGS = {f.name: f.metadata["check"] for f in fields(ReinforceConfig)}
 
 
 class RunningMeanStd(nn.Module):

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asg_env.training.backbones import build_backbone, input_normalisation
 from asg_env.envs.env import ASGEnv
-from asg_env.training.proxy import kl_to_teacher, make_teacher
 from asg_env.tasks.registry import Task, TensorSource
+from asg_env.training.backbones import build_backbone, input_normalisation
+from asg_env.training.proxy import kl_to_teacher, make_teacher
 
 # Dense bf16 tensor-core peaks in TFLOP/s (SXM parts), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

@@ -30,7 +30,6 @@ import time
 import gymnasium as gym
 import torch
 
-
 from agents.config import apply_overrides, env_factories, load_config, make_env
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import episode_seed

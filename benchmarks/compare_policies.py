@@ -45,7 +45,6 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-
 import asg_env  # noqa: F401  (registers the ids)
 from agents.loading import env_metadata, load_policy, save_policy
 from agents.policies import baseline_env_kwargs

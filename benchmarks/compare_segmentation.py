@@ -28,7 +28,6 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-
 import asg_env  # noqa: F401  (registers the ids)
 from agents.loading import env_metadata, load_policy, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
 import asg_env  # noqa: F401  (registers the ids)
 from agents.loading import load_policy
 from agents.rollout import fine_tune

@@ -59,7 +59,6 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-
 import asg_env  # noqa: F401  (registers the ids)
 import train_policy
 from agents.loading import load_policy

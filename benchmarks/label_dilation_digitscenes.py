@@ -16,10 +16,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-
 from asg_env.tasks.digitscenes import CLASSES, dilate_labels, load_digit_scenes
-from asg_env.training.segmentation import iou_from_confusion
 from asg_env.tasks.registry import default_cache_dir
+from asg_env.training.segmentation import iou_from_confusion
 
 STRIDE, SCENES, SIZE, RULE = 8, 1016, 64, 0.75  # SynDigitScenes-v0's source + held-out batch, 64 px
 

@@ -14,7 +14,6 @@ import time
 
 import gymnasium as gym
 
-
 import asg_env  # noqa: E402,F401
 from agents.policies import make_baseline
 from agents.rollout import fine_tune

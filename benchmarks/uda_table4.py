@@ -33,7 +33,6 @@ import time
 import numpy as np
 import yaml
 
-
 import adapt
 import apply_policy
 from agents.loading import read_policy_file

@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import TINY
 
 import adapt
 import apply_policy
-from asg_env.adaptation.self_training import (IGNORE, ConfidenceCollector, SelfTrainingConfig, hard_labels, one_hot,
-                                   self_training_loss, soft_labels)
-from test_cli import TINY
+from asg_env.adaptation.self_training import (
+    IGNORE,
+    ConfidenceCollector,
+    SelfTrainingConfig,
+    hard_labels,
+    one_hot,
+    self_training_loss,
+    soft_labels,
+)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 

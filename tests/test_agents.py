@@ -2,12 +2,19 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from toy_env import ToyLREnv
 
 from agents.loading import env_metadata, load_policy, save_policy
 from agents.policies import ConstantPolicy, RandomPolicy, hand_tuned_levels, make_baseline
-from agents.reinforce import CoordinateWisePolicy, LSTMPolicy, ReinforceConfig, ReinforcePolicy, ReinforceTrainer, policy_from_state
+from agents.reinforce import (
+    CoordinateWisePolicy,
+    LSTMPolicy,
+    ReinforceConfig,
+    ReinforcePolicy,
+    ReinforceTrainer,
+    policy_from_state,
+)
 from asg_env import N_LEVELS, UserInputError
-from toy_env import ToyLREnv
 
 META = {"obs_names": ToyLREnv().obs_names, "coordinate_names": ToyLREnv().coordinate_names,
         "backbone": "toy", "env_id": None}

@@ -5,8 +5,8 @@ import torch
 from sklearn.datasets import load_sample_image
 from torchvision.transforms import v2 as T
 
-from asg_env.training.backbones import build_backbone
 from asg_env.errors import UserInputError
+from asg_env.training.backbones import build_backbone
 
 # bell cote, castle, church, dome, monastery, mosque, palace, stupa
 ARCHITECTURE_CLASSES = {442, 483, 497, 538, 663, 668, 698, 832}

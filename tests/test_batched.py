@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 import asg_env  # noqa: F401  (registers the ids)
+from asg_env.envs.vector import ASGVectorEnv
+from asg_env.errors import UserInputError
 from asg_env.training.batched import StackedRuns
 from asg_env.training.coordinates import Coordinate
-from asg_env.errors import UserInputError
 from asg_env.training.optim import make_sgd
 from asg_env.training.trainer import BatchedTrainer, Trainer
-from asg_env.envs.vector import ASGVectorEnv
 
 KW = dict(task="syndigits", image_size=32, source_size=96, batch_size=8, episode_steps=3, sgd_steps_per_action=2,
           target_eval_size=50, synthetic_eval_size=20, imagenet_photos=0, lr_base=3e-3)
@@ -116,7 +116,7 @@ def test_batched_trainer_gives_the_single_runs(cache_dir, batching):
     kw = dict(KW, data_root=cache_dir, coordinate_stats=True, reward_batch="heldout")
     seeds = {0: (1, 2), 1: (3, 4), 2: (5, 6)}
     scales = np.random.default_rng(0).uniform(0, 1, size=(2, 3, 9))
-    batched = BatchedTrainer(3, batching, **kw)
+    batched = BatchedTrainer(3, batching=batching, **kw)
     out = [batched.reset(seeds)]
     start = _run_updates(batched)
     out += [batched.step(scales[t], [0, 1, 2]) for t in range(2)]
@@ -164,7 +164,7 @@ def test_looped_runs_keep_the_channels_last_layout_per_run(cache_dir):
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
 def test_a_run_gone_non_finite_leaves_the_others_exact(cache_dir, batching):
     scales = np.random.default_rng(3).uniform(0, 1, size=(2, 3, 9))
-    twins = [BatchedTrainer(3, batching, **KW, data_root=cache_dir) for _ in range(2)]
+    twins = [BatchedTrainer(3, batching=batching, **KW, data_root=cache_dir) for _ in range(2)]
     blowing_up = scales.copy()
     blowing_up[:, 1] = 1e30  # run 1's learning rates send its weights to inf and its losses to NaN
     for trainer in twins:
@@ -182,12 +182,12 @@ def test_a_run_gone_non_finite_leaves_the_others_exact(cache_dir, batching):
 def test_batched_runs_resume_from_their_state_exactly(cache_dir, batching):
     kw = dict(KW, data_root=cache_dir, coordinate_stats=True)
     scales = np.random.default_rng(4).uniform(0, 1, size=(3, 2, 9))
-    whole = BatchedTrainer(2, batching, **kw)
+    whole = BatchedTrainer(2, batching=batching, **kw)
     whole.reset({0: (1, 2), 1: (3, 4)})
     whole.step(scales[0], [0, 1])
     state = whole.state_dict()
     rest = [whole.step(scales[t], [0, 1] if t < 2 else [1]) for t in (1, 2)]
-    resumed = BatchedTrainer(2, batching, **kw)
+    resumed = BatchedTrainer(2, batching=batching, **kw)
     resumed.load_state_dict(state)
     again = [resumed.step(scales[t], [0, 1] if t < 2 else [1]) for t in (1, 2)]
     for a, b in zip(rest, again):
@@ -200,7 +200,7 @@ def test_batched_runs_resume_from_their_state_exactly(cache_dir, batching):
     for n, p in whole.runs.params.items():
         assert torch.equal(p, resumed.runs.params[n]) and torch.equal(whole.runs.velocity[n], resumed.runs.velocity[n])
     with pytest.raises(UserInputError, match="holds 2 runs"):
-        BatchedTrainer(3, batching, **kw).load_state_dict(state)
+        BatchedTrainer(3, batching=batching, **kw).load_state_dict(state)
 
 
 @pytest.mark.parametrize("setting, words", [({"bn_stats": "train"}, "bn_stats"), ({"guidance": "l2sp"}, "guidance"),
@@ -333,7 +333,7 @@ def test_batched_runs_follow_the_poly_schedule_in_either_sgd_form(cache_dir, sgd
     kw = dict(KW, data_root=cache_dir, lr_schedule="poly", warmup_steps=2, sgd=sgd, window="growing", epochs=None,
               sgd_steps=6, sgd_steps_per_action=1)
     scales = np.random.default_rng(2).uniform(0, 1, size=(2, 9))
-    batched = BatchedTrainer(2, batching, **kw)
+    batched = BatchedTrainer(2, batching=batching, **kw)
     batched.reset({0: (1, 2), 1: (3, 4)})
     out = [batched.step(np.stack([scales[0], scales[1]]), [0, 1]) for _ in range(2)]
     for r, seeds in enumerate([(1, 2), (3, 4)]):

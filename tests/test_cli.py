@@ -247,9 +247,10 @@ def test_too_small_a_source_or_a_negative_count_is_refused(tmp_path, cache_dir, 
 
 
 def test_policy_for_another_env_is_refused_by_the_cli(tmp_path, cache_dir, capsys):
+    from toy_env import ToyLREnv
+
     from agents.loading import save_policy
     from agents.reinforce import ReinforceTrainer
-    from toy_env import ToyLREnv
 
     env = ToyLREnv()
     path = str(tmp_path / "toy.pt")
@@ -541,10 +542,9 @@ def test_no_arguments_run_the_main_setting_and_any_choice_the_plain_defaults():
 
 
 def test_main_setting_is_the_learning_gates(tmp_path):
-    from benchmarks import learning_gate as gate
-
     from agents.config import load_config
     from asg_env.envs.instances import load_instances
+    from benchmarks import learning_gate as gate
 
     written = load_instances(gate.meta_instances("configs/instances/syndigits.yaml", str(tmp_path)), "train")
     shipped = load_instances(train_policy.MAIN_INSTANCES, "train")

@@ -14,7 +14,7 @@ from agents.loading import load_policy
 from agents.reinforce import ReinforceTrainer, policy_from_state
 from agents.rollout import fine_tune
 from asg_env import UserInputError
-from asg_env.envs.control import ACTIONS, REWARDS, RELATIVE_FACTORS, log_feature
+from asg_env.envs.control import ACTIONS, RELATIVE_FACTORS, REWARDS, log_feature
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from toy_env import ToyLREnv
 
 from agents.es import ESConfig, ESTrainer, Workers, centred_ranks
 from agents.loading import load_policy, save_policy
 from asg_env import UserInputError
-from toy_env import ToyLREnv
 
 META = {"obs_names": ToyLREnv().obs_names, "coordinate_names": ToyLREnv().coordinate_names,
         "backbone": "toy", "env_id": None}

@@ -9,8 +9,14 @@ from PIL import Image
 
 import asg_env  # noqa: F401  (registers the ids)
 from asg_env import UserInputError
-from asg_env.tasks.gta5_cityscapes import (CITYSCAPES_CLASSES, EvalTransform, SegmentationFiles, cityscapes_val_pairs,
-                                          gta5_pairs, to_train_ids)
+from asg_env.tasks.gta5_cityscapes import (
+    CITYSCAPES_CLASSES,
+    EvalTransform,
+    SegmentationFiles,
+    cityscapes_val_pairs,
+    gta5_pairs,
+    to_train_ids,
+)
 
 IDS = np.array([0, 7, 8, 26, 33, 4, 23])  # unlabeled, road, sidewalk, car, bicycle, static, sky
 
@@ -126,9 +132,9 @@ def test_train_and_apply_a_policy_on_gta5_cityscapes_with_the_config(seg_root, t
     assert summary["env"] == "GTA5-Cityscapes-v0" and summary["env_kwargs"]["lam"] == 75.0
     assert 0 <= summary["final"]["target_miou"] <= 1 and "target_iou/bicycle" in summary["final"]
 
-    import adapt  # CRST from that model, with the papers' settings, on the unlabelled Cityscapes images
-
     from safetensors.torch import load_file
+
+    import adapt  # CRST from that model, with the papers' settings, on the unlabelled Cityscapes images
 
     weights = []
     for k in range(2):  # half the GTA5 crops beside the full-size Cityscapes images (cropped): twice, the same

@@ -8,23 +8,23 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.es import ESConfig
-from agents.reinforce import ReinforceConfig
+from agents.config import SB3_SETTINGS, TRAIN_SETTINGS
+from agents.es import ES_SETTINGS, ESConfig
+from agents.reinforce import REINFORCE_SETTINGS, ReinforceConfig
 from asg_env import UserInputError
-from asg_env.training.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
+from asg_env.adaptation.self_training import SELF_TRAINING_SETTINGS, SelfTrainingConfig
 from asg_env.envs.env import ASGEnv
+from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, Setting, check_settings
+from asg_env.training.backbones import MIN_IMAGE_SIZE, build_backbone, check_image_size
 from asg_env.training.proxy import StudentNet
-from asg_env.adaptation.self_training import SelfTrainingConfig
-from asg_env.envs.settings import (ENV_FREE_FORM, ENV_SETTINGS, ES_SETTINGS, REINFORCE_SETTINGS, SB3_SETTINGS, SELF_TRAINING_SETTINGS,
-                              TRAIN_SETTINGS, Setting, check_settings)
 from asg_env.training.trainer import BatchedTrainer, Trainer
-
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _parameters(fn) -> set[str]:
-    return {name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in inspect.signature(fn).parameters.items() if p.kind in kinds} - {"self"}
 
 
 def test_every_env_and_agent_setting_has_an_entry():
@@ -137,3 +137,14 @@ def test_the_smallest_image_size_runs_and_one_pixel_less_is_refused(name):
     if name == "vgg16":  # below its output stride VGG-16's last pooling has nothing left to pool
         with pytest.raises(RuntimeError), torch.no_grad():
             student(torch.randn(2, 3, smallest - 1, smallest - 1))
+
+
+def test_the_documented_settings_tables_are_the_dataclasses():
+    from agents.config import agent_settings_markdown
+    from asg_env.envs.settings import settings_markdown
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "settings.md")) as fh:
+        page = fh.read()
+    for tables in (settings_markdown(), agent_settings_markdown()):
+        assert tables in page
+    assert "| `lr_base` | `0.02` | a finite number ≥ 0 |" in page  # the table says what the field holds

@@ -31,11 +31,13 @@ scripts ask. Not built: the official rare-class-centred crops (``mine_chance``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from asg_env.training.settings import FLAG, number, one_of, setting, whole
 
 IGNORE = 255
 # method: (MRKLD weight, LRENT α). mrkld.sh sets 0.1 and lrent.sh 0.25, each alone (crst-lrent);
@@ -45,27 +47,27 @@ METHODS = {"cbst": (0.0, 0.0), "crst-mrkld": (0.1, 0.0), "crst-lrent": (0.0, 0.2
 
 @dataclass
 class SelfTrainingConfig:
-    method: str = "cbst"
-    rounds: int = 3  # crst_seg.py: NUM_ROUNDS = 4, the last of which only evaluates
-    epochs_per_round: int = 2  # EPR
-    init_tgt_port: float = 0.2
-    tgt_port_step: float = 0.05
-    max_tgt_port: float = 0.5
-    init_src_port: float = 0.03
-    src_port_step: float = 0.0025
-    max_src_port: float = 0.06
-    lr: float | None = None  # None: lr_ratio × the fine-tuning run's η_base
-    lr_ratio: float = 0.2  # the official 5e-5 self-training / 2.5e-4 source training
-    head_lr_mult: float = 10.0  # the official 10× on the classifier
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int | None = None  # None: the fine-tuning run's
-    ds_rate: int = 4  # every ds_rate-th pixel's confidence counts for the thresholds
-    mr_weight_kld: float | None = None  # None: the method's
-    lr_weight_ent: float | None = None  # None: the method's
-    kld_weight_squared: bool = False  # the official code's effective w²
-    test_flipping: bool = False  # pseudo-labels from the mean of each image's and its mirror's softmax
-    seed: int = 3  # RANDSEED
+    method: str = setting("cbst", one_of("cbst", "crst-mrkld", "crst-lrent", "crst-mrkld-lrent"), "cbst, or crst with the KL (mrkld) and/or entropy (lrent) regulariser (Table 4's methods)")
+    rounds: int = setting(3, whole(1), "self-training rounds (crst_seg.py: NUM_ROUNDS = 4, the last of which only evaluates)")
+    epochs_per_round: int = setting(2, whole(1), "epochs of self-training per round (the official EPR)")
+    init_tgt_port: float = setting(0.2, number(0, 1, above=True), "the first round's portion of pseudo-labelled target predictions (per class)")
+    tgt_port_step: float = setting(0.05, number(0, 1), "added to the target portion each round")
+    max_tgt_port: float = setting(0.5, number(0, 1, above=True), "the target portion's cap")
+    init_src_port: float = setting(0.03, number(0, 1), "the first round's portion of source images trained beside them")
+    src_port_step: float = setting(0.0025, number(0, 1), "added to the source portion each round")
+    max_src_port: float = setting(0.06, number(0, 1), "the source portion's cap")
+    lr: float | None = setting(None, number(0, above=True, optional=True), "null: lr_ratio × the fine-tuning run's η_base")
+    lr_ratio: float = setting(0.2, number(0, above=True), "the official 5e-5 self-training / 2.5e-4 source training")
+    head_lr_mult: float = setting(10.0, number(0), "the official 10× on the classifier")
+    momentum: float = setting(0.9, number(0, 1, below=True), "SGD momentum")
+    weight_decay: float = setting(5e-4, number(0), "SGD weight decay")
+    batch_size: int | None = setting(None, whole(1, optional=True), "null: the fine-tuning run's")
+    ds_rate: int = setting(4, whole(1), "every ds_rate-th pixel's confidence counts for the thresholds")
+    mr_weight_kld: float | None = setting(None, number(0, optional=True), "null: the method's")
+    lr_weight_ent: float | None = setting(None, number(0, above=True, optional=True), "null: the method's")
+    kld_weight_squared: bool = setting(False, FLAG, "the official code's effective w²")
+    test_flipping: bool = setting(False, FLAG, "pseudo-labels from the mean of each image's and its mirror's softmax")
+    seed: int = setting(3, whole(0), "the self-training's seed (the official RANDSEED)")
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -81,6 +83,9 @@ class SelfTrainingConfig:
             tgt = min(tgt + self.tgt_port_step, self.max_tgt_port)
             src = min(src + self.src_port_step, self.max_src_port)
         return tgt, src
+
+
+SELF_TRAINING_SETTINGS = {f.name: f.metadata["check"] for f in fields(SelfTrainingConfig)}
 
 
 class ConfidenceCollector:

@@ -40,13 +40,12 @@ import inspect
 
 import gymnasium as gym
 import numpy as np
-from asg_env.envs.control import Control
-from asg_env.errors import UserInputError
-from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
-from asg_env.training.trainer import Trainer, run_seeds
 
-ENV_OWN = ("evaluate_target", "divergence_penalty", "action", "action_levels", "action_min", "action_max",
-           "observation", "reward", "synthetic_score")  # the env's settings; the others are the trainer's
+from asg_env.envs.control import Control
+from asg_env.envs.settings import ENV_FIELDS, ENV_FREE_FORM, ENV_OWN, ENV_SETTINGS, check_settings
+from asg_env.errors import UserInputError
+from asg_env.training.settings import FIELDS, keyword_signature
+from asg_env.training.trainer import DEFAULTS, Trainer, run_seeds
 
 
 class ASGEnv(gym.Env):
@@ -54,45 +53,33 @@ class ASGEnv(gym.Env):
 
     Args:
         instances: a list of instances (mappings of trainer settings), one drawn per episode.
-        action, action_levels, action_min, action_max, observation, reward: what a decision
-            sets, what the policy sees and what it is rewarded for (:mod:`asg_env.envs.control`;
-            the defaults are the paper's).
-        evaluate_target: evaluate on the real target when the trainer says an evaluation is
-            due (``eval_every``, and at the end); off makes policy training faster.
-        divergence_penalty: reward when the loss becomes non-finite.
-        synthetic_score: report the run's synthetic score (``initial_score`` at reset,
-            ``score`` at the end; see the module's text).
-        **trainer_kwargs: the fine-tuning run (task, backbone, λ, η_base, windows…): see
-            :class:`~asg_env.training.trainer.Trainer`.
+        **settings: the env's own (:class:`~asg_env.envs.settings.EnvSettings`: the action,
+            observation and reward, the divergence penalty, what it reports) and the fine-tuning
+            run's (:class:`~asg_env.training.settings.FineTuningSettings`: task, backbone, λ,
+            η_base, windows…). ``batching`` is the vector env's and is ignored here.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, evaluate_target: bool = True, divergence_penalty: float = -10.0,
-                 instances: list[dict] | None = None, action: str = "levels", action_levels: int = 11,
-                 action_min: float = 0.01, action_max: float = 10.0, observation: str = "paper",
-                 reward: str = "loss_decrease", synthetic_score: bool = False, **trainer_kwargs):
-        own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
-               "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
-               "observation": observation, "reward": reward, "synthetic_score": synthetic_score}
-        check_own_settings(own)
+    def __init__(self, instances: list[dict] | None = None, **trainer_kwargs):
+        own = own_settings(trainer_kwargs)
         if "num_envs" in trainer_kwargs:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "
                                  "(asg_env.envs.vector.ASGVectorEnv)")
         trainer_kwargs.pop("batching", None)  # how a vector env computes its runs; one run has nothing to batch
-        if observation == "per_coordinate":
+        if own["observation"] == "per_coordinate":
             trainer_kwargs["coordinate_stats"] = True
         self.instances = [_checked_instance(i, trainer_kwargs) for i in instances or []]
         self._base_kwargs = dict(trainer_kwargs)
         self.instance, self.instance_index = (self.instances[0], 0) if self.instances else ({}, -1)
         self.trainer = Trainer(**{**trainer_kwargs, **self.instance})
         # the env's own configuration, without an instance on top
-        self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
-        self.evaluate_target_enabled = bool(evaluate_target)
-        self.divergence_penalty = float(divergence_penalty)
-        self.synthetic_score = bool(synthetic_score)
+        self.config = {**DEFAULTS, **trainer_kwargs, **own}
+        self.evaluate_target_enabled = bool(own["evaluate_target"])
+        self.divergence_penalty = float(own["divergence_penalty"])
+        self.synthetic_score = bool(own["synthetic_score"])
         self.coordinate_names = self.trainer.coordinate_names
-        self.control = Control(self.coordinate_names, action, action_levels, action_min, action_max, observation, reward)
+        self.control = control(self.coordinate_names, own)
         self.obs_names = self.control.obs_names
         self.observation_space, self.action_space = self.control.observation_space, self.control.action_space
 
@@ -172,15 +159,24 @@ def capped_score(final: float, initial: float) -> float:
     return final if np.isfinite(final) and final < initial else initial
 
 
-def check_own_settings(own: dict) -> None:
-    """The env's own settings (:data:`ENV_OWN`), before anything is built."""
+def own_settings(settings: dict) -> dict:
+    """The env's own settings (:class:`~asg_env.envs.settings.EnvSettings`), taken out of
+    ``settings`` with their defaults and checked before anything is built."""
+    own = {f.name: settings.pop(f.name, f.default) for f in ENV_FIELDS}
     check_settings(own, ENV_SETTINGS)
     if own["action_min"] >= own["action_max"]:
         raise UserInputError(f"action_min ({own['action_min']:g}) must be below action_max ({own['action_max']:g})")
+    return own
 
 
-def _trainer_defaults() -> dict:
-    return {k: p.default for k, p in inspect.signature(Trainer).parameters.items()}
+def control(coordinate_names: list[str], own: dict) -> Control:
+    """The action, observation and reward layer of these own settings."""
+    return Control(coordinate_names, own["action"], own["action_levels"], own["action_min"], own["action_max"],
+                   own["observation"], own["reward"])
+
+
+ASGEnv.__init__.__signature__ = keyword_signature(
+    [*ENV_FIELDS, *FIELDS], first=[inspect.Parameter("instances", inspect.Parameter.KEYWORD_ONLY, default=None)])
 
 
 def _checked_instance(instance, base: dict) -> dict:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from asg_env.errors import UserInputError
 from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
+from asg_env.errors import UserInputError
 
 SPLITS = ("train", "test")
 FILE_FORMAT = "asg-gym-instances-v1"

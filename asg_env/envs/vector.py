@@ -28,6 +28,7 @@ machine.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import gymnasium as gym
@@ -36,11 +37,17 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from asg_env.envs.control import Control
-from asg_env.envs.env import _trainer_defaults, capped_score, check_own_settings
+from asg_env.envs.env import capped_score, control, own_settings
+from asg_env.envs.settings import ENV_FIELDS
 from asg_env.errors import UserInputError
 from asg_env.training.optim import poly_factor
-from asg_env.training.trainer import BatchedTrainer, batching_refusals, run_seeds
+from asg_env.training.settings import BATCHED_FIELDS, FIELDS, keyword_signature
+from asg_env.training.trainer import (
+    DEFAULTS,
+    BatchedTrainer,
+    batching_refusals,
+    run_seeds,
+)
 
 
 class ASGVectorEnv(gym.vector.VectorEnv):
@@ -50,31 +57,24 @@ class ASGVectorEnv(gym.vector.VectorEnv):
     metadata = {"render_modes": []}
 
     def __init__(self, num_envs: int, autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
-                 evaluate_target: bool = True, divergence_penalty: float = -10.0, action: str = "levels",
-                 action_levels: int = 11, action_min: float = 0.01, action_max: float = 10.0,
-                 observation: str = "paper", reward: str = "loss_decrease", synthetic_score: bool = False,
                  **trainer_kwargs):
-        own = {"evaluate_target": evaluate_target, "divergence_penalty": divergence_penalty, "action": action,
-               "action_levels": action_levels, "action_min": action_min, "action_max": action_max,
-               "observation": observation, "reward": reward, "synthetic_score": synthetic_score}
-        check_own_settings(own)
+        own = own_settings(trainer_kwargs)
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise UserInputError(f"num_envs must be a whole number of at least 1, not {num_envs!r}")
         check_batchable(trainer_kwargs)
         trainer_kwargs.pop("instances", None)
-        if observation == "per_coordinate":
+        if own["observation"] == "per_coordinate":
             trainer_kwargs["coordinate_stats"] = True
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.num_envs = num_envs
         self.trainer = BatchedTrainer(num_envs, **trainer_kwargs)
-        self.config = {**_trainer_defaults(), **trainer_kwargs, **own}
-        self.evaluate_target_enabled, self.divergence_penalty = bool(evaluate_target), float(divergence_penalty)
-        self.synthetic_score = bool(synthetic_score)
+        self.config = {**DEFAULTS, **trainer_kwargs, **own}
+        self.evaluate_target_enabled, self.divergence_penalty = bool(own["evaluate_target"]), float(own["divergence_penalty"])
+        self.synthetic_score = bool(own["synthetic_score"])
         self._initial_score = np.zeros(num_envs)
         self.coordinate_names = self.trainer.coordinate_names
-        self.controls = [Control(self.coordinate_names, action, action_levels, action_min, action_max, observation, reward)
-                         for _ in range(num_envs)]
+        self.controls = [control(self.coordinate_names, own) for _ in range(num_envs)]
         self.obs_names = self.controls[0].obs_names
         self.single_observation_space = self.controls[0].observation_space
         self.single_action_space = self.controls[0].action_space
@@ -200,6 +200,12 @@ class ASGVectorEnv(gym.vector.VectorEnv):
         lr = {n: float(s) * trainer.lr_base * factor for n, s in zip(self.coordinate_names, self.controls[i].scale)}
         return {"step": trainer.t[i], "sgd_step": step, **{k: values[k] for k in ("loss", "loss_xe", "loss_guidance")},
                 "lr": lr, "diverged": bool(self._diverged[i]), "instance": -1}
+
+
+ASGVectorEnv.__init__.__signature__ = keyword_signature(
+    [*ENV_FIELDS, *(f for f in BATCHED_FIELDS if f.name != "num_envs"), *FIELDS],
+    first=[inspect.Parameter("num_envs", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+           inspect.Parameter("autoreset_mode", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=AutoresetMode.NEXT_STEP)])
 
 
 class DeviceSplitVectorEnv(gym.vector.VectorEnv):

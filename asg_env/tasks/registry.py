@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
+from asg_env.errors import UserInputError
 from asg_env.tasks.syndigits import load_mnist_target, load_syndigits
 from asg_env.tasks.visda import VISDA_CLASSES, VisDA17
-from asg_env.errors import UserInputError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Stats = tuple[float, float, float]
@@ -280,199 +280,6 @@ def _rendered_splits(images: np.ndarray, labels: np.ndarray, source_size: int, b
     return source, heldout, source_eval
 
 
-def make_syndigits_task(
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    mean: Stats,
-    std: Stats,
-    data_root: str | None = None,
-    source_size: int = 10_000,
-    target_eval_size: int = 1_000,
-    render_seed: int = 0,
-    synthetic_eval_size: int = 0,
-    shard: tuple[int, int] = (0, 1),
-) -> Task:
-    """Rendered digits (source, then the held-out batch, then ``synthetic_eval_size`` images
-    for evaluation) and a fixed class-shuffled subset of real MNIST (target)."""
-    if source_size < batch_size:
-        raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
-    count = source_size + batch_size + synthetic_eval_size
-    images, labels = load_syndigits(data_root or default_cache_dir(), count, image_size, render_seed)
-    source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
-    tx, ty = _mnist(image_size)
-    keep = np.random.default_rng(0).permutation(len(ty))[: target_eval_size or len(ty)]
-    target = TensorSource(tx[keep], ty[keep], batch_size, device, mean, std)
-    return Task("SynDigits", 10, source, heldout, target, source_eval=source_eval)
-
-
-def make_digitscenes_task(
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    mean: Stats,
-    std: Stats,
-    data_root: str | None = None,
-    source_size: int = 1000,
-    target_eval_size: int = 500,
-    synthetic_eval_size: int = 0,
-    label_dilation: int = 3,
-    render_seed: int = 0,
-    shard: tuple[int, int] = (0, 1),
-) -> Task:
-    """Synthetic digit scenes (source, then the held-out batch, then ``synthetic_eval_size``
-    scenes for evaluation) and the first ``target_eval_size`` of the real-MNIST scenes (target,
-    ``REAL_SCENES`` in all; 0: all of them), 11 classes (background + digits).
-    The target is rendered from its own seed, so no background is shared with the source.
-    Both label sets are dilated by ``label_dilation`` pixels (0: the strokes alone)."""
-    from asg_env.tasks.digitscenes import CLASSES, REAL_SCENES, dilate_labels, load_digit_scenes
-
-    if source_size < batch_size:
-        raise UserInputError(f"source_size={source_size} is smaller than one training batch ({batch_size})")
-    root = data_root or default_cache_dir()
-    images, labels = load_digit_scenes(root, "synthetic", source_size + batch_size + synthetic_eval_size, image_size,
-                                       seed=render_seed)
-    labels = dilate_labels(labels, label_dilation)
-    source, heldout, source_eval = _rendered_splits(images, labels, source_size, batch_size, device, mean, std, shard)
-    tx, ty = load_digit_scenes(root, "real", min(target_eval_size or REAL_SCENES, REAL_SCENES), image_size, seed=1)
-    ty = dilate_labels(ty, label_dilation)
-    target = TensorSource(tx, ty, batch_size, device, mean, std)
-    return Task("SynDigitScenes", len(CLASSES), source, heldout, target, source_eval=source_eval,
-                kind="segmentation", class_names=CLASSES)
-
-
-def make_gta5_cityscapes_task(
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    mean: Stats,
-    std: Stats,
-    data_root: str | None = None,
-    target_eval_size: int = 0,
-    num_workers: int = 4,
-    shard: tuple[int, int] = (0, 1),
-) -> Task:
-    """GTA5 with the paper's augmentation (source; ``batch_size`` images, fixed by a seeded
-    draw and centre-cropped, are held out for the reward) and the Cityscapes validation split
-    at its own resolution (target, evaluation only, two images per batch)."""
-    from asg_env.tasks.gta5_cityscapes import _LUT, CITYSCAPES_CLASSES, cityscapes_val_pairs, gta5_pairs
-
-    return _files_segmentation_task("GTA5→Cityscapes", "GTA5", CITYSCAPES_CLASSES, gta5_pairs(data_root),
-                                    cityscapes_val_pairs(data_root), _LUT, None, 2, image_size, batch_size, device,
-                                    mean, std, target_eval_size, num_workers, shard)
-
-
-def _files_segmentation_task(name: str, source_name: str, classes: tuple[str, ...], pairs: list, target_pairs: list,
-                             lut: np.ndarray, target_height: int | None, eval_batch_size: int, image_size: int,
-                             batch_size: int, device: torch.device, mean: Stats, std: Stats, target_eval_size: int,
-                             num_workers: int, shard: tuple[int, int]) -> Task:
-    """Segmentation from (image, label) files: the paper's augmentation on the source, whose
-    ``batch_size`` images drawn by a seeded permutation and centre-cropped are held out for the
-    reward, and the target resized to ``target_height`` (its own size when None)."""
-    from asg_env.tasks.gta5_cityscapes import EvalTransform, SegmentationFiles, TrainTransform
-
-    if len(pairs) < 2 * batch_size:
-        raise UserInputError(f"{source_name} has {len(pairs)} images; it needs at least {2 * batch_size} "
-                             f"(one training batch plus the held-out batch of {batch_size})")
-    held = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:batch_size].tolist())
-    heldout_set = SegmentationFiles([pairs[i] for i in sorted(held)], EvalTransform(image_size, mean, std, crop=image_size),
-                                    lut)
-    hx, hy = zip(*(heldout_set[i] for i in range(len(heldout_set))))
-    heldout = (torch.stack(hx).to(device), torch.stack(hy).to(device))
-    train = SegmentationFiles([p for i, p in enumerate(pairs) if i not in held], TrainTransform(image_size, mean, std), lut)
-    target: Dataset = SegmentationFiles(target_pairs, EvalTransform(target_height, mean, std), lut)
-    if 0 < target_eval_size < len(target):
-        keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
-        target = Subset(target, keep.tolist())
-    return Task(name, len(classes), LoaderSource(train, batch_size, device, num_workers, shard),
-                heldout, LoaderSource(target, batch_size, device, num_workers, eval_batch_size=eval_batch_size),
-                kind="segmentation", class_names=classes)
-
-
-def make_segfolder_task(image_size: int, batch_size: int, device: torch.device, mean: Stats, std: Stats,
-                        source_root: str | None, target_root: str | None, target_eval_size: int = 0,
-                        num_workers: int = 2, shard: tuple[int, int] = (0, 1)) -> Task:
-    """Your own segmentation data (:mod:`asg_env.tasks.folders`): GTA5's recipe on the source
-    folder; the target images resized to ``image_size`` high and evaluated one at a time (so
-    they may differ in width)."""
-    from asg_env.tasks.folders import segmentation_folder
-
-    classes, pairs, lut = segmentation_folder(source_root, "source_root")
-    target_classes, target_pairs, _ = segmentation_folder(target_root, "target_root")
-    if target_classes != classes:
-        raise UserInputError(f"source_root and target_root list different classes in classes.txt: "
-                             f"{', '.join(classes)} against {', '.join(target_classes)}")
-    return _files_segmentation_task("SegFolder", "source_root", classes, pairs, target_pairs, lut, image_size, 1,
-                                    image_size, batch_size, device, mean, std, target_eval_size, num_workers, shard)
-
-
-def make_visda_task(
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    mean: Stats,
-    std: Stats,
-    data_root: str | None = None,
-    target_eval_size: int = 0,
-    num_workers: int = 2,
-    shard: tuple[int, int] = (0, 1),
-) -> Task:
-    """VisDA-17 train (synthetic) and validation (real) splits, preprocessed as the official
-    ``train.py`` does for both: ``Resize(size)``, ``CenterCrop(size)``, no random augmentation.
-
-    Fixed transforms make the frozen teacher's logits a pure function of the image, so the
-    task names its source images for the on-disk teacher cache.
-    """
-    train, target = VisDA17(data_root, "train", _fixed_transform(image_size, mean, std)), VisDA17(data_root, "validation")
-    return _files_classification_task("VisDA-17", "VisDA-17 train split", VISDA_CLASSES, train, target, "visda17-train",
-                                      image_size, batch_size, device, mean, std, target_eval_size, num_workers, shard)
-
-
-def _fixed_transform(image_size: int, mean: Stats, std: Stats) -> T.Compose:
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToImage(),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
-
-
-def _files_classification_task(name: str, source_name: str, classes: tuple[str, ...], train: Dataset, target: Dataset,
-                               cache_prefix: str, image_size: int, batch_size: int, device: torch.device, mean: Stats,
-                               std: Stats, target_eval_size: int, num_workers: int, shard: tuple[int, int]) -> Task:
-    """Classification from image files with the official fixed transforms on both sides; the
-    source's ``batch_size`` images drawn by a seeded permutation are held out for the reward,
-    and the rest are named for the on-disk teacher cache."""
-    if len(train) < 2 * batch_size:
-        raise UserInputError(
-            f"{source_name} has {len(train)} images; it needs at least {2 * batch_size} "
-            f"(one training batch plus the held-out batch of {batch_size})"
-        )
-    target.transform = train.transform
-    held_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
-    train_idx = sorted(set(range(len(train))) - set(held_idx))
-    hx, hy = zip(*(train[i] for i in held_idx))
-    heldout = (torch.stack(hx).to(device), torch.tensor(hy, device=device))
-    if 0 < target_eval_size < len(target):
-        keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:target_eval_size]
-        target = Subset(target, keep.tolist())
-    indexed = Indexed(train)
-    source = LoaderSource(Subset(indexed, train_idx), batch_size, device, num_workers, shard)
-    key = f"{cache_prefix}-{train.fingerprint()}-size{image_size}-mean{mean}-std{std}"
-    return Task(name, len(classes), source, heldout, LoaderSource(target, batch_size, device, num_workers),
-                teacher_cache_key=key, cached_images=indexed, class_names=tuple(classes))
-
-
-def make_imagefolder_task(image_size: int, batch_size: int, device: torch.device, mean: Stats, std: Stats,
-                          source_root: str | None, target_root: str | None, target_eval_size: int = 0,
-                          num_workers: int = 2, shard: tuple[int, int] = (0, 1)) -> Task:
-    """Your own classification data (:mod:`asg_env.tasks.folders`) with VisDA-17's recipe."""
-    from asg_env.tasks.folders import ImageFolderSplit, same_classes
-
-    train = ImageFolderSplit(source_root, "source_root", _fixed_transform(image_size, mean, std))
-    target = ImageFolderSplit(target_root, "target_root")
-    same_classes(train.classes, target.classes)
-    key = f"imagefolder-{os.path.abspath(source_root)}"
-    return _files_classification_task("ImageFolder", "source_root", train.classes, train, target, key, image_size,
-                                      batch_size, device, mean, std, target_eval_size, num_workers, shard)
-
-
 @dataclass(frozen=True)
 class TaskOptions:
     """The trainer's settings that a task builder may use (each takes what it needs)."""
@@ -494,24 +301,165 @@ class TaskOptions:
     render_seed: int = 0
 
 
-# Registered task builders by name: a new syn→real dataset is one entry (its Task.kind names
-# the kind, asg_env.training.kinds, that trains and measures it).
-TASKS: dict[str, Callable[[TaskOptions], Task]] = {
-    "syndigits": lambda o: make_syndigits_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
-                                               o.source_size, o.target_eval_size, o.render_seed,
-                                               synthetic_eval_size=o.synthetic_eval_size, shard=o.shard),
-    "digitscenes": lambda o: make_digitscenes_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
-                                                   o.source_size, o.target_eval_size, o.synthetic_eval_size,
-                                                   o.label_dilation, o.render_seed, shard=o.shard),
-    "gta5": lambda o: make_gta5_cityscapes_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
-                                                o.target_eval_size, o.num_workers, shard=o.shard),
-    "visda": lambda o: make_visda_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.data_root,
-                                       o.target_eval_size, o.num_workers, shard=o.shard),
-    "imagefolder": lambda o: make_imagefolder_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.source_root,
-                                                   o.target_root, o.target_eval_size, o.num_workers, o.shard),
-    "segfolder": lambda o: make_segfolder_task(o.image_size, o.batch_size, o.device, o.mean, o.std, o.source_root,
-                                               o.target_root, o.target_eval_size, o.num_workers, o.shard),
-}
+# Registered task builders by name, each from the run's TaskOptions: a new syn→real dataset is
+# one entry (its Task.kind names the kind, asg_env.training.kinds, that trains and measures it).
+TASKS: dict[str, Callable[[TaskOptions], Task]] = {}
+
+
+def register_task(name: str) -> Callable[[Callable[[TaskOptions], Task]], Callable[[TaskOptions], Task]]:
+    """Register a task builder under ``name`` (the trainer's ``task`` setting)."""
+    def register(builder: Callable[[TaskOptions], Task]) -> Callable[[TaskOptions], Task]:
+        TASKS[name] = builder
+        return builder
+    return register
+
+
+@register_task("syndigits")
+def make_syndigits_task(o: TaskOptions) -> Task:
+    """Rendered digits (source, then the held-out batch, then ``synthetic_eval_size`` images
+    for evaluation) and a fixed class-shuffled subset of real MNIST (target)."""
+    if o.source_size < o.batch_size:
+        raise UserInputError(f"source_size={o.source_size} is smaller than one training batch ({o.batch_size})")
+    count = o.source_size + o.batch_size + o.synthetic_eval_size
+    images, labels = load_syndigits(o.data_root or default_cache_dir(), count, o.image_size, o.render_seed)
+    source, heldout, source_eval = _rendered_splits(images, labels, o.source_size, o.batch_size, o.device, o.mean, o.std,
+                                                    o.shard)
+    tx, ty = _mnist(o.image_size)
+    keep = np.random.default_rng(0).permutation(len(ty))[: o.target_eval_size or len(ty)]
+    target = TensorSource(tx[keep], ty[keep], o.batch_size, o.device, o.mean, o.std)
+    return Task("SynDigits", 10, source, heldout, target, source_eval=source_eval)
+
+
+@register_task("digitscenes")
+def make_digitscenes_task(o: TaskOptions) -> Task:
+    """Synthetic digit scenes (source, then the held-out batch, then ``synthetic_eval_size``
+    scenes for evaluation) and the first ``target_eval_size`` of the real-MNIST scenes (target,
+    ``REAL_SCENES`` in all; 0: all of them), 11 classes (background + digits).
+    The target is rendered from its own seed, so no background is shared with the source.
+    Both label sets are dilated by ``label_dilation`` pixels (0: the strokes alone)."""
+    from asg_env.tasks.digitscenes import CLASSES, REAL_SCENES, dilate_labels, load_digit_scenes
+
+    if o.source_size < o.batch_size:
+        raise UserInputError(f"source_size={o.source_size} is smaller than one training batch ({o.batch_size})")
+    root = o.data_root or default_cache_dir()
+    images, labels = load_digit_scenes(root, "synthetic", o.source_size + o.batch_size + o.synthetic_eval_size,
+                                       o.image_size, seed=o.render_seed)
+    labels = dilate_labels(labels, o.label_dilation)
+    source, heldout, source_eval = _rendered_splits(images, labels, o.source_size, o.batch_size, o.device, o.mean, o.std,
+                                                    o.shard)
+    tx, ty = load_digit_scenes(root, "real", min(o.target_eval_size or REAL_SCENES, REAL_SCENES), o.image_size, seed=1)
+    ty = dilate_labels(ty, o.label_dilation)
+    target = TensorSource(tx, ty, o.batch_size, o.device, o.mean, o.std)
+    return Task("SynDigitScenes", len(CLASSES), source, heldout, target, source_eval=source_eval,
+                kind="segmentation", class_names=CLASSES)
+
+
+@register_task("gta5")
+def make_gta5_cityscapes_task(o: TaskOptions) -> Task:
+    """GTA5 with the paper's augmentation (source; ``batch_size`` images, fixed by a seeded
+    draw and centre-cropped, are held out for the reward) and the Cityscapes validation split
+    at its own resolution (target, evaluation only, two images per batch)."""
+    from asg_env.tasks.gta5_cityscapes import _LUT, CITYSCAPES_CLASSES, cityscapes_val_pairs, gta5_pairs
+
+    return _files_segmentation_task("GTA5→Cityscapes", "GTA5", CITYSCAPES_CLASSES, gta5_pairs(o.data_root),
+                                    cityscapes_val_pairs(o.data_root), _LUT, None, 2, o)
+
+
+def _files_segmentation_task(name: str, source_name: str, classes: tuple[str, ...], pairs: list, target_pairs: list,
+                             lut: np.ndarray, target_height: int | None, eval_batch_size: int, o: TaskOptions) -> Task:
+    """Segmentation from (image, label) files: the paper's augmentation on the source, whose
+    ``batch_size`` images drawn by a seeded permutation and centre-cropped are held out for the
+    reward, and the target resized to ``target_height`` (its own size when None)."""
+    from asg_env.tasks.gta5_cityscapes import EvalTransform, SegmentationFiles, TrainTransform
+
+    image_size, batch_size, device, mean, std = o.image_size, o.batch_size, o.device, o.mean, o.std
+    if len(pairs) < 2 * batch_size:
+        raise UserInputError(f"{source_name} has {len(pairs)} images; it needs at least {2 * batch_size} "
+                             f"(one training batch plus the held-out batch of {batch_size})")
+    held = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:batch_size].tolist())
+    heldout_set = SegmentationFiles([pairs[i] for i in sorted(held)], EvalTransform(image_size, mean, std, crop=image_size),
+                                    lut)
+    hx, hy = zip(*(heldout_set[i] for i in range(len(heldout_set))))
+    heldout = (torch.stack(hx).to(device), torch.stack(hy).to(device))
+    train = SegmentationFiles([p for i, p in enumerate(pairs) if i not in held], TrainTransform(image_size, mean, std), lut)
+    target: Dataset = SegmentationFiles(target_pairs, EvalTransform(target_height, mean, std), lut)
+    if 0 < o.target_eval_size < len(target):
+        keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:o.target_eval_size]
+        target = Subset(target, keep.tolist())
+    return Task(name, len(classes), LoaderSource(train, batch_size, device, o.num_workers, o.shard),
+                heldout, LoaderSource(target, batch_size, device, o.num_workers, eval_batch_size=eval_batch_size),
+                kind="segmentation", class_names=classes)
+
+
+@register_task("segfolder")
+def make_segfolder_task(o: TaskOptions) -> Task:
+    """Your own segmentation data (:mod:`asg_env.tasks.folders`): GTA5's recipe on the source
+    folder; the target images resized to ``image_size`` high and evaluated one at a time (so
+    they may differ in width)."""
+    from asg_env.tasks.folders import segmentation_folder
+
+    classes, pairs, lut = segmentation_folder(o.source_root, "source_root")
+    target_classes, target_pairs, _ = segmentation_folder(o.target_root, "target_root")
+    if target_classes != classes:
+        raise UserInputError(f"source_root and target_root list different classes in classes.txt: "
+                             f"{', '.join(classes)} against {', '.join(target_classes)}")
+    return _files_segmentation_task("SegFolder", "source_root", classes, pairs, target_pairs, lut, o.image_size, 1, o)
+
+
+@register_task("visda")
+def make_visda_task(o: TaskOptions) -> Task:
+    """VisDA-17 train (synthetic) and validation (real) splits, preprocessed as the official
+    ``train.py`` does for both: ``Resize(size)``, ``CenterCrop(size)``, no random augmentation.
+
+    Fixed transforms make the frozen teacher's logits a pure function of the image, so the
+    task names its source images for the on-disk teacher cache.
+    """
+    train = VisDA17(o.data_root, "train", _fixed_transform(o.image_size, o.mean, o.std))
+    target = VisDA17(o.data_root, "validation")
+    return _files_classification_task("VisDA-17", "VisDA-17 train split", VISDA_CLASSES, train, target, "visda17-train", o)
+
+
+def _fixed_transform(image_size: int, mean: Stats, std: Stats) -> T.Compose:
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToImage(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+def _files_classification_task(name: str, source_name: str, classes: tuple[str, ...], train: Dataset, target: Dataset,
+                               cache_prefix: str, o: TaskOptions) -> Task:
+    """Classification from image files with the official fixed transforms on both sides; the
+    source's ``batch_size`` images drawn by a seeded permutation are held out for the reward,
+    and the rest are named for the on-disk teacher cache."""
+    batch_size, device = o.batch_size, o.device
+    if len(train) < 2 * batch_size:
+        raise UserInputError(
+            f"{source_name} has {len(train)} images; it needs at least {2 * batch_size} "
+            f"(one training batch plus the held-out batch of {batch_size})"
+        )
+    target.transform = train.transform
+    held_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
+    train_idx = sorted(set(range(len(train))) - set(held_idx))
+    hx, hy = zip(*(train[i] for i in held_idx))
+    heldout = (torch.stack(hx).to(device), torch.tensor(hy, device=device))
+    if 0 < o.target_eval_size < len(target):
+        keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:o.target_eval_size]
+        target = Subset(target, keep.tolist())
+    indexed = Indexed(train)
+    source = LoaderSource(Subset(indexed, train_idx), batch_size, device, o.num_workers, o.shard)
+    key = f"{cache_prefix}-{train.fingerprint()}-size{o.image_size}-mean{o.mean}-std{o.std}"
+    return Task(name, len(classes), source, heldout, LoaderSource(target, batch_size, device, o.num_workers),
+                teacher_cache_key=key, cached_images=indexed, class_names=tuple(classes))
+
+
+@register_task("imagefolder")
+def make_imagefolder_task(o: TaskOptions) -> Task:
+    """Your own classification data (:mod:`asg_env.tasks.folders`) with VisDA-17's recipe."""
+    from asg_env.tasks.folders import ImageFolderSplit, same_classes
+
+    train = ImageFolderSplit(o.source_root, "source_root", _fixed_transform(o.image_size, o.mean, o.std))
+    target = ImageFolderSplit(o.target_root, "target_root")
+    same_classes(train.classes, target.classes)
+    key = f"imagefolder-{os.path.abspath(o.source_root)}"
+    return _files_classification_task("ImageFolder", "source_root", train.classes, train, target, key, o)
 
 
 def build_task(name: str, options: TaskOptions) -> Task:

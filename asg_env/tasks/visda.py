@@ -18,8 +18,8 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from asg_env.tasks.folders import fingerprint, load_rgb
 from asg_env.errors import UserInputError
+from asg_env.tasks.folders import fingerprint, load_rgb
 
 VISDA_CLASSES = (
     "aeroplane", "bicycle", "bus", "car", "horse", "knife",

@@ -16,13 +16,19 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from asg_env.training.backbones import Backbone
 from asg_env.errors import UserInputError
+from asg_env.tasks.registry import Task
+from asg_env.training.backbones import Backbone
 from asg_env.training.guidance import Guidance, make_guidance
 from asg_env.training.proxy import StudentNet, make_teacher
-from asg_env.training.segmentation import (DenseKLGuidance, DenseTeacher, SegObjective, SegStudentNet, dense_backbone,
-                                  iou_from_confusion)
-from asg_env.tasks.registry import Task
+from asg_env.training.segmentation import (
+    DenseKLGuidance,
+    DenseTeacher,
+    SegObjective,
+    SegStudentNet,
+    dense_backbone,
+    iou_from_confusion,
+)
 
 
 class Objective(nn.Module):

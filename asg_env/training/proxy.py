@@ -12,7 +12,6 @@ from torch import nn
 
 from asg_env.training.backbones import Backbone
 
-
 HEADS = ("linear", "mlp")
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asg_env.training.backbones import Backbone
 from asg_env.errors import UserInputError
+from asg_env.training.backbones import Backbone
 from asg_env.training.guidance import Guidance
 from asg_env.training.proxy import kl_to_teacher
 

@@ -40,21 +40,30 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 
+from asg_env.errors import UserInputError
+from asg_env.tasks.imagenet_photos import load_imagenet_photos
+from asg_env.tasks.registry import EpochOrder, Task, TaskOptions, TensorSource, build_task, default_cache_dir
 from asg_env.training.backbones import build_backbone, check_image_size, input_normalisation
 from asg_env.training.batched import StackedRuns
 from asg_env.training.coordinates import Coordinate, optimization_coordinates
-from asg_env.errors import UserInputError
-from asg_env.training.kinds import KINDS
 from asg_env.training.guidance import Guidance
-from asg_env.tasks.imagenet_photos import load_imagenet_photos
+from asg_env.training.kinds import KINDS
 from asg_env.training.optim import action_windows, make_sgd, poly_factor
 from asg_env.training.proxy import kl_to_teacher
 from asg_env.training.segmentation import BilinearDeconv
-from asg_env.envs.settings import ENV_FREE_FORM, ENV_SETTINGS, check_settings
-from asg_env.tasks.registry import EpochOrder, Task, TaskOptions, TensorSource, build_task, default_cache_dir
+from asg_env.training.settings import (
+    BATCHED_CHECKS,
+    BATCHED_FIELDS,
+    FIELDS,
+    BatchedSettings,
+    FineTuningSettings,
+    check_settings,
+    keyword_signature,
+)
 from asg_env.training.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
+DEFAULTS = {f.name: f.default for f in FIELDS}
 
 
 def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
@@ -68,7 +77,7 @@ def batching_refusals(settings: dict) -> list[str]:
     """Why these settings cannot run as a :class:`BatchedTrainer`, judged from the settings
     alone (missing ones take the defaults); the trainer adds what it learns when it is built
     (torchrun, a file-based source)."""
-    get = lambda key: settings.get(key, inspect.signature(FineTuning).parameters[key].default)  # noqa: E731
+    get = lambda key: settings.get(key, DEFAULTS[key])  # noqa: E731
     why = []
     if get("bn_stats") != "frozen":
         why.append('bn_stats="frozen" (batch statistics update shared buffers in place, which vmap cannot '
@@ -135,169 +144,52 @@ class FineTuning:
     windows of the decisions, and the evaluation of the student's current weights. The two
     trainers, :class:`Trainer` (one run) and :class:`BatchedTrainer` (N runs), add the runs.
 
-    Args:
-        task: a name in :data:`asg_env.tasks.registry.TASKS`: ``"syndigits"`` (embedded, offline),
-            ``"digitscenes"`` (embedded segmentation), ``"visda"`` (VisDA-17 from ``data_root``),
-            ``"gta5"`` (GTA5→Cityscapes from ``data_root``), ``"imagefolder"`` or ``"segfolder"``
-            (your own data from ``source_root`` and ``target_root``); or a
-            :class:`~asg_env.tasks.registry.Task` built in code.
-        backbone: ``efficientnet_lite0/1/2``, ``resnet50``, ``resnet101``, ``vgg16``, or any
-            ImageNet classifier as ``timm:<name>`` or ``torchvision:<name>``. Inputs are
-            normalised as the backbone's weights expect (0.5/0.5 for EfficientNet-Lite, the
-            ImageNet mean/std for torchvision models, a timm model's ``pretrained_cfg``).
-        weights: ``"imagenet"`` (for torchvision models: ``IMAGENET1K_V1``, the paper's), a
-            torchvision weight name, a file path, or ``None`` for an explicitly random backbone.
-        data_root: dataset root (VisDA-17; falls back to ``$ASG_DATA``) or the SynDigits cache.
-        episode_steps: T, the number of decisions (``window="fixed"``); ``None`` for one
-            decision per SGD step.
-        sgd_steps_per_action: SGD steps each decision holds its action for; with
-            ``window="growing"``, the shortest window (the official ``_min_iter``, 10).
-        sgd_steps: total SGD steps of the run. With ``window="fixed"`` they are split evenly
-            over the T decisions; by default T × ``sgd_steps_per_action``.
-        epochs: the run's length in passes over the source instead of ``sgd_steps``.
-        window: ``"fixed"`` or ``"growing"`` (the official release's windows, which roughly
-            double within each epoch; T then follows from ``sgd_steps``).
-        lam: λ, the weight of the guidance term; 0 disables it (no teacher pass).
-        guidance: the term that keeps the student near its ImageNet self (see
-            :mod:`asg_env.training.guidance`): ``"kl"`` (proxy guidance, the paper's), ``"l2sp"``,
-            ``"feature_l2"``, ``"si"`` or ``"none"``.
-        lr_base: η_base. momentum, weight_decay: SGD settings shared by all coordinates.
-        sgd: ``"official"`` (learning rate inside the momentum) or ``"torch"``.
-        lr_schedule: ``"constant"`` (the action alone sets the rate, as in ``l2o_train.py``)
-            or ``"poly"``: the official ``train.py`` schedule (quadratic warm-up over
-            ``warmup_steps``, poly decay 0.9) multiplies every rate.
-        batch_size: the global training batch (split over the ranks under torchrun).
-        image_size: square input size.
-        head: θ_n: ``"linear"`` (the paper's) or ``"mlp"`` (the official 2048→512→classes).
-        reward_batch: which losses a decision reads: ``"train"`` (the mean over the window of
-            the training losses measured after each SGD step, on the next training batch, the
-            paper's and free) or ``"heldout"`` (one fixed held-out synthetic batch after the
-            window: less noisy, one extra forward pass per decision).
-        eval_every: evaluate every this many decisions, or ``"epoch"`` at the first decision
-            that ends in each new epoch (0: only at the end); see :attr:`evaluation_due`.
-        target_eval_size: evaluate on this many target images (0: the task's whole target set:
-            the 5,000 MNIST digits, the 2,000 real digit scenes, VisDA-17 validation, Cityscapes val).
-        tta_flip: evaluate on the average of the sigmoid scores of each image and its
-            horizontal flip (the official ``validate``).
-        source_size: number of rendered SynDigits training images.
-        render_seed: the seed the embedded tasks render their synthetic images from (another
-            seed, other images; the real target never changes).
-        synthetic_eval_size: further rendered SynDigits images, never trained on, on which
-            evaluations report ``synthetic_acc`` (0: none).
-        imagenet_photos: how many of the 20 ImageNet photos evaluations classify with θ_o.
-        device: torch device. channels_last, amp: speed options (AMP only on CUDA: bf16
-            autocast, losses and rewards in fp32).
-        compile: run the training step's forward and backward through ``torch.compile`` with
-            this backend (``"inductor"`` for speed on a GPU; ``"aot_eager"`` traces without
-            generating code, for tests); None: eager.
-        cache_teacher: cache the teacher's outputs per source image when the source has no
-            random augmentation (in memory for SynDigits, on disk for VisDA).
-        num_workers: DataLoader workers for file-based tasks (persistent across epochs).
-        bn_stats: ``"frozen"`` (the official protocol: eval mode, ImageNet statistics, affine
-            parameters train) or ``"train"`` (batch statistics, running statistics updated).
-        patch_grid: segmentation only: dense proxy guidance on ``g × g`` pooled patches of the
-            last feature map (Eq. 5); 1, the default, pools the whole map as the official
-            ``train_seg.py`` does (see :mod:`asg_env.training.segmentation`).
-        upsample: segmentation only: FCN-8s's ×2, ×2, ×8 upsampling as learned transposed
-            convolutions initialised bilinear (``"deconv"``, the official ``fcn8s_vgg.py``) or
-            fixed bilinear interpolation (``"bilinear"``).
-        label_dilation: SynDigitScenes only: each digit's label also covers the background
-            within this many pixels of its strokes (0: the strokes alone; see
-            :func:`asg_env.tasks.digitscenes.dilate_labels`).
-        coordinate_stats: also measure, at the end of every window, each coordinate's gradient
-            norm (of the window's last SGD step), its update-to-weight ratio over the window and
-            its relative distance from where the run started (ImageNet weights, fresh θ_n), in the
-            same host–device transfer (``values["coordinate_stats"]``, C × 3; see :mod:`asg_env.envs.control`).
-        source_root, target_root: ``"imagefolder"`` and ``"segfolder"`` (your own data, see
-            :mod:`asg_env.tasks.folders`): the synthetic training images and the real ones,
-            which are only evaluated on.
+    Takes every field of :class:`~asg_env.training.settings.FineTuningSettings` as a keyword
+    (the task, the model, the decisions and SGD, proxy guidance, the evaluation, speed), each
+    checked before anything is built; the documentation's settings table lists them.
     """
 
-    def __init__(
-        self,
-        task: str | Task = "syndigits",
-        backbone: str = "efficientnet_lite0",
-        weights: str | None = "imagenet",
-        data_root: str | None = None,
-        episode_steps: int | None = 100,
-        sgd_steps_per_action: int = 1,
-        sgd_steps: int | None = None,
-        epochs: float | None = None,
-        window: str = "fixed",
-        lam: float = 0.1,
-        guidance: str = "kl",
-        lr_base: float = 0.02,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        sgd: str = "official",
-        lr_schedule: str = "constant",
-        warmup_steps: int = 100,
-        batch_size: int = 32,
-        image_size: int = 32,
-        head: str = "linear",
-        reward_batch: str = "train",
-        eval_every: int | str = 0,
-        target_eval_size: int = 1000,
-        tta_flip: bool = False,
-        source_size: int = 10_000,
-        render_seed: int = 0,
-        synthetic_eval_size: int = 500,
-        imagenet_photos: int = 20,
-        device: str = "cpu",
-        channels_last: bool = True,
-        amp: bool = False,
-        compile: str | None = None,
-        cache_teacher: bool = True,
-        num_workers: int = 2,
-        bn_stats: str = "frozen",
-        patch_grid: int = 1,
-        upsample: str = "deconv",
-        label_dilation: int = 3,
-        source_root: str | None = None,
-        target_root: str | None = None,
-        coordinate_stats: bool = False,
-    ):
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_settings(self.config, ENV_SETTINGS, ignore=ENV_FREE_FORM)
-        check_image_size(backbone, image_size)
-        if sgd_steps is not None and epochs is not None:
+    def __init__(self, **settings):
+        s = FineTuningSettings.checked(settings)
+        self.config = {f.name: getattr(s, f.name) for f in FIELDS}
+        check_image_size(s.backbone, s.image_size)
+        if s.sgd_steps is not None and s.epochs is not None:
             raise UserInputError("give sgd_steps or epochs, not both")
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        if batch_size % self.world_size:
-            raise UserInputError(f"batch_size={batch_size} does not split evenly over {self.world_size} processes")
-        self.device = torch.device(device)
+        if s.batch_size % self.world_size:
+            raise UserInputError(f"batch_size={s.batch_size} does not split evenly over {self.world_size} processes")
+        self.device = torch.device(s.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.bn_stats, self.sgd, self.lr_schedule, self.warmup_steps = bn_stats, sgd, lr_schedule, int(warmup_steps)
-        self.lam, self.lr_base = float(lam), float(lr_base)
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.reward_batch, self.eval_every, self.tta_flip = reward_batch, eval_every, bool(tta_flip)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.coordinate_stats = bool(coordinate_stats)
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.bn_stats, self.sgd, self.lr_schedule, self.warmup_steps = s.bn_stats, s.sgd, s.lr_schedule, int(s.warmup_steps)
+        self.lam, self.lr_base = float(s.lam), float(s.lr_base)
+        self.momentum, self.weight_decay = s.momentum, s.weight_decay
+        self.reward_batch, self.eval_every, self.tta_flip = s.reward_batch, s.eval_every, bool(s.tta_flip)
+        self.memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
+        self.coordinate_stats = bool(s.coordinate_stats)
+        self.amp = bool(s.amp) and self.device.type == "cuda"
 
-        mean, std = input_normalisation(backbone, weights)
-        if isinstance(task, Task):  # a task built in code (benchmarks, research on new tasks)
-            self.task: Task = task
+        mean, std = input_normalisation(s.backbone, s.weights)
+        if isinstance(s.task, Task):  # a task built in code (benchmarks, research on new tasks)
+            self.task: Task = s.task
         else:
-            self.task = build_task(task, TaskOptions(image_size, batch_size, self.device, mean, std, data_root,
-                                                     source_size, target_eval_size, synthetic_eval_size,
-                                                     label_dilation, num_workers, (self.rank, self.world_size),
-                                                     source_root, target_root, render_seed))
+            self.task = build_task(s.task, TaskOptions(s.image_size, s.batch_size, self.device, mean, std, s.data_root,
+                                                       s.source_size, s.target_eval_size, s.synthetic_eval_size,
+                                                       s.label_dilation, s.num_workers, (self.rank, self.world_size),
+                                                       s.source_root, s.target_root, s.render_seed))
         self.kind = KINDS[self.task.kind]
         self.kind.check(self.config)
-        parts = build_backbone(backbone, weights)
+        parts = build_backbone(s.backbone, s.weights)
         self.mean, self.std, self.input_size = mean, std, parts.input_size
-        self.imagenet_photos = int(imagenet_photos)
+        self.imagenet_photos = int(s.imagenet_photos)
         self.backbone_name = parts.name
 
-        if epochs is not None:
-            sgd_steps = max(1, round(epochs * self.task.steps_per_epoch))
-        if episode_steps is None and sgd_steps is None:
+        sgd_steps = s.sgd_steps if s.epochs is None else max(1, round(s.epochs * self.task.steps_per_epoch))
+        if s.episode_steps is None and sgd_steps is None:
             raise UserInputError("episode_steps=None (a decision per SGD step) needs sgd_steps or epochs")
-        if window == "fixed" and None not in (sgd_steps, episode_steps) and sgd_steps < episode_steps:
-            raise UserInputError(f"{sgd_steps} SGD steps cannot hold episode_steps={episode_steps} decisions")
-        self.windows = action_windows(window, episode_steps, int(sgd_steps_per_action), sgd_steps,
+        if s.window == "fixed" and None not in (sgd_steps, s.episode_steps) and sgd_steps < s.episode_steps:
+            raise UserInputError(f"{sgd_steps} SGD steps cannot hold episode_steps={s.episode_steps} decisions")
+        self.windows = action_windows(s.window, s.episode_steps, int(s.sgd_steps_per_action), sgd_steps,
                                       self.task.steps_per_epoch)
         self.T, self.total_sgd_steps = len(self.windows), sum(self.windows)
         self.teacher, self.student = self.kind.models(parts, self.task, self.config)
@@ -310,19 +202,19 @@ class FineTuning:
             k: v.detach().clone() for k, v in self.student.state_dict().items() if not k.startswith("new_head.")
         }
         self.student.eval()
-        self.guidance: Guidance = self.kind.guidance(guidance if self.lam > 0 else "none", self.student, self.task)
+        self.guidance: Guidance = self.kind.guidance(s.guidance if self.lam > 0 else "none", self.student, self.task)
         self.objective: nn.Module = self.kind.objective(self.student, self.guidance, self.lam)
         self._train_objective: nn.Module = self.objective
         if self.world_size > 1:
             self._train_objective = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=bn_stats == "train",
+                forward_sync_buffers=s.bn_stats == "train",
             )
-        if compile is not None:
-            self._train_objective = torch.compile(self._train_objective, backend=compile, dynamic=False)
+        if s.compile is not None:
+            self._train_objective = torch.compile(self._train_objective, backend=s.compile, dynamic=False)
         needs_teacher = self.guidance.teacher_output is not None
         self._teacher_heldout = self._teacher_out(self.task.heldout[0]) if needs_teacher else None
-        self._teacher_cache = self._make_teacher_cache(weights) if needs_teacher and cache_teacher else None
+        self._teacher_cache = self._make_teacher_cache(s.weights) if needs_teacher and s.cache_teacher else None
         self._target_reference: dict | None = None  # the teacher's target / ImageNet-photo predictions
         self.t = self.sgd_step = 0
         self.evaluation_due = False
@@ -466,6 +358,9 @@ class FineTuning:
                 elif isinstance(layer, BilinearDeconv):
                     layer.reset_parameters()
 
+
+
+FineTuning.__init__.__signature__ = keyword_signature(FIELDS)
 
 
 class Trainer(FineTuning):
@@ -621,17 +516,15 @@ class BatchedTrainer(FineTuning):
     ``none``).
 
     Args:
-        num_envs: N, the number of runs.
-        batching: how they are computed (:class:`~asg_env.training.batched.StackedRuns`):
-            ``"vmap"``, one batched model, or ``"loop"``, the runs one after another on their own
-            views of the stacked weights. ``"auto"`` (the default) takes loop on a CPU, where
-            vmap's grouped convolutions are slower than the runs one by one (the benchmarks),
-            and vmap elsewhere. Both give the same results within float tolerance.
+        num_envs, batching: :class:`~asg_env.training.settings.BatchedSettings`: N, and vmap or
+            loop (on a CPU loop is faster: vmap's grouped convolutions are slower than the runs
+            one by one there). Both give the same results within float tolerance.
         **settings: the runs' configuration, as :class:`FineTuning` takes it.
     """
 
-    def __init__(self, num_envs: int, batching: str = "auto", **settings):
-        check_settings({"num_envs": num_envs, "batching": batching}, ENV_SETTINGS)
+    def __init__(self, num_envs: int, **settings):
+        batching = settings.pop("batching", BatchedSettings.batching)
+        check_settings({"num_envs": num_envs, "batching": batching}, BATCHED_CHECKS)
         super().__init__(**settings)
         why = []
         if self.world_size > 1:
@@ -808,6 +701,11 @@ class BatchedTrainer(FineTuning):
             stats = coordinate_stats(*(self.runs.coordinate_tensors(t) for t in (now, before, self._origin)), grad_norms)
         head = self.runs.params[self._classifier_name].detach().flatten(1)
         return dict(zip(runs, decision_values(losses, check, head, stats, runs)))
+
+BatchedTrainer.__init__.__signature__ = keyword_signature(
+    [f for f in BATCHED_FIELDS if f.name != "num_envs"] + list(FIELDS),
+    first=[inspect.Parameter("num_envs", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
+
 
 def init_distributed() -> tuple[int, int, str | None]:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs,
