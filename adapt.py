@@ -56,6 +56,7 @@ from asg_env.adaptation.self_training import (
     soft_labels,
 )
 from asg_env.envs.settings import ENV_OWN, check_settings
+from asg_env.provenance import stamp
 from asg_env.tasks.registry import TensorSource
 from asg_env.training.trainer import Trainer
 
@@ -378,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
     plot_rounds(history, key, os.path.join(out, "curve.png"), f"{trainer.task.name}: {cfg.method}")
     summary = {"model": model, "method": cfg.method, "config": dataclasses.asdict(cfg), "task": trainer.task.name,
                "start": history[0], "final": history[-1], "seconds": round(sum(r.get("seconds", 0) for r in history), 1)}
+    summary.update(stamp({"model": model, "config": summary["config"]}))
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     if os.path.exists(os.path.join(out, "checkpoint.pt")):

@@ -75,6 +75,7 @@ from agents.loading import (
 from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
+from asg_env.provenance import stamp
 from asg_env.training.trainer import init_distributed
 
 # Not reported as overrides: evaluation never changes the trajectory, and the run length is
@@ -352,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
                "final": final, f"best_{headline}_oracle": best, "env_kwargs": u.config,
                "trained_env": run_args.get("trained_env"),
                "overrides": {k: {"trained": old, "applied": new} for k, (old, new) in changed.items()}}
+    summary.update(stamp({"policy": summary["policy"], "env_kwargs": u.config, "seed": summary["seed"]}))
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     if os.path.exists(os.path.join(out, "checkpoint.pt")):

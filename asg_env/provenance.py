@@ -1,7 +1,10 @@
-"""Which code made a result: the git commit of the working tree, marked when it has uncommitted changes."""
+"""Which code made a result: the git commit of the working tree (marked when it has uncommitted
+changes), and a hash of the settings that made it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 
@@ -17,3 +20,23 @@ def git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def settings_hash(settings) -> str:
+    """A short hash of the settings that made a result (JSON with sorted keys): rows that share
+    it were made the same way."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stamp(settings) -> dict:
+    """What a published row carries: the commit of the code that made it and its settings' hash."""
+    return {"commit": git_commit(), "settings_hash": settings_hash(settings)}
+
+
+def stamp_line(rows, where: str = "results.jsonl") -> str:
+    """The line of a results page that names the commits and settings behind its rows (``where``
+    each row is kept)."""
+    commits = sorted({r.get("commit", "not recorded") for r in rows})
+    hashes = sorted({r.get("settings_hash", "not recorded") for r in rows})
+    return (f"Made by commit{'s' if len(commits) > 1 else ''} {', '.join(commits)} with settings "
+            f"hash{'es' if len(hashes) > 1 else ''} {', '.join(hashes)} (each row of {where} names its own).")

@@ -50,6 +50,7 @@ from agents.loading import env_metadata, load_policy, save_policy
 from agents.policies import baseline_env_kwargs
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import episode_seed, fine_tune
+from asg_env.provenance import stamp, stamp_line
 
 PRESETS = {
     "full": dict(seeds=5, epochs=2.0, policy_episodes=16, target_eval_size=500, evals_per_epoch=2),
@@ -288,6 +289,7 @@ def main(argv=None) -> int:
     policies = train_policies(make_env, args, out)
 
     all_settings = settings()
+    settings_args = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
     seeds = [args.seed + i for i in range(args.seeds)]
     cells = [(s, seed) for seed in seeds for s in all_settings]  # seed-major: an interrupted run is balanced
     envs: dict[str, gym.Env] = {}
@@ -307,6 +309,7 @@ def main(argv=None) -> int:
                 "final_heldout_xe": history[-1]["loss_xe"], "env_kwargs": {k: v for k, v in u.config.items()},
                 "curve": [{k: v for k, v in r.items() if not k.startswith("action/")} for r in history if "target_acc" in r],
                 "actions": [[r[f"action/{c}"] for c in u.coordinate_names] for r in history[1:]]}
+        line.update(stamp({"args": settings_args, "env_kwargs": line["env_kwargs"], "setting": s.name}))
         with open(path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
         done[key] = line
@@ -329,7 +332,8 @@ def main(argv=None) -> int:
               f"({args.epochs:g} epochs of {len(u.trainer.task.source)} images, batch {u.trainer.task.source.batch_size}, "
               f"{u.config['image_size']} px), η_base {u.trainer.lr_base:g}, T = {u.T} decisions, seeds {seeds}, "
               f"{args.target_eval_size} real target images. Policies trained for {args.policy_episodes} episodes on "
-              f"seeds spawned from {POLICY_SEED_OFFSET}. Wall time of this invocation {total / 60:.1f} min.")
+              f"seeds spawned from {POLICY_SEED_OFFSET}. Wall time of this invocation {total / 60:.1f} min. "
+              f"{stamp_line([r for runs in results.values() for r in runs])}")
     print(write_tables(rows, groups, best_fixed, header, out))
     print(f"results in {out}/")
     return 0

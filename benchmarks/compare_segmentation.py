@@ -32,6 +32,7 @@ import asg_env  # noqa: F401  (registers the ids)
 from agents.loading import env_metadata, load_policy, save_policy
 from agents.reinforce import ReinforceConfig, ReinforceTrainer
 from agents.rollout import episode_seed, fine_tune
+from asg_env.provenance import stamp, stamp_line
 from benchmarks.compare_policies import _plt, mean_ci, plot_actions
 
 FIRST_SEED, POLICY_SEED_OFFSET, PG = 100, 1000, 0.1
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
             line = {"key": key, "setting": name, "seed": seed, "diverged": bool(history[-1].get("diverged")),
                     "curve": [{k: v for k, v in r.items() if not k.startswith("action/")} for r in history if "target_kl" in r],
                     "actions": [[r[f"action/{c}"] for c in env.unwrapped.coordinate_names] for r in history[1:]]}
+            line.update(stamp({"args": {k: v for k, v in vars(args).items() if k not in ("out", "data_root")},
+                               "env_kwargs": env.unwrapped.config, "setting": name}))
             with open(path, "a") as fh:
                 fh.write(json.dumps(line) + "\n")
             done[key] = line
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
     header = (f"SynDigitScenes-v0 → real-MNIST scenes, FCN-8s on EfficientNet-Lite0 "
               f"({trainer.config['image_size']} px, batch {trainer.task.source.batch_size}, η_base {trainer.lr_base:g}), "
               f"{trainer.total_sgd_steps} SGD steps, T = {trainer.T} decisions, seeds {seeds}, "
-              f"REINFORCE trained for {args.policy_episodes} episodes.")
+              f"REINFORCE trained for {args.policy_episodes} episodes. "
+              f"{stamp_line([r for runs in results.values() for r in runs])}")
     coordinates = any_env.unwrapped.coordinate_names
     print(write_table(rows, header, iou, args.out, action_table(results["REINFORCE policy + PG"], coordinates)))
     plot_miou({name: results[name] for name, _, _ in SETTINGS}, os.path.join(args.out, "miou.png"))

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 import asg_env  # noqa: F401  (registers the ids)
 from agents.loading import load_policy
 from agents.rollout import fine_tune
+from asg_env.provenance import stamp, stamp_line
 
 IMAGE_SIZES = (32, 64)
 LR_BASES = (3e-4, 1e-3, 3e-3)
@@ -96,6 +97,7 @@ def run_grid(out: str, shard: tuple[int, int], data_root: str | None) -> None:
         line = {"key": run_key(size, lr, setting, seed), "image_size": size, "lr_base": lr, "setting": setting,
                 "seed": seed, "diverged": bool(history[-1].get("diverged")), "seconds": time.perf_counter() - start,
                 "curve": curve}
+        line.update(stamp({"env_kwargs": env.unwrapped.config, "setting": setting}))
         with open(path, "a") as fh:  # one line per finished run: an interrupted grid loses one run at most
             fh.write(json.dumps(line) + "\n")
 
@@ -164,7 +166,7 @@ def report(results: dict[str, dict], out: str) -> dict:
     chosen, why = choose(cells)
     doc = (__doc__ or "").split("Outputs in --out")[0].strip()
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = ["# SynDigits-v0 settings grid (no guidance)", "", "```", doc, "```", "",
+    lines = ["# SynDigits-v0 settings grid (no guidance)", "", stamp_line(results.values()), "", "```", doc, "```", "",
              f"**Chosen default:** image size {chosen['image_size']} px, η_base {chosen['lr_base']:g}, "
              f"{chosen['epochs']} epochs of {SOURCE_SIZE} images ({chosen['epochs'] * STEPS_PER_EPOCH} SGD steps), by the "
              f"{why}: large-LR real-target mean per-class accuracy peaks at {pct(chosen['peak'])} % (step "

@@ -65,6 +65,7 @@ from agents.loading import load_policy
 from agents.policies import OpenLoopPolicy, baseline_env_kwargs
 from agents.rollout import fine_tune
 from asg_env.envs.instances import FAMILIES, load_instances
+from asg_env.provenance import stamp, stamp_line
 from benchmarks.compare_policies import _plt, mean_ci
 
 PRESETS = {
@@ -329,7 +330,7 @@ def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: di
     by = {(r["method"], r["instance"], r["seed"]): r for r in runs}
     family = FAMILIES.get(bench.test.family)
     metrics = [(k, t) for k, t in METRICS if any(k in r for r in runs)]
-    lines = [header, "", "### Compute per method (SGD steps)", "", "| method | SGD steps before the evaluation runs |",
+    lines = [header, "", stamp_line(runs), "", "### Compute per method (SGD steps)", "", "| method | SGD steps before the evaluation runs |",
              "|---|---|"] + [f"| {m} | {compute[m]} |" for m in methods]
     lines += ["", "### Averaged over the test instances", "",
               "Each seed's mean over the instances, then mean ± std over seeds [95 % Student-t CI half-width].", "",
@@ -505,7 +506,8 @@ def main(argv=None) -> int:
             continue  # a rerun redoes a run whose policy or schedule has changed since
         result = bench.run(spec, inst, seeds[k], extra, evaluate=True, policy=policy)
         row = {"method": m, "instance": j, "seed": seeds[k], "identity": identity,
-               **{k_: v for k_, v in result.items() if k_ != "actions"}}
+               **{k_: v for k_, v in result.items() if k_ != "actions"},
+               **stamp({"identity": identity, "instance": inst, "override": bench.override})}
         with open(path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         runs[(m, j, seeds[k])] = row

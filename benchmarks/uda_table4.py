@@ -36,6 +36,7 @@ import yaml
 import adapt
 import apply_policy
 from agents.loading import read_policy_file
+from asg_env.provenance import stamp_line
 from benchmarks.compare_policies import mean_ci
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     before: dict[str, list[float]] = {}
     after: dict[tuple[str, str], list[float]] = {}
     round_seconds: list[float] = []
+    summaries: list[dict] = []
     for name in INITS:
         for seed in seeds:
             runs = [os.path.join(out, "adapted", f"{_slug(name)}-{m}-seed{seed}") for m in METHODS]
@@ -156,9 +158,11 @@ def main(argv=None) -> int:
             if not all(os.path.isfile(os.path.join(r, "summary.json")) for r in runs):
                 model = fine_tune(name, seed, task, config, args, out)
             with open(os.path.join(model, "summary.json")) as fh:
-                before.setdefault(name, []).append(json.load(fh)["final"][key])
+                summaries.append(json.load(fh))
+            before.setdefault(name, []).append(summaries[-1]["final"][key])
             for method in METHODS:
                 summary = adapt_run(model, method, seed, task, args, out, name)
+                summaries.append(summary)
                 after.setdefault((name, method), []).append(summary["final"][key])
                 round_seconds.append(summary["seconds"] / summary["config"]["rounds"])
             if not args.keep_models:  # 19 MB each: the summaries, logs and curves stay
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
              f"[95 % Student-t CI half-width]. One self-training round took {np.mean(round_seconds):.0f} s on average "
              f"(min {np.min(round_seconds):.0f}, max {np.max(round_seconds):.0f}) on this machine. "
              f"Wall time of this invocation {(time.perf_counter() - start) / 60:.1f} min.", "",
+             stamp_line(summaries, "summary.json"), "",
              "| starting point | fine-tuned (no adaptation) | " + " | ".join(METHODS) + " |",
              "|---|---|" + "---|" * len(METHODS)]
     for name in INITS:

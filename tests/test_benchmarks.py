@@ -35,7 +35,14 @@ def test_compare_policies_writes_tables_plots_and_resumes(tmp_path, cache_dir, m
     assert by_key["1. large LR | seed 100"]["env_kwargs"]["lam"] == 0.0
     assert all(r["curve"][0]["target_kl"] < 1e-6 for r in lines)
 
+    from asg_env.provenance import git_commit
+
+    assert {r["commit"] for r in lines} == {git_commit()}  # each row names the code that made it
+    hashes = {r["setting"]: r["settings_hash"] for r in lines}
+    assert len(set(hashes.values())) == len(compare.settings())  # and its settings: one hash per setting
+    assert all(r["settings_hash"] == hashes[r["setting"]] for r in lines)
     table = (out / "results.md").read_text()
+    assert f"Made by commit {git_commit()} with settings hashes" in table
     assert table.count("| 9. ASG: REINFORCE policy + PG |") == 2  # Table 2 row 9 and Fig. 6
     assert "← best fixed" in table and "(oracle)" in table and "[±" in table
     # The table's headline is the mean over seeds of each run's last evaluation.
@@ -182,6 +189,9 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
     assert np.array(replay["levels"]).shape == (2, 9)
 
     table = (out / "results.md").read_text()
+    commits = {r["commit"] for r in runs}
+    assert len(commits) == 1 and f"Made by commit {commits.pop()} with settings hashes" in table
+    assert len({r["settings_hash"] for r in runs}) > 1  # methods and instances differ in their settings
     assert f"B = {budget:,} SGD steps" in table and "(upper reference)" in table and "outside the training range" in table
     averaged = table.split("### Averaged over the test instances")[1]
     reference = next(line for line in averaged.splitlines() if line.startswith("| tuned per test instance"))
