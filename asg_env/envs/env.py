@@ -37,6 +37,7 @@ reads no real target image.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -53,7 +54,7 @@ class ASGEnv(gym.Env):
 
     Args:
         instances: a list of instances (mappings of trainer settings), one drawn per episode.
-        **settings: the env's own (:class:`~asg_env.envs.settings.EnvSettings`: the action,
+        **trainer_kwargs: the env's own settings (:class:`~asg_env.envs.settings.EnvSettings`: the action,
             observation and reward, the divergence penalty, what it reports) and the fine-tuning
             run's (:class:`~asg_env.training.settings.FineTuningSettings`: task, backbone, λ,
             η_base, windows…). ``batching`` is the vector env's and is ignored here.
@@ -61,7 +62,7 @@ class ASGEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, instances: list[dict] | None = None, **trainer_kwargs):
+    def __init__(self, instances: list[dict] | None = None, **trainer_kwargs: Any):
         own = own_settings(trainer_kwargs)
         if "num_envs" in trainer_kwargs:
             raise UserInputError("ASGEnv is one run; for N runs as one batched model use gym.make_vec "

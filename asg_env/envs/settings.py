@@ -65,4 +65,19 @@ def settings_markdown() -> str:
     parts = [("The env's own settings (`EnvSettings`)", ENV_FIELDS),
              ("The fine-tuning run (`FineTuningSettings`)", FIELDS),
              ("The vector env and the batched trainer (`BatchedSettings`)", BATCHED_FIELDS)]
-    return "\n".join(f"### {title}\n\n{settings_table(fields)}" for title, fields in parts)
+    text = "\n".join(f"### {title}\n\n{settings_table(fields)}" for title, fields in parts)
+    return text + "\n" + registered_table()
+
+
+def registered_table() -> str:
+    """The registered env ids and the settings each sets away from the defaults."""
+    import gymnasium as gym
+
+    defaults = {f.name: f.default for f in (*ENV_FIELDS, *FIELDS)}
+    rows = ["### The registered envs", "", "Each id is `ASGEnv` with these settings changed from the defaults above:", "",
+            "| id | settings |", "|---|---|"]
+    for spec in gym.registry.values():
+        if spec.entry_point == "asg_env.envs.env:ASGEnv":
+            changed = {k: v for k, v in spec.kwargs.items() if defaults.get(k, object()) != v}
+            rows.append(f"| `{spec.id}` | " + ", ".join(f"`{k}={v!r}`" for k, v in changed.items()) + " |")
+    return "\n".join(rows) + "\n"

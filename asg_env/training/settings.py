@@ -115,7 +115,7 @@ class FineTuningSettings:
     weights: str | None = setting("imagenet", None, "imagenet (torchvision: IMAGENET1K_V1), a torchvision weight "
                                   "name, a file path, or null for a random backbone")
     data_root: str | None = setting(None, None, "dataset root (VisDA-17, GTA5/Cityscapes; falls back to $ASG_DATA) "
-                                    "or the SynDigits render cache")
+                                    "or the embedded tasks' render cache (default ~/.cache/asg-gym, or $ASG_CACHE)")
     source_root: str | None = setting(None, None, "imagefolder / segfolder: the synthetic training images")
     target_root: str | None = setting(None, None, "imagefolder / segfolder: the real images, only evaluated on")
     head: str = setting("linear", one_of(*HEADS), "θ_n: linear (the paper's) or mlp (the official 2048→512→classes)")
