@@ -11,7 +11,9 @@ Output: runs/segmentation/label_dilation.txt (published in results/segmentation/
     python -m benchmarks.label_dilation_digitscenes      # a few seconds (renders on first use)
 """
 
+import argparse
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,11 @@ def stride_ceiling(labels: torch.Tensor, stride: int) -> float:
     return iou_from_confusion(confusion)[1].item()
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join("runs", "segmentation"),
+                   help="output folder (default: runs/segmentation; the published copy is results/segmentation)")
+    args = p.parse_args(argv)
     _, labels = load_digit_scenes(default_cache_dir(), "synthetic", SCENES, SIZE, seed=0)
     lines, chosen = [], None
     for radius in range(5):
@@ -44,6 +50,11 @@ if __name__ == "__main__":
         print(lines[-1], flush=True)
     lines.append(f"Rule: the smallest radius with a ceiling ≥ {RULE} → label_dilation = {chosen}.")
     print(lines[-1])
-    os.makedirs("runs/segmentation", exist_ok=True)
-    with open("runs/segmentation/label_dilation.txt", "w") as fh:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "label_dilation.txt"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
