@@ -89,27 +89,19 @@ def same_classes(source: list[str], target: list[str]) -> None:
                              f"only in target_root: {only(target, source)}")
 
 
-class ImageFolderSplit(Dataset):
-    """``ROOT/<class>/<image>`` as (image tensor, label) pairs, labels by the sorted class names."""
+class LabelledImages(Dataset):
+    """Images listed as (path, label) in ``samples``, read as RGB and passed through
+    ``transform``; ``folder`` is where they were found (it enters the fingerprint)."""
 
-    def __init__(self, root: str | None, setting: str, transform=None):
-        self.classes = class_folders(root, setting)
-        self.root, self.transform = root, transform
-        self.samples = [(path, label) for label, name in enumerate(self.classes)
-                        for path in sorted(glob.glob(os.path.join(root, name, "**", "*"), recursive=True))
-                        if _is_image(path)]
-        for path, _ in self.samples:
-            _header(path)
-        empty = [name for label, name in enumerate(self.classes) if not any(lab == label for _, lab in self.samples)]
-        if empty:
-            raise UserInputError(f"{setting} {root!r}: no images in class folder(s) {', '.join(empty)}; "
-                                 f"{CLASSIFICATION_LAYOUT}")
+    samples: list[tuple[str, int]]
+    transform = None
+    folder: str
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        return fingerprint(*map(list, zip(*self.samples)), self.root)
+        return fingerprint(*map(list, zip(*self.samples)), self.folder)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -120,6 +112,25 @@ class ImageFolderSplit(Dataset):
         """The transformed image alone (domain adaptation reads target images only)."""
         img = load_rgb(self.samples[index][0])
         return self.transform(img) if self.transform else img
+
+
+class ImageFolderSplit(LabelledImages):
+    """``ROOT/<class>/<image>`` as (image tensor, label) pairs, labels by the sorted class names."""
+
+    def __init__(self, root: str | None, setting: str, transform=None):
+        self.classes = class_folders(root, setting)
+        self.folder, self.transform = root, transform
+        self.samples = [(path, label) for label, name in enumerate(self.classes)
+                        for path in sorted(glob.glob(os.path.join(root, name, "**", "*"), recursive=True))
+                        if _is_image(path)]
+        for path, _ in self.samples:
+            _header(path)
+        empty = [name for label, name in enumerate(self.classes) if not any(lab == label for _, lab in self.samples)]
+        if empty:
+            raise UserInputError(f"{setting} {root!r}: no images in class folder(s) {', '.join(empty)}; "
+                                 f"{CLASSIFICATION_LAYOUT}")
+
+
 
 
 def segmentation_folder(root: str | None, setting: str) -> tuple[tuple[str, ...], list[tuple[str, str]], np.ndarray]:

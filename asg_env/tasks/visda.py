@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import os
 
-import torch
-from torch.utils.data import Dataset
-
 from asg_env.errors import UserInputError
-from asg_env.tasks.folders import fingerprint, load_rgb
+from asg_env.tasks.folders import LabelledImages
 
 VISDA_CLASSES = (
     "aeroplane", "bicycle", "bus", "car", "horse", "knife",
@@ -42,16 +39,16 @@ def resolve_root(root: str | None) -> str:
     return root
 
 
-class VisDA17(Dataset):
+class VisDA17(LabelledImages):
     """One split of VisDA-17 as (image tensor, label) pairs."""
 
     def __init__(self, root: str | None, split: str, transform=None):
         if split not in ("train", "validation"):
             raise UserInputError(f"unknown VisDA-17 split {split!r}")
         self.root = resolve_root(root)
-        self.split_dir = os.path.join(self.root, split)
+        self.folder = os.path.join(self.root, split)
         self.transform = transform
-        self.samples = self._read_list(os.path.join(self.split_dir, "image_list.txt"))
+        self.samples = self._read_list(os.path.join(self.folder, "image_list.txt"))
 
     def _read_list(self, list_file: str) -> list[tuple[str, int]]:
         samples = []
@@ -66,7 +63,7 @@ class VisDA17(Dataset):
                     raise UserInputError(f"{list_file}:{lineno}: cannot parse {line.strip()!r}; {LAYOUT}")
                 if not rel or not 0 <= label < len(VISDA_CLASSES):
                     raise UserInputError(f"{list_file}:{lineno}: bad entry {line.strip()!r}; {LAYOUT}")
-                path = os.path.join(self.split_dir, rel)
+                path = os.path.join(self.folder, rel)
                 if not os.path.isfile(path):
                     raise UserInputError(f"{list_file}:{lineno}: image not found: {path}")
                 samples.append((path, label))
@@ -74,18 +71,3 @@ class VisDA17(Dataset):
             raise UserInputError(f"{list_file} lists no images; {LAYOUT}")
         return samples
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def fingerprint(self) -> str:
-        return fingerprint(*map(list, zip(*self.samples)), self.split_dir)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), label
-
-    def image(self, index: int):
-        """The transformed image alone (domain adaptation reads target images only)."""
-        img = load_rgb(self.samples[index][0])
-        return self.transform(img) if self.transform else img
