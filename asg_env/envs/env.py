@@ -45,8 +45,8 @@ import numpy as np
 from asg_env.envs.control import Control
 from asg_env.envs.settings import ENV_FIELDS, ENV_FREE_FORM, ENV_OWN, ENV_SETTINGS, check_settings
 from asg_env.errors import UserInputError
-from asg_env.training.settings import FIELDS, keyword_signature
-from asg_env.training.trainer import DEFAULTS, Trainer, run_seeds
+from asg_env.training.settings import DEFAULTS, FIELDS, keyword_signature
+from asg_env.training.trainer import Trainer, run_seeds
 
 
 class ASGEnv(gym.Env):

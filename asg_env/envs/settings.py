@@ -15,6 +15,7 @@ from asg_env.envs.control import ACTIONS, OBSERVATIONS, REWARDS
 from asg_env.training.settings import (
     BATCHED_CHECKS,
     BATCHED_FIELDS,
+    DEFAULTS,
     FIELDS,
     FINE_TUNING_CHECKS,
     FLAG,
@@ -73,7 +74,7 @@ def registered_table() -> str:
     """The registered env ids and the settings each sets away from the defaults."""
     import gymnasium as gym
 
-    defaults = {f.name: f.default for f in (*ENV_FIELDS, *FIELDS)}
+    defaults = {**{f.name: f.default for f in ENV_FIELDS}, **DEFAULTS}
     rows = ["### The registered envs", "", "Each id is `ASGEnv` with these settings changed from the defaults above:", "",
             "| id | settings |", "|---|---|"]
     for spec in gym.registry.values():

@@ -41,9 +41,8 @@ from asg_env.envs.env import capped_score, control, own_settings
 from asg_env.envs.settings import ENV_FIELDS
 from asg_env.errors import UserInputError
 from asg_env.training.optim import poly_factor
-from asg_env.training.settings import BATCHED_FIELDS, FIELDS, keyword_signature
+from asg_env.training.settings import BATCHED_FIELDS, DEFAULTS, FIELDS, keyword_signature
 from asg_env.training.trainer import (
-    DEFAULTS,
     BatchedTrainer,
     batching_refusals,
     run_seeds,

@@ -197,6 +197,7 @@ class BatchedSettings:
 
 
 FIELDS = dataclasses.fields(FineTuningSettings)
+DEFAULTS = {f.name: f.default for f in FIELDS}
 BATCHED_FIELDS = dataclasses.fields(BatchedSettings)
 BATCHED_CHECKS: dict[str, Setting] = {f.name: f.metadata["check"] for f in BATCHED_FIELDS}
 FINE_TUNING_CHECKS: dict[str, Setting] = {f.name: f.metadata["check"] for f in FIELDS if f.metadata["check"]}

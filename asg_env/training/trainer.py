@@ -54,6 +54,7 @@ from asg_env.training.segmentation import BilinearDeconv
 from asg_env.training.settings import (
     BATCHED_CHECKS,
     BATCHED_FIELDS,
+    DEFAULTS,
     FIELDS,
     BatchedSettings,
     FineTuningSettings,
@@ -63,7 +64,6 @@ from asg_env.training.settings import (
 from asg_env.training.teacher_cache import DiskTeacherCache, MemoryTeacherCache
 
 VALUE_KEYS = ("loss", "loss_xe", "loss_guidance", "head_weight_mean", "head_weight_std")
-DEFAULTS = {f.name: f.default for f in FIELDS}
 
 
 def run_seeds(rng: np.random.Generator) -> tuple[int, int]:
