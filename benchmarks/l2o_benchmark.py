@@ -36,8 +36,9 @@ above and compared with the same baselines; each variant's own training steps ar
 compute table, and B stays the two agents'.
 
 Outputs in --out: results.jsonl (one line per evaluation run), tuning.jsonl (every trial, with
-its SGD steps), policies/ (the train_policy.py run folders, replays), results.md,
-learning_curves.png and scores.png.
+its SGD steps), policies/ (the train_policy.py run folders, replays), results.md (with rliable's
+interquartile means, probabilities of improvement and a paired Wilcoxon test), learning_curves.png,
+scores.png and profiles.png (performance profiles).
 
     python -m benchmarks.l2o_benchmark --quick    # a smaller version of every stage: 13 min on 2 cores
     python -m benchmarks.l2o_benchmark            # full: about 3 h on 2 cores (estimated), resumable
@@ -54,6 +55,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -71,8 +73,9 @@ from benchmarks.compare_policies import _plt, mean_ci
 PRESETS = {
     # run-length overrides make --quick a smaller copy of every stage, not a claim
     "full": dict(episodes=20, policy_seeds=3, seeds=3, tune_instances=3, reference_trials=6, test_instances=0,
-                 override={}),
+                 bootstrap_reps=10_000, override={}),
     "quick": dict(episodes=3, policy_seeds=3, seeds=3, tune_instances=1, reference_trials=1, test_instances=2,
+                  bootstrap_reps=2_000,
                   override={"source_size": 96, "episode_steps": 3, "image_size": 48, "target_eval_size": 200,
                         "synthetic_eval_size": 100}),
 }
@@ -348,10 +351,67 @@ def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: di
             rs = [by[(m, j, s)] for s in seeds]
             lines.append(f"| {m} | " + " | ".join(cell([r.get(k, np.nan) for r in rs], k) for k, _ in metrics)
                          + f" | {sum(r['diverged'] for r in rs)} |")
+    lines += robust_aggregates(by, methods, n_inst, seeds, bench.args.bootstrap_reps, os.path.join(out, "profiles.png"))
     text = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")
     return text
+
+
+def robust_aggregates(by: dict, methods: list[str], n_inst: int, seeds: list[int], reps: int, plot_path: str) -> list[str]:
+    """rliable's view of the normalised score (lower is better): each method's interquartile
+    mean with a 95 % stratified-bootstrap CI, the probability that each learned method improves
+    on each schedule tuned with the same compute, with its CI and a paired Wilcoxon test over
+    instance × seed, and performance profiles (``plot_path``)."""
+    from rliable import library as rly
+    from rliable import metrics
+    from scipy.stats import wilcoxon
+
+    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # rliable passes arch one
+    # runs × tasks, negated so that rliable's "higher is better" holds
+    scores = {m: -np.array([[by[(m, j, s)]["normalised"] for j in range(n_inst)] for s in seeds]) for m in methods}
+    rng = lambda: np.random.RandomState(0)  # noqa: E731  (each estimate draws the same resamples)
+    iqm, iqm_ci = rly.get_interval_estimates(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps,
+                                             random_state=rng())
+    lines = ["", "### Robust aggregates (rliable)", "",
+             f"Interquartile mean of the normalised score over instance × seed (lower is better), with its 95 % "
+             f"stratified-bootstrap CI ({reps:,} resamples of the seeds within each instance).", "",
+             "| method | IQM [95 % CI] |", "|---|---|"]
+    lines += [f"| {m} | {-iqm[m][0]:.3f} [{-iqm_ci[m][1][0]:.3f}, {-iqm_ci[m][0][0]:.3f}] |" for m in methods]
+    learned = [m for m in methods if m.endswith("(learned)")]
+    tuned = [m for m in methods if " tuned on train " in m]
+    if learned and tuned:
+        pairs = {f"{a} | {b}": (scores[a], scores[b]) for a in learned for b in tuned}
+        p, p_ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps, random_state=rng())
+        lines += ["", "P(improvement): the probability that a run of the learned method scores lower than a run of "
+                  "the tuned schedule on the same instance, averaged over instances, with its 95 % CI; the Wilcoxon "
+                  "signed-rank test pairs the two on each instance and seed.", "",
+                  "| learned | tuned schedule | P(improvement) [95 % CI] | Wilcoxon p |", "|---|---|---|---|"]
+        for key, (a, b) in pairs.items():
+            diff = (a - b).flatten()
+            test = wilcoxon(diff).pvalue if np.any(diff != 0) else 1.0
+            lines.append(f"| {key.split(' | ')[0]} | {key.split(' | ')[1]} | {float(p[key]):.2f} "
+                         f"[{p_ci[key][0][0]:.2f}, {p_ci[key][1][0]:.2f}] | {test:.3g} |")
+    plot_profiles(scores, reps, plot_path)
+    return lines
+
+
+def plot_profiles(scores: dict[str, np.ndarray], reps: int, path: str) -> None:
+    """Performance profiles: the fraction of runs whose normalised score is at most τ."""
+    from rliable import library as rly
+    from rliable import plot_utils
+
+    plt = _plt()
+    every = -np.concatenate([s.flatten() for s in scores.values()])
+    taus = np.linspace(every.min(), every.max(), 41)
+    profiles, cis = rly.create_performance_profile(scores, -taus, reps=reps)  # P(−score > −τ) = P(score < τ)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=cis, ax=ax,
+                                         xlabel="normalised score τ (lower is better)",
+                                         ylabel="fraction of runs with score < τ", legend=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_learning_curves(paths: dict[str, list[str]], labels: dict[str, str], window: int, path: str) -> None:
@@ -415,6 +475,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--override", help="JSON settings on top of every instance (for tests)")
     p.add_argument("--data-root", help="cache folder of the rendered images")
     p.add_argument("--variants", help=f"comma-separated learned variants to add, or all: {', '.join(VARIANTS)}")
+    p.add_argument("--bootstrap-reps", type=int, help="resamples of rliable's stratified bootstrap CIs (10,000; quick 2,000)")
     p.add_argument("--train-only", action="store_true",
                    help="stop after stage 1, the learned policies; with --variants, train only the variants (so it can "
                         "run beside a run of the two agents)")
@@ -428,9 +489,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.override = {**preset["override"], **json.loads(args.override)}
         except json.JSONDecodeError as exc:
             p.error(f"--override is not JSON: {exc}")
-    if min(args.episodes, args.policy_seeds, args.seeds, args.tune_instances, args.reference_trials, args.num_envs) < 1 \
+    if min(args.episodes, args.policy_seeds, args.seeds, args.tune_instances, args.reference_trials, args.num_envs,
+           args.bootstrap_reps) < 1 \
             or args.test_instances < 0:
-        p.error("--episodes, --policy-seeds, --seeds, --tune-instances, --reference-trials and --num-envs must be at "
+        p.error("--episodes, --policy-seeds, --seeds, --tune-instances, --reference-trials, --num-envs and "
+                "--bootstrap-reps must be at "
                 "least 1, and --test-instances at least 0")
     return args
 

@@ -1,5 +1,6 @@
 import importlib
 import json
+import re
 import os
 
 import numpy as np
@@ -163,7 +164,8 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
     bench = _load("l2o_benchmark")
     out = tmp_path / "l2o"
     argv = ["--instances", _tiny_instances(tmp_path, cache_dir), "--out", str(out), "--episodes", "2",
-            "--policy-seeds", "2", "--seeds", "2", "--tune-instances", "1", "--reference-trials", "2"]
+            "--policy-seeds", "2", "--seeds", "2", "--tune-instances", "1", "--bootstrap-reps", "300",
+            "--reference-trials", "2"]
     evaluations = []
     evaluate = Trainer.evaluate
     monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluations.append(1) or evaluate(self))
@@ -196,7 +198,12 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
     averaged = table.split("### Averaged over the test instances")[1]
     reference = next(line for line in averaged.splitlines() if line.startswith("| tuned per test instance"))
     assert reference.split("|")[2].strip().startswith("1.000 ±")  # the normalised score's reference is 1
-    for name in ("learning_curves.png", "scores.png"):
+    aggregates = table.split("### Robust aggregates (rliable)")[1]
+    assert all(f"| {m} | " in aggregates for m in methods)  # an IQM with its CI for every method
+    improvements = [line for line in aggregates.splitlines() if line.startswith(("| REINFORCE (learned) |",
+                                                                                 "| RecurrentPPO (learned) |"))]
+    assert len(improvements) == 2 + 2 * 2 and sum(" tuned on train " in line for line in improvements) == 4
+    for name in ("learning_curves.png", "scores.png", "profiles.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     before = [(out / f).read_text() for f in ("results.jsonl", "tuning.jsonl")]
@@ -340,3 +347,23 @@ def test_benchmarks_are_modules_of_a_package_without_path_edits():
         with open(os.path.join(folder, f"{name}.py")) as fh:
             assert "sys.path" not in fh.read(), name
         assert _load(name).__name__ == f"benchmarks.{name}"
+
+
+def test_robust_aggregates_rank_lower_scores_first_and_see_a_clear_improvement(tmp_path):
+    bench = _load("l2o_benchmark")
+    rng = np.random.default_rng(0)
+    seeds, n_inst = [100, 101, 102], 12
+    methods = ["A (learned)", "llrd tuned on train (llrd:0.5,0.5)", "noise"]
+    shift = {"A (learned)": 0.0, "llrd tuned on train (llrd:0.5,0.5)": 0.3, "noise": 0.15}
+    base = rng.uniform(0.5, 1.5, size=(len(seeds), n_inst))  # paired: the same instance is hard for both
+    by = {(m, j, s): {"normalised": float(base[k, j] + shift[m] + 0.01 * rng.normal())}
+          for m in methods for k, s in enumerate(seeds) for j in range(n_inst)}
+    lines = bench.robust_aggregates(by, methods, n_inst, seeds, 500, str(tmp_path / "profiles.png"))
+    iqm = {m: float(v) for m, v in (re.match(r"^\| (.+) \| (-?\d+\.\d+) \[", line).groups() for line in lines
+                                    if re.match(r"^\| .+ \| -?\d+\.\d+ \[[^|]*\] \|$", line))}
+    assert set(iqm) == set(methods)
+    assert iqm["A (learned)"] < iqm["noise"] < iqm["llrd tuned on train (llrd:0.5,0.5)"]  # lower is better
+    row = next(line for line in lines if line.startswith("| A (learned) | llrd tuned on train"))
+    p_improvement, wilcoxon_p = float(row.split(" | ")[2].split()[0]), float(row.split(" | ")[3].rstrip(" |"))
+    assert p_improvement > 0.5 and wilcoxon_p < 1e-3  # A scores lower on every instance and seed
+    assert (tmp_path / "profiles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
