@@ -33,6 +33,7 @@ import copy
 import inspect
 import math
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -516,13 +517,14 @@ class BatchedTrainer(FineTuning):
     ``none``).
 
     Args:
-        num_envs, batching: :class:`~asg_env.training.settings.BatchedSettings`: N, and vmap or
-            loop (on a CPU loop is faster: vmap's grouped convolutions are slower than the runs
-            one by one there). Both give the same results within float tolerance.
-        **settings: the runs' configuration, as :class:`FineTuning` takes it.
+        num_envs: N, the runs held at once.
+        **settings: ``batching`` (:class:`~asg_env.training.settings.BatchedSettings`: vmap or
+            loop; on a CPU loop is faster, vmap's grouped convolutions being slower than the
+            runs one by one there; both give the same results within float tolerance) and the
+            runs' configuration, as :class:`FineTuning` takes it.
     """
 
-    def __init__(self, num_envs: int, **settings):
+    def __init__(self, num_envs: int, **settings: Any):
         batching = settings.pop("batching", BatchedSettings.batching)
         check_settings({"num_envs": num_envs, "batching": batching}, BATCHED_CHECKS)
         super().__init__(**settings)
