@@ -55,7 +55,7 @@ from asg_env.adaptation.self_training import (
     self_training_loss,
     soft_labels,
 )
-from asg_env.envs.settings import ENV_OWN, check_settings
+from asg_env.envs.settings import ENV_OWN, check_settings, recorded_settings
 from asg_env.provenance import stamp
 from asg_env.tasks.registry import TensorSource
 from asg_env.training.trainer import Trainer
@@ -116,7 +116,7 @@ def load_model(path: str, device: str, data_root: str | None) -> Trainer:
             config = json.load(fh)["env_kwargs"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserInputError(f"{summary_path} is not the summary.json of an apply_policy.py run") from None
-    kwargs = {k: v for k, v in config.items() if k not in ENV_OWN}
+    kwargs = {k: v for k, v in recorded_settings(config).items() if k not in ENV_OWN}
     kwargs.update(device=device, **({"data_root": data_root} if data_root else {}))
     trainer = Trainer(**kwargs)
     try:

@@ -75,6 +75,7 @@ from agents.loading import (
 from agents.policies import baseline_env_kwargs, is_baseline
 from agents.rollout import EVAL_KEYS, Checkpoints, fine_tune
 from asg_env import UserInputError
+from asg_env.envs.settings import recorded_settings
 from asg_env.provenance import stamp
 from asg_env.training.trainer import init_distributed
 
@@ -147,7 +148,7 @@ def resolve_env(args: argparse.Namespace) -> tuple[dict, dict, str | None, int |
     {key: (policy's value, new value)}, the policy's env id where the run uses another, and the
     number of decisions the policy was trained with (None for a baseline or an older file)."""
     state = None if is_baseline(args.policy) else read_policy_file(args.policy)
-    recorded = dict(state.get("env_kwargs") or {}) if state else {}
+    recorded = recorded_settings(state.get("env_kwargs") or {}) if state else {}
     trained_id = (state or {}).get("env_id")
     env_id = trained_id or DEFAULTS["env"]["id"]
     explicit: dict = {}

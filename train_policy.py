@@ -457,14 +457,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"cannot create the run folder --out {out}: {e.strerror}") from None
     resume = read_file(os.path.join(out, "checkpoint.pt"), "checkpoint") if args.resume else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    agent = config["agent"]["name"]
     try:
         env = make_env(config, data_root=args.data_root, device=device)  # the policy's metadata; the learner's env when num_envs = 1
+        envs = vector_env(config, agent, args.data_root, device) if config["train"]["num_envs"] > 1 else env
     except UserInputError:
         if created:  # a refused setting leaves no empty run folder behind
             os.rmdir(out)
         raise
-    agent = config["agent"]["name"]
-    envs = vector_env(config, agent, args.data_root, device) if config["train"]["num_envs"] > 1 else env
     with open(os.path.join(out, "config.yaml"), "w") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     metadata = env_metadata(env)

@@ -22,10 +22,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+MACHINE = ("data_root", "source_root", "target_root", "device", "num_workers")  # where and how fast, not what
+
+
 def settings_hash(settings) -> str:
-    """A short hash of the settings that made a result (JSON with sorted keys): rows that share
-    it were made the same way."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short hash of the settings that made a result (JSON with sorted keys, without the
+    machine-dependent :data:`MACHINE` keys at any depth): rows that share it were made the same way."""
+    def portable(x):
+        if isinstance(x, dict):
+            return {k: portable(v) for k, v in x.items() if k not in MACHINE}
+        return [portable(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return hashlib.sha256(json.dumps(portable(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def stamp(settings) -> dict:

@@ -33,7 +33,7 @@ and grid.png (the mean curves).
 
     python -m benchmarks.grid_syndigits                  # about 40 minutes on 2 CPU cores
     python -m benchmarks.grid_syndigits --shard 0/2 &    # or split over processes
-    python -m benchmarks.grid_syndigits --report --out results/grid
+    python -m benchmarks.grid_syndigits --report             # the report of runs/grid
 """
 
 from __future__ import annotations

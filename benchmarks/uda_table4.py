@@ -36,6 +36,7 @@ import yaml
 import adapt
 import apply_policy
 from agents.loading import read_policy_file
+from asg_env.envs.settings import recorded_settings
 from asg_env.provenance import stamp_line
 from benchmarks.compare_policies import mean_ci
 
@@ -78,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def env_config(task: dict, override: dict, out: str) -> str:
     """The learned policy's env configuration as a config file for the baselines."""
     state = read_policy_file(os.path.join(ROOT, task["policy"]))
-    kwargs = {k: v for k, v in state["env_kwargs"].items() if k not in NOT_ENV}
+    kwargs = {k: v for k, v in recorded_settings(state["env_kwargs"]).items() if k not in NOT_ENV}
     path = os.path.join(out, "env.yaml")
     with open(path, "w") as fh:
         yaml.safe_dump({"env": {"id": state["env_id"], "kwargs": {**kwargs, **override}}}, fh, sort_keys=False)

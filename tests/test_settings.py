@@ -148,3 +148,12 @@ def test_the_documented_settings_tables_are_the_dataclasses():
     for tables in (settings_markdown(), agent_settings_markdown()):
         assert tables in page
     assert "| `lr_base` | `0.02` | a finite number ≥ 0 |" in page  # the table says what the field holds
+
+
+def test_the_settings_hash_names_what_was_run_not_where():
+    from asg_env.provenance import settings_hash
+
+    here = {"env_kwargs": {"lr_base": 0.003, "data_root": "/data/a", "device": "cpu"}, "setting": "x"}
+    there = {"env_kwargs": {"lr_base": 0.003, "data_root": "/mnt/b", "device": "cuda"}, "setting": "x"}
+    other = {"env_kwargs": {"lr_base": 0.005, "data_root": "/data/a", "device": "cpu"}, "setting": "x"}
+    assert settings_hash(here) == settings_hash(there) != settings_hash(other)

@@ -184,7 +184,7 @@ def _checked_instance(instance, base: dict) -> dict:
     """An instance's settings, checked on top of the env's before anything is built."""
     if not isinstance(instance, dict):
         raise UserInputError(f"an instance is a mapping of env settings, not {instance!r}")
-    own = sorted(set(instance) & {*ENV_OWN, "instances"})
+    own = sorted(set(instance) & {*ENV_OWN, "instances", "num_envs", "batching"})
     if own:
         raise UserInputError(f"an instance holds fine-tuning settings; {', '.join(own)} belong to the env itself")
     check_settings({**base, **instance}, ENV_SETTINGS, "instance: ", ignore=ENV_FREE_FORM)

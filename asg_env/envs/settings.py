@@ -61,6 +61,13 @@ ENV_SETTINGS: dict[str, Setting] = {**{f.name: f.metadata["check"] for f in ENV_
 ENV_FREE_FORM = (*FREE_FORM, "instances")
 
 
+def recorded_settings(kwargs: dict) -> dict:
+    """An env's settings as a policy or a run recorded them, in today's names: records written
+    before the batched trainer was split off hold ``num_runs=None`` (one run) and ``batching``,
+    which one run does not take."""
+    return {k: v for k, v in kwargs.items() if k != "batching" and not (k == "num_runs" and v is None)}
+
+
 def settings_markdown() -> str:
     """The documentation's settings tables (docs/settings.md holds them as this returns them)."""
     parts = [("The env's own settings (`EnvSettings`)", ENV_FIELDS),

@@ -131,8 +131,6 @@ class ImageFolderSplit(LabelledImages):
                                  f"{CLASSIFICATION_LAYOUT}")
 
 
-
-
 def segmentation_folder(root: str | None, setting: str) -> tuple[tuple[str, ...], list[tuple[str, str]], np.ndarray]:
     """The class names, the (image, label) file pairs, and the table that maps label values to
     class indices (255 for values at or above the class count)."""

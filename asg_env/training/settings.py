@@ -190,7 +190,8 @@ class FineTuningSettings:
 class BatchedSettings:
     """What :class:`~asg_env.training.trainer.BatchedTrainer` (and the vector env) adds."""
 
-    num_envs: int = setting(1, whole(1), "N, the runs held at once as one batched model (the vector env's num_envs)")
+    num_envs: int = setting(1, whole(1), "N, the runs held at once as one batched model: the first argument of "
+                            "BatchedTrainer and the vector env (gym.make_vec's num_envs)")
     batching: str = setting("auto", one_of("auto", "vmap", "loop"), "how N runs are computed: vmap (one batched "
                             "model) or loop (run by run on views of the stacked weights); auto: loop on a CPU, "
                             "vmap elsewhere")

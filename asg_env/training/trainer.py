@@ -360,7 +360,6 @@ class FineTuning:
                     layer.reset_parameters()
 
 
-
 FineTuning.__init__.__signature__ = keyword_signature(FIELDS)
 
 
@@ -501,8 +500,6 @@ class Trainer(FineTuning):
         x = x.clone()
         dist.all_reduce(x)
         return x / dist.get_world_size()
-
-
 
 
 class BatchedTrainer(FineTuning):
@@ -703,6 +700,7 @@ class BatchedTrainer(FineTuning):
             stats = coordinate_stats(*(self.runs.coordinate_tensors(t) for t in (now, before, self._origin)), grad_norms)
         head = self.runs.params[self._classifier_name].detach().flatten(1)
         return dict(zip(runs, decision_values(losses, check, head, stats, runs)))
+
 
 BatchedTrainer.__init__.__signature__ = keyword_signature(
     [f for f in BATCHED_FIELDS if f.name != "num_envs"] + list(FIELDS),
