@@ -39,7 +39,7 @@ def test_train_then_resume_then_apply(tmp_path, cache_dir, capsys):
     cost = torch.load(os.path.join(out, "policy.pt"), weights_only=True)["training"]
     assert cost["episodes"] == 2 and cost["decisions"] == 6 and cost["updates"] == 2  # one update per episode
     assert cost["sgd_steps"] == sum(int(r["sgd_steps"]) for r in episodes) > 0 and cost["device"] == "cpu"
-    assert cost["wall_s"] == pytest.approx(sum(float(r["seconds"]) for r in episodes), abs=0.05)
+    assert cost["wall_s"] == round(sum(float(r["seconds"]) for r in episodes), 1)  # the logged seconds, summed
     assert all(0 < float(r["entropy_ratio"]) <= 1 for r in episodes)
     assert "policy.pt" in capsys.readouterr().out
 
