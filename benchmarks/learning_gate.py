@@ -22,9 +22,10 @@ THE RULE (per agent, over its ``--seeds`` policy seeds, each meta-trained for ``
 An agent passes when (a) holds (or does not apply) and (b) holds.
 
 Meta-training runs (``train_policy.py --instances``) use the family's train split at a cheaper
-size than the benchmark's evaluation runs (:data:`META_TRAINING`: 32-pixel images, one epoch,
-so 8 or 16 SGD steps, T = 8 decisions, a 200-image synthetic evaluation set), and the gate
-evaluates in that same configuration. Each stage is resumable: a rerun continues unfinished
+size than the benchmark's evaluation runs (the family's ``meta_training`` settings in
+``asg_env/envs/instances.py``: for ``syndigits`` 32-pixel images and one epoch, for
+``syndigits-long`` one epoch of 512 images; 8 or 16 SGD steps, T = 8 decisions, a 200-image
+synthetic evaluation set), and the gate evaluates in that same configuration. Each stage is resumable: a rerun continues unfinished
 meta-training from its checkpoints and skips finished evaluation runs.
 
     python -m benchmarks.learning_gate                      # REINFORCE and ES, 3 seeds, 1,000 episodes each
@@ -59,7 +60,7 @@ import asg_env  # noqa: F401  (registers the ids)
 from agents.check import bootstrap_ci, initial_state, score_run
 from agents.loading import load_policy, save_policy
 from agents.policies import RandomPolicy
-from asg_env.envs.instances import load_instances
+from asg_env.envs.instances import FAMILIES, load_instances, meta_training_instances
 from asg_env.provenance import ROOT, git_commit
 
 # ---------------------------------------------------------------- the rule (fixed before results)
@@ -69,8 +70,6 @@ RUN_SEEDS = (1_000_003, 1_000_033, 1_000_037)  # evaluation runs; training seeds
 BOOTSTRAP = 10_000
 CURVE_WINDOW = 50
 # ---------------------------------------------------------------- the meta-training configuration
-META_TRAINING = {"image_size": 32, "epochs": 1}  # on every instance
-META_BASE = {"synthetic_eval_size": 200}  # beside the file's shared settings
 AGENTS = {  # agent: its settings (policy learning rates: REINFORCE's default, ES's default; not swept)
     "reinforce": {},
     "es": {"pairs": 8, "sigma": 0.05, "lr": 0.03},
@@ -78,16 +77,13 @@ AGENTS = {  # agent: its settings (policy learning rates: REINFORCE's default, E
 
 
 def meta_instances(instance_file: str, out: str) -> str:
-    """The train split at the meta-training size, written to ``out/instances.yaml``."""
-    train = load_instances(instance_file, "train")
-    with open(instance_file) as fh:
-        data = yaml.safe_load(fh)
-    data["base"] = {**data["base"], **META_BASE}
-    data["train"] = [{**i, **META_TRAINING} for i in train.instances]
+    """The train split at the family's meta-training size, written to ``out/instances.yaml``."""
+    data = meta_training_instances(instance_file)
     path = os.path.join(out, "instances.yaml")
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as fh:
-        fh.write(f"# {train.family} train split at the learning gate's meta-training size ({META_TRAINING})\n")
+        fh.write(f"# {data['family']} train split at the learning gate's meta-training size "
+                 f"({FAMILIES[data['family']].meta_training})\n")
         yaml.safe_dump(data, fh, sort_keys=False)
     return path
 
@@ -246,7 +242,7 @@ def plot_curves(runs: dict[str, list[str]], path: str) -> None:
 def write_report(args, summary: list[dict], path: str) -> None:
     lines = [f"# Learning gate: {args.family}", "",
              f"Evaluated on commit `{summary[0]['commit']}`. Meta-training on the train split of `{args.instances}` at "
-             f"{META_TRAINING} with {META_BASE}; evaluation on the same instances with run seeds "
+             f"{FAMILIES[args.family].meta_training}; evaluation on the same instances with run seeds "
              f"{list(RUN_SEEDS[: args.run_seeds])}. Rule: `benchmarks/learning_gate.py` (entropy ≤ "
              f"{MAX_ENTROPY_RATIO} of the maximum over the last {ENTROPY_WINDOW} episodes; the 95 % bootstrap CI of "
              f"trained − the better of random and init, paired over policy seeds × instances × run seeds, below 0).",
@@ -281,7 +277,7 @@ def publish_policy(args, runs: dict[str, list[str]], s: dict) -> str:
     log = training_log(run)
     training = (torch.load(os.path.join(run, "policy.pt"), weights_only=True).get("training") or {})
     card = {"name": f"{s['agent']}-{args.family}", "agent": s["agent"], "family": args.family,
-            "instances": args.instances, "split": "train", "meta_training": {**META_TRAINING, **META_BASE},
+            "instances": args.instances, "split": "train", "meta_training": FAMILIES[args.family].meta_training,
             "policy_seed": seed, "agent_settings": AGENTS[s["agent"]], "episodes": int(len(log)),
             "sgd_steps": int(log["sgd_steps"].sum()), "wall_s": round(float(log["seconds"].sum()), 1),
             "device": training.get("device", "cpu"), "gate": {k: s[k] for k in (
@@ -333,7 +329,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--run-seeds must be at most {len(RUN_SEEDS)}")
     if not os.path.isfile(args.instances):
         p.error(f"instance file not found: {args.instances}")
-    args.family = load_instances(args.instances, "train").family or "family"
+    args.family = load_instances(args.instances, "train").family
+    if args.family not in FAMILIES:
+        p.error(f"{args.instances}: family {args.family!r} is not registered (its meta-training size is the family's); "
+                f"choose one of {', '.join(FAMILIES)}")
     args.out = args.out or os.path.join("runs", "learning_gate", args.family)
     return args
 

@@ -294,7 +294,12 @@ def test_learning_gate_meta_trains_evaluates_pairs_and_resumes(tmp_path, cache_d
     from benchmarks import learning_gate as gate
 
     monkeypatch.setitem(gate.AGENTS, "es", {"pairs": 1, "sigma": 0.05, "lr": 0.03})
-    monkeypatch.setattr(gate, "META_BASE", {"synthetic_eval_size": 16})
+    from dataclasses import replace
+
+    from asg_env.envs.instances import FAMILIES
+
+    tiny = replace(FAMILIES["syndigits"], meta_training={"image_size": 32, "epochs": 1, "synthetic_eval_size": 16})
+    monkeypatch.setitem(FAMILIES, "syndigits", tiny)
     out = tmp_path / "gate"
     argv = ["--instances", _tiny_instances(tmp_path, cache_dir), "--out", str(out), "--episodes", "2",
             "--seeds", "2", "--run-seeds", "1", "--jobs", "2"]
