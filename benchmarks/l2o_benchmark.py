@@ -1,399 +1,476 @@
 """Do learned layer-wise learning-rate policies beat schedules tuned with the same compute, on
 fine-tuning runs they were not trained on?
 
-An instance file (``configs/instances/``, see ``asg_env/envs/instances.py``) gives a train split and a
-test split of one family (by default SynDigits on EfficientNet-Lite0/1 for training and
-Lite0/1/2, with η_base outside the training decade, for testing). Compute is counted in SGD
-steps; a learned policy's budget B is the SGD steps of its training episodes.
+The family (``configs/instances/syndigits_long.yaml``, family ``syndigits-long`` of
+``asg_env/envs/instances.py``) poses the problem: 32-pixel SynDigits runs of 384 or 512 SGD steps
+on EfficientNet-Lite0/1 (train split) and Lite0/1/2 with η_base outside the training range (test
+split). Compute is counted in SGD steps.
 
-Stages, each kept in --out as it finishes (a rerun continues where the last one stopped):
+Stages, each kept in --out as it finishes; a rerun continues where the last one stopped:
 
-1. **Learned policies.** REINFORCE and RecurrentPPO, ``--policy-seeds`` of each, trained by
-   ``train_policy.py --instances FILE --split train`` for ``--episodes`` episodes each.
-2. **Schedules tuned on the train split with B.** ``llrd:HEAD,DECAY`` (constant layer-wise
-   decay) and ``cosine:PEAK,WARMUP,DECAY`` (warm-up, cosine decay, layer-wise decay), searched
-   by Optuna TPE. Each trial runs the ``--tune-instances`` tuning instances (a seeded subset of
-   the train split); its value is the mean log final synthetic held-out loss, the objective the
-   policies' rewards add up to. The trial count is the most whose SGD steps fit in B.
-3. **Open-loop replay.** Each learned policy, run deterministically on the tuning instances;
-   its mean level per decision and coordinate, rounded, replayed without looking at the
-   observation. Its SGD steps are counted on top of the policy's.
-4. **Tuned per test instance (upper reference).** ``--reference-trials`` trials of each of the
-   two schedules on each test instance itself, on a tuning seed; the better one by held-out
-   loss. It spends compute on the test instance that no other method gets.
-5. **Evaluation.** Every method on every test instance with ``--seeds`` fresh run seeds
-   (learned method k uses policy seed k): the synthetic held-out loss and accuracy, the real
-   target's accuracy and ImageNet retention, and the normalised score (final held-out loss
-   divided by the upper reference's mean on that instance; below 1 beats it).
+0. **Pilot and design** (``design.json``). Three named settings on ``--pilot-instances`` train
+   instances × 3 pilot seeds give the spread σ of the paired per-instance difference in the
+   normalised score (below); the design is the fewest test instances (never below 12) at which
+   a paired t-test detects a difference of :data:`EFFECT` with 80 % power (α = 0.05, two-sided).
+1. **Learned policies: the learning gate** (``benchmarks/learning_gate.py`` on the family,
+   ``--policy-seeds`` policies per agent, ``--episodes`` each, at the family's meta-training
+   size: 16-SGD-step episodes). Its verdict is the "gate" column. B, one policy's meta-training
+   in SGD steps (the mean over agents and seeds), is every tuned schedule's budget.
+2. **Schedules tuned on the train split with B** (Optuna, one study per schedule, its own
+   sampler seed): one global learning rate (every coordinate at one level; a grid of the 10
+   levels), ``llrd:HEAD,DECAY`` and ``cosine:PEAK,WARMUP,DECAY`` (TPE). A trial runs
+   ``--tune-instances`` train instances on the validation run seed :data:`VALIDATION_SEED`
+   (never a test seed); its value is the mean capped score over initial loss. Trials run while
+   their SGD steps fit in B. Studies live in ``--storage`` (default: SQLite in --out), so an
+   interrupted study resumes, and machines that share an RDB URL share the study.
+3. **Tuned on the test instance, k trials**: ``--test-trials`` TPE trials of llrd or cosine on
+   each test instance itself (validation seed), starting from the two train-tuned schedules. It
+   spends compute on the test instance that no other method gets; the report says on which
+   instances it is not at least as good as every named setting.
+4. **Evaluation**: every method on every test instance with ``--seeds`` run seeds (learned
+   method run k uses policy k mod P), ``--jobs`` runs at once. Rows go to results.jsonl.
+5. **Report** (results.md, profiles.png, scores.png, learning_curves.png).
 
-The real target is only evaluated on, at the end of each evaluation run: no training,
-tuning, replay or choice reads it.
+**Score.** The final cross-entropy on the instance's 500 held-out synthetic images; a run that
+diverged, is non-finite or ends above its initial loss L0 scores L0 ("capped", counted in its
+own column). Normalised per instance: (L − L_best) / (L0 − L_best), with L_best the best mean of
+any method on that instance and L0 the instance's mean initial loss: 0 is the best seen, 1 no
+progress. The real target is read only by the evaluation runs, at their end.
 
-``--variants`` adds learned policies trained with the env and agent options of
-``asg_env/envs/control.py`` and ``agents/`` (:data:`VARIANTS`: other actions, observations, rewards,
-VecNormalize, the coordinate-wise network), each trained and evaluated like the two agents
-above and compared with the same baselines; each variant's own training steps are in the
-compute table, and B stays the two agents'.
+**Provenance.** Every row carries ``commit``, ``settings_hash`` (of what made the run) and
+``code_hash`` (of the code the result depends on: ``asg_env/``, ``agents/``, ``train_policy.py`` and
+these two benchmarks, hashed by content). A rerun refuses an --out whose benchmark settings
+differ (``settings.json``), and refuses rows made by other code (another ``code_hash``) unless
+``--drop-stale`` moves them to stale.jsonl to be rerun: rows of several commits mix only where
+the code they depend on is byte-identical.
 
-Outputs in --out: results.jsonl (one line per evaluation run), tuning.jsonl (every trial, with
-its SGD steps), policies/ (the train_policy.py run folders, replays), results.md (with rliable's
-interquartile means, probabilities of improvement and a paired Wilcoxon test), learning_curves.png,
-scores.png and profiles.png (performance profiles).
-
-    python -m benchmarks.l2o_benchmark --quick    # a smaller version of every stage: 13 min on 2 cores
-    python -m benchmarks.l2o_benchmark            # full: about 3 h on 2 cores (estimated), resumable
-    python -m benchmarks.l2o_benchmark --variants all   # and every option of issue 18 against them
+    python -m benchmarks.l2o_benchmark --quick    # every stage at 8-SGD-step runs, 2 test instances
+    python -m benchmarks.l2o_benchmark            # full, resumable; published: results/l2o/
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import glob
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
 import asg_env  # noqa: F401  (registers the ids)
-import train_policy
+from agents.check import score_run
 from agents.loading import load_policy
-from agents.policies import OpenLoopPolicy, baseline_env_kwargs
-from agents.rollout import fine_tune
+from agents.policies import baseline_env_kwargs
 from asg_env.envs.instances import FAMILIES, load_instances
-from asg_env.provenance import stamp, stamp_line
+from asg_env.provenance import ROOT, git_commit, settings_hash
+from benchmarks import learning_gate
 from benchmarks.compare_policies import _plt, mean_ci
 
+EFFECT = 0.05  # the difference in normalised score the design must detect
+POWER, ALPHA, MIN_INSTANCES = 0.8, 0.05, 12
+FIRST_SEED = 100  # test run seeds 100, 101, …
+VALIDATION_SEED = 7  # every tuning trial's runs; never a test seed
+PILOT_SEEDS = (200, 201, 202)
+PILOT_METHODS = ("large-everywhere", "small-backbone-large-classifier", "hand-tuned")
+SAMPLER_SEEDS = {"global": 11, "llrd": 12, "cosine": 13, "test": 14}  # each study its own
 PRESETS = {
-    # run-length overrides make --quick a smaller copy of every stage, not a claim
-    "full": dict(episodes=20, policy_seeds=3, seeds=3, tune_instances=3, reference_trials=6, test_instances=0,
-                 bootstrap_reps=10_000, override={}),
-    "quick": dict(episodes=3, policy_seeds=3, seeds=3, tune_instances=1, reference_trials=1, test_instances=2,
-                  bootstrap_reps=2_000,
-                  override={"source_size": 96, "episode_steps": 3, "image_size": 48, "target_eval_size": 200,
-                        "synthetic_eval_size": 100}),
+    "full": dict(episodes=1000, policy_seeds=3, seeds=3, tune_instances=2, test_trials=12, pilot_instances=4,
+                 test_instances=0, bootstrap_reps=10_000, override={}),
+    # a smaller copy of every stage (8-SGD-step runs, two test instances), not a claim
+    "quick": dict(episodes=3, policy_seeds=2, seeds=3, tune_instances=1, test_trials=2, pilot_instances=2,
+                  test_instances=2, bootstrap_reps=2_000,
+                  override={"source_size": 256, "epochs": 1, "synthetic_eval_size": 100, "target_eval_size": 200}),
 }
-LEARNED = {"reinforce": "REINFORCE", "recurrent-ppo": "RecurrentPPO"}
-# name: (agent, env options, agent settings), each one change from the paper's REINFORCE or
-# from the benchmark's RecurrentPPO (raw observations)
-VARIANTS = {
-    "reinforce+log_levels": ("reinforce", {"action": "log_levels"}, {}),
-    "reinforce+relative": ("reinforce", {"action": "relative"}, {}),
-    "reinforce+per_coordinate": ("reinforce", {"observation": "per_coordinate"}, {}),
-    "reinforce+log_loss_decrease": ("reinforce", {"reward": "log_loss_decrease"}, {}),
-    "reinforce+final": ("reinforce", {"reward": "final"}, {}),
-    "coordinate-wise": ("reinforce", {"observation": "per_coordinate"}, {"network": "coordinate-wise"}),
-    "recurrent-ppo+vecnormalize": ("recurrent-ppo", {}, {"normalize": True}),
-    "recurrent-ppo+continuous": ("recurrent-ppo", {"action": "continuous"}, {}),  # SB3's Gaussian, std 1 at the start
-}
-SCHEDULES = ("llrd", "cosine")
-NAMED = {"random": "random", "hand-tuned": "hand-tuned (official poly, warm-up 4 steps)",
+NAMED = {"random": "random", "hand-tuned": "hand-tuned (official poly schedule)",
          "small-backbone-large-classifier": "small backbone + large FC", "large-everywhere": "large everywhere",
          "classifier-only": "classifier only"}
-NAMED_ENV = {"hand-tuned": {"warmup_steps": 4}}  # the official 100-step warm-up outlasts these runs
-REFERENCE = "tuned per test instance (upper reference)"
-FIRST_SEED = 100  # evaluation run seeds; policies train on seeds 0…, tuning runs on TUNING_SEED
-TUNING_SEED = 7
+SCHEDULES = ("global", "llrd", "cosine")
+BOUNDS = {"head": (0.1, 1.0), "decay": (0.3, 1.0), "peak": (0.1, 1.0), "warmup": (0.0, 0.5)}
+PARAMS = {"llrd": ("head", "decay"), "cosine": ("peak", "warmup", "decay")}
+CODE = ("asg_env", "agents", "train_policy.py", "benchmarks/l2o_benchmark.py", "benchmarks/learning_gate.py")
+EVAL_KEYS = ("synthetic_acc", "target_acc", "target_mean_class_acc", "imagenet_top1")
+
+
+def code_hash() -> str:
+    """A hash of the content of the code the results depend on (:data:`CODE`, ``*.py`` files)."""
+    h = hashlib.sha256()
+    for entry in CODE:
+        path = os.path.join(ROOT, entry)
+        files = sorted(glob.glob(os.path.join(path, "**", "*.py"), recursive=True)) if os.path.isdir(path) else [path]
+        for f in files:
+            h.update(os.path.relpath(f, ROOT).encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------ one run
+_ENVS: dict[str, gym.Env] = {}
+
+
+def run(task: dict) -> dict:
+    """One fine-tuning run of ``task["spec"]`` (a baseline or a policy file) in the env
+    ``task["kwargs"]`` with run seed ``task["seed"]``: its capped score, its initial loss and,
+    with ``task["evaluate"]``, the evaluation at its end (the real target among it)."""
+    key = json.dumps([task["env_id"], task["kwargs"]], sort_keys=True)
+    if key not in _ENVS:  # one env at a time per process; tasks come ordered by instance
+        for env in _ENVS.values():
+            env.close()
+        _ENVS.clear()
+        _ENVS[key] = gym.make(task["env_id"], **task["kwargs"])
+    env = _ENVS[key]
+    start = time.perf_counter()
+    result = score_run(env, load_policy(task["spec"], env, deterministic=True, seed=task["seed"]), task["seed"])
+    row = {"score_loss": result["score"], "initial_loss": result["initial"], "diverged": result["diverged"],
+           "capped": result["diverged"] or result["score"] >= result["initial"], "sgd_steps": result["sgd_steps"]}
+    if task.get("evaluate"):
+        metrics = env.unwrapped.trainer.evaluate()
+        row.update({k: float(metrics[k]) for k in EVAL_KEYS if k in metrics})
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def keyed_run(item: tuple[dict, object]) -> tuple[dict, object]:
+    task, key = item
+    return run(task), key
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+
+def in_parallel(fn, items: list, jobs: int, desc: str):
+    """``(item, fn(item))`` as each finishes, ``jobs`` worker processes of one thread each (in
+    this process when ``jobs`` is 1)."""
+    if jobs == 1 or len(items) <= 1:
+        for item in tqdm(items, desc=desc, leave=False):
+            yield item, fn(item)
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+        futures = {pool.submit(fn, item): item for item in items}
+        for future in tqdm(as_completed(futures), total=len(items), desc=desc, leave=False):
+            yield futures[future], future.result()
 
 
 class Bench:
-    """The family's env, runs of any policy on any instance, and the budget bookkeeping."""
+    """The family's splits (with the benchmark's overrides), and the task of any run."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.train = load_instances(args.instances, "train")
         self.test = load_instances(args.instances, "test")
-        override = dict(args.override)
-        self.base = {**self.train.base, **override, "evaluate_target": False}
+        self.family = FAMILIES.get(self.train.family)
+        if self.family is None:
+            raise SystemExit(f"error: {args.instances}: family {self.train.family!r} is not registered")
+        axes = {k: v for k, v in args.override.items() if k in self.family.axes}
+        self.base = {**self.train.base, **{k: v for k, v in args.override.items() if k not in axes},
+                     "evaluate_target": False, "synthetic_score": True}
         if args.data_root:
             self.base["data_root"] = args.data_root
-        self.override = override
-        self.train_instances = [{**i, **_axes(override)} for i in self.train.instances]
-        self.test_instances = [{**i, **_axes(override)} for i in self.test.instances]
+        self.train_instances = [{**i, **axes} for i in self.train.instances]
+        self.test_instances = [{**i, **axes} for i in self.test.instances]
         if args.test_instances:
             self.test_instances = self.test_instances[: args.test_instances]
         order = np.random.default_rng(0).permutation(len(self.train_instances))
         self.tuning_instances = [self.train_instances[i] for i in order[: args.tune_instances]]
-        self._env: tuple[str, gym.Env] | None = None
+        self.pilot_instances = [self.train_instances[i] for i in order[::-1][: args.pilot_instances]]
 
-    def env(self, instance: dict, extra: dict | None = None) -> gym.Env:
-        kwargs = {**self.base, **instance, **(extra or {})}
-        key = json.dumps(kwargs, sort_keys=True)
-        if self._env is None or self._env[0] != key:
-            if self._env is not None:
-                self._env[1].close()
-            self._env = (key, gym.make(self.train.env_id, **kwargs))
-        return self._env[1]
+    def task(self, spec: str, instance: dict, seed: int, evaluate: bool = False) -> dict:
+        extra = baseline_env_kwargs(spec) if not spec.endswith(".pt") else {}
+        return {"env_id": self.train.env_id, "kwargs": {**self.base, **instance, **extra}, "spec": spec, "seed": seed,
+                "evaluate": evaluate}
 
-    def run(self, spec: str, instance: dict, seed: int, extra: dict | None = None, evaluate: bool = False,
-            policy=None) -> dict:
-        """One fine-tuning run; ``spec`` a baseline or policy file (or ``policy`` given)."""
-        env = self.env(instance, extra)
-        trainer = env.unwrapped.trainer
-        policy = policy or load_policy(spec, env, deterministic=True, seed=seed)
-        history = fine_tune(trainer, policy, seed, evaluate=False, control=env.unwrapped.control)
-        last = history[-1]
-        # a diverged run counts as its initial loss: no better than no training (and counted as diverged)
-        out = {"loss": history[0]["loss"] if last.get("diverged") else last["loss"], "loss_xe": last["loss_xe"],
-               "diverged": bool(last.get("diverged")), "sgd_steps": trainer.sgd_step,
-               "actions": [[r[f"action/{c}"] for c in trainer.coordinate_names] for r in history[1:]]}
-        if evaluate:
-            out.update(trainer.evaluate())
-        return out
+    def settings(self) -> dict:
+        """What the benchmark's rows depend on, beside the code (settings.json)."""
+        a = self.args
+        return {"instances": {"train": self.train.digest, "test": self.test.digest}, "test_instances": a.test_instances,
+                "override": a.override, "episodes": a.episodes, "policy_seeds": a.policy_seeds,
+                "tune_instances": a.tune_instances, "test_trials": a.test_trials, "pilot_instances": a.pilot_instances,
+                "gate_agents": learning_gate.AGENTS}
 
 
-def _axes(override: dict) -> dict:
-    """The overrides that are instance axes (they must win over the instance's own value)."""
-    axes = set().union(*(f.axes for f in FAMILIES.values()))
-    return {k: v for k, v in override.items() if k in axes}
+def normalise(scores: dict, initial: dict) -> dict:
+    """(L − L_best) / (L0 − L_best) per instance: ``scores[(method, instance)]`` the runs' scores,
+    ``initial[instance]`` the instance's initial losses; L_best the best method's mean."""
+    best = {}
+    for (m, j), v in scores.items():
+        best[j] = min(best.get(j, np.inf), float(np.mean(v)))
+    return {(m, j): (np.asarray(v) - best[j]) / max(float(np.mean(initial[j])) - best[j], 1e-12)
+            for (m, j), v in scores.items()}
 
 
-# ---------------------------------------------------------------------------------- stage 1
-def train_policies(bench: Bench, out: str, learners: dict[str, tuple[str, dict, dict]]) -> dict[str, list[str]]:
-    """``train_policy.py`` runs of each learner (name: agent, env options, agent settings),
-    continued when a rerun finds them unfinished."""
-    args, paths = bench.args, {}
-    T = bench.env(bench.train_instances[0]).unwrapped.T
-    for name, (agent, env_options, agent_settings) in learners.items():
-        paths[name] = []
-        for k in range(args.policy_seeds):
-            run = os.path.join(out, "policies", f"{name}-seed{k}")
-            paths[name].append(os.path.join(run, "policy.pt"))
-            if len(_episodes(run)) >= args.episodes:
-                continue
-            argv = ["--out", run, "--episodes", str(args.episodes), "--device", "cpu"]
-            if os.path.isfile(os.path.join(run, "checkpoint.pt")):
-                argv += ["--resume"]
-            else:
-                argv += ["--instances", args.instances, "--split", "train", "--agent", agent, "--seed", str(k),
-                         "--num-envs", str(args.num_envs), *_sets(bench, agent, T, env_options, agent_settings)]
-            if train_policy.main(argv) != 0:
-                raise SystemExit(f"training {name} seed {k} failed")
-    return paths
+def mde_at(sigma: float, n: int) -> float:
+    """The minimum detectable effect of a paired t-test over ``n`` instances whose differences
+    spread ``sigma`` (:data:`POWER`, two-sided :data:`ALPHA`)."""
+    from scipy.stats import t
+
+    return float((t.ppf(1 - ALPHA / 2, n - 1) + t.ppf(POWER, n - 1)) * sigma / math.sqrt(n))
 
 
-def _sets(bench: Bench, agent: str, T: int, env_options: dict, agent_settings: dict) -> list[str]:
-    sets = [f"env.kwargs.{k}={json.dumps(v)}" for k, v in {**bench.override, **env_options}.items()
-            if k not in _axes(bench.override)]
-    if bench.args.data_root:
-        sets.append(f"env.kwargs.data_root={bench.args.data_root}")
-    if _axes(bench.override):  # quick mode: the instances with the overrides on top
-        sets.append(f"env.kwargs.instances={json.dumps(bench.train_instances)}")
-    if agent == "recurrent-ppo":  # one rollout = one episode, one minibatch (a 1-sample minibatch has no advantage std)
-        sets += [f"agent.recurrent-ppo.n_steps={T}", f"agent.recurrent-ppo.batch_size={T}",
-                 "agent.recurrent-ppo.n_epochs=4", "agent.recurrent-ppo.ent_coef=0.01",
-                 "agent.recurrent-ppo.policy_kwargs={lstm_hidden_size: 20}",
-                 "agent.recurrent-ppo.normalize=false"]  # raw observations, as the committed results/l2o policies
-    sets += [f"agent.{agent}.{k}={json.dumps(v)}" for k, v in agent_settings.items()]
-    return [item for s in sets for item in ("--set", s)]
+def required_instances(sigma: float, effect: float = EFFECT) -> tuple[int, int, float]:
+    """(the instances needed to detect ``effect``, the design: at least :data:`MIN_INSTANCES`,
+    and the minimum detectable effect at the design)."""
+    n = 2
+    while mde_at(sigma, n) > effect and n < 10_000:
+        n += 1
+    design = max(n, MIN_INSTANCES)
+    return n, design, mde_at(sigma, design)
 
 
-def _episodes(run: str) -> list[dict]:
-    path = os.path.join(run, "episodes.csv")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
+# ---------------------------------------------------------------------------- stage 0
+def pilot(bench: Bench, out: str) -> dict:
+    """The design from a pilot on train instances (kept in design.json with its runs)."""
+    path = os.path.join(out, "design.json")
+    if os.path.isfile(path):
+        return read_json(path)
+    tasks = [(m, j, s) for j in range(len(bench.pilot_instances)) for m in PILOT_METHODS for s in PILOT_SEEDS]
+    items = [(bench.task(m, bench.pilot_instances[j], s), (m, j, s)) for (m, j, s) in tasks]
+    rows = {key: result for _, (result, key) in in_parallel(keyed_run, items, bench.args.jobs, "pilot runs")}
+    scores = {(m, j): [rows[(m, j, s)]["score_loss"] for s in PILOT_SEEDS] for m in PILOT_METHODS
+              for j in range(len(bench.pilot_instances))}
+    initial = {j: [rows[(m, j, s)]["initial_loss"] for m in PILOT_METHODS for s in PILOT_SEEDS]
+               for j in range(len(bench.pilot_instances))}
+    norm = normalise(scores, initial)
+    spreads = {}
+    for a in PILOT_METHODS:
+        for b in PILOT_METHODS:
+            if a < b:
+                diff = [float(np.mean(norm[(a, j)] - norm[(b, j)])) for j in range(len(bench.pilot_instances))]
+                spreads[f"{a} − {b}"] = float(np.std(diff, ddof=1))
+    sigma = max(spreads.values())
+    needed, design, mde = required_instances(sigma)
+    result = {"sigma": sigma, "spreads": spreads, "needed_instances": needed, "instances": design,
+              "seeds": len(PILOT_SEEDS), "mde": mde, "effect": EFFECT, "power": POWER, "alpha": ALPHA,
+              "pilot_instances": bench.pilot_instances, "pilot_seeds": list(PILOT_SEEDS),
+              "runs": [{"method": m, "instance": j, "seed": s, **rows[(m, j, s)]} for (m, j, s) in tasks],
+              "commit": git_commit(), "code_hash": code_hash()}
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result
 
 
-def policy_budget(paths: dict[str, list[str]]) -> int:
-    """B: the mean SGD steps of one policy's training episodes (over agents and seeds)."""
-    return int(round(np.mean([sum(int(r["sgd_steps"]) for r in _episodes(os.path.dirname(p)))
-                              for ps in paths.values() for p in ps])))
+# ---------------------------------------------------------------------------- stage 1
+def gate(bench: Bench, out: str) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Meta-train and gate the agents' policies (benchmarks/learning_gate.py, resumable)."""
+    a = bench.args
+    gate_out = a.gate_out or os.path.join(out, "gate")
+    argv = ["--instances", a.instances, "--out", gate_out, "--episodes", str(a.episodes), "--seeds",
+            str(a.policy_seeds), "--jobs", str(a.jobs), "--run-seeds", "1" if a.quick else "2"]
+    if a.data_root:
+        argv += ["--data-root", a.data_root]
+    if learning_gate.main(argv) != 0:
+        raise SystemExit("error: the learning gate failed")
+    summary = {s["agent"]: s for s in read_json(os.path.join(gate_out, "summary.json"))}
+    paths = {agent: [os.path.join(gate_out, f"{agent}-seed{k}", "policy.pt") for k in range(a.policy_seeds)]
+             for agent in summary}
+    return paths, summary
 
 
-def variant_names(text: str | None) -> list[str]:
-    names = list(VARIANTS) if text == "all" else [n for n in (text or "").split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"error: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)} or all")
-    return names
+# ---------------------------------------------------------------------------- stage 2
+def storage(url: str):
+    import optuna
+
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 120}}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **kwargs)
 
 
-# ---------------------------------------------------------------------------------- stage 2
-class Trials:
-    """tuning.jsonl: every trial of every study, so a rerun continues each study."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.rows = _read_jsonl(path)
-
-    def of(self, study: str) -> list[dict]:
-        return [r for r in self.rows if r["study"] == study]
-
-    def add(self, row: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self.rows.append(row)
-
-
-BOUNDS = {"head": (0.1, 1.0), "decay": (0.3, 1.0), "peak": (0.1, 1.0), "warmup": (0.0, 0.5)}
-PARAMS = {"llrd": ("head", "decay"), "cosine": ("peak", "warmup", "decay")}
-
-
-def _space(kind: str, trial) -> str:
-    """A schedule spec from the trial's suggestions (agents.policies.schedule_levels)."""
-    values = [trial.suggest_float(name, *BOUNDS[name]) for name in PARAMS[kind]]
+def _spec(kind: str, trial) -> str:
+    """A schedule spec from the trial's suggestions (``agents.policies.schedule_levels``); the
+    test-instance search also picks the schedule, and prefixes its parameters with it."""
+    if kind == "global":  # one level everywhere: llrd without decay
+        return f"llrd:{trial.suggest_int('level', 1, 10) / 10:.1f},1.0"
+    prefix = ""
+    if kind == "test":
+        kind = trial.suggest_categorical("kind", ["llrd", "cosine"])
+        prefix = f"{kind}_"
+    values = [trial.suggest_float(prefix + name, *BOUNDS[name]) for name in PARAMS[kind]]
     return f"{kind}:" + ",".join(f"{v:.3f}" for v in values)
 
 
-def tune(bench: Bench, trials: Trials, study_name: str, kind: str, instances: list[dict], budget: int) -> dict:
-    """Optuna TPE over one schedule's parameters on ``instances``, with as many trials as their
-    SGD steps fit in ``budget`` (at least one). Returns the best trial."""
+def study_steps(study) -> int:
+    import optuna
+
+    return sum(int(t.user_attrs.get("sgd_steps", 0)) for t in study.get_trials(deepcopy=False)
+               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
+
+
+def tune(job: dict) -> dict:
+    """One Optuna study (its name, kind, instances, budget in SGD steps or a trial count, the
+    tasks' settings), continued from the storage; returns its best trial."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    done = trials.of(study_name)
-    sampler = optuna.samplers.TPESampler(seed=TUNING_SEED, n_startup_trials=3)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
-    for row in done:  # a rerun continues the study from its finished trials
-        dists = {k: optuna.distributions.FloatDistribution(*BOUNDS[k]) for k in row["params"]}
-        study.add_trial(optuna.trial.create_trial(params=row["params"], distributions=dists, value=row["value"]))
-    # every trial is charged the SGD steps it plans (a diverged trial stops early and spends fewer)
-    per_trial = sum(bench.env(inst).unwrapped.trainer.total_sgd_steps for inst in instances)
-    with tqdm(total=budget, initial=min(len(done) * per_trial, budget), desc=f"tuning {study_name} (SGD steps)",
-              leave=False) as bar:
-        while not done or (len(done) + 1) * per_trial <= budget:
-            trial = study.ask()
-            spec = _space(kind, trial)
-            runs = [bench.run(spec, inst, TUNING_SEED) for inst in instances]
-            value = float(np.mean([math.log(r["loss"]) for r in runs]))
-            study.tell(trial, value)
-            row = {"study": study_name, "spec": spec, "params": trial.params, "value": value, "sgd_steps": per_trial,
-                   "diverged": sum(r["diverged"] for r in runs)}
-            trials.add(row)
-            done.append(row)
-            bar.update(per_trial)
-    return min(done, key=lambda r: r["value"])
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, stale trials
+    sampler = (optuna.samplers.GridSampler({"level": list(range(1, 11))}, seed=SAMPLER_SEEDS["global"])
+               if job["kind"] == "global" else
+               optuna.samplers.TPESampler(seed=job["sampler_seed"], n_startup_trials=4))
+    study = optuna.create_study(study_name=job["name"], storage=storage(job["storage"]), sampler=sampler,
+                                direction="minimize", load_if_exists=True)
+    optuna.storages.fail_stale_trials(study)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not study.trials:
+        for params in job.get("enqueue", []):
+            study.enqueue_trial(params)
+
+    def objective(trial):
+        spec = _spec(job["kind"], trial)
+        trial.set_user_attr("spec", spec)
+        trial.set_user_attr("sgd_steps", job["per_trial"])  # charged up front: other machines see it running
+        rows = [run({**task, "spec": spec, "kwargs": {**task["kwargs"], **baseline_env_kwargs(spec)}})
+                for task in job["tasks"]]
+        trial.set_user_attr("diverged", sum(r["capped"] for r in rows))
+        return float(np.mean([r["score_loss"] / r["initial_loss"] for r in rows]))
+
+    if "trials" in job:
+        while len(finished := [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) < job["trials"]:
+            study.optimize(objective, n_trials=1)
+    else:
+        while not finished or study_steps(study) + job["per_trial"] <= job["budget"]:
+            if job["kind"] == "global" and len(study.trials) >= 10:
+                break  # the grid is exhausted
+            study.optimize(objective, n_trials=1)
+            finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value)
+    return {"name": job["name"], "spec": best.user_attrs["spec"], "value": best.value, "params": best.params,
+            "trials": len(complete), "sgd_steps": sum(int(t.user_attrs["sgd_steps"]) for t in complete)}
 
 
-# ---------------------------------------------------------------------------------- stage 3
-def replay_levels(bench: Bench, policy_path: str, out_path: str) -> dict:
-    """The policy's mean level per decision on the tuning instances (rounded), kept in a file."""
-    if os.path.isfile(out_path):
-        with open(out_path) as fh:
-            state = json.load(fh)
-        if state.get("policy") == _identity(policy_path):
-            return state
-    runs = [bench.run(policy_path, inst, TUNING_SEED) for inst in bench.tuning_instances]
-    finished = [r["actions"] for r in runs if not r["diverged"]]  # a diverged run stops short of T
-    if not finished:  # every run diverged: each one's actions, the last repeated up to T
-        T = max(len(r["actions"]) for r in runs)
-        finished = [r["actions"] + r["actions"][-1:] * (T - len(r["actions"])) for r in runs]
-    levels = np.rint(np.mean(finished, axis=0)).astype(int).tolist()
-    state = {"levels": levels, "sgd_steps": sum(r["sgd_steps"] for r in runs), "policy": _identity(policy_path)}
-    with open(out_path, "w") as fh:
-        json.dump(state, fh)
-    return state
+def tuned_schedules(bench: Bench, budget: int, digest: str) -> dict[str, dict]:
+    """Stage 2: one study per schedule on the train split's tuning instances, within ``budget``."""
+    tasks = [bench.task("", inst, VALIDATION_SEED) for inst in bench.tuning_instances]
+    per_trial = sum(_planned_steps(inst, bench) for inst in bench.tuning_instances)
+    jobs = [{"name": f"{kind}-train-{digest}", "kind": kind, "tasks": tasks, "budget": budget, "per_trial": per_trial,
+             "storage": bench.args.storage, "sampler_seed": SAMPLER_SEEDS[kind]} for kind in SCHEDULES]
+    return {job["kind"]: best for job, best in in_parallel(tune, jobs, bench.args.jobs, "tuning on train")}
 
 
-# ---------------------------------------------------------------------------------- stage 5
-def _identity(policy_path: str) -> str:
-    """A policy file's identity: a rerun that trained it further must redo what used it."""
-    with open(policy_path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()[:16]
+def _planned_steps(instance: dict, bench: Bench) -> int:
+    settings = {**bench.base, **instance}
+    batch = settings.get("batch_size", 32)
+    return int(settings["epochs"] * math.ceil(settings["source_size"] / batch))
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def tuned_on_test(bench: Bench, tuned: dict[str, dict], digest: str) -> list[dict]:
+    """Stage 3: ``--test-trials`` trials on each test instance, the train-tuned llrd and cosine first."""
+    enqueue = [{"kind": k, **{f"{k}_{n}": float(v) for n, v in zip(PARAMS[k], tuned[k]["spec"].split(":")[1].split(","))}}
+               for k in ("llrd", "cosine")]
+    jobs = [{"name": f"test{j}-{digest}", "kind": "test", "tasks": [bench.task("", inst, VALIDATION_SEED)],
+             "trials": bench.args.test_trials, "per_trial": _planned_steps(inst, bench), "enqueue": enqueue,
+             "storage": bench.args.storage, "sampler_seed": SAMPLER_SEEDS["test"] + j}
+            for j, inst in enumerate(bench.test_instances)]
+    found = {job["name"]: best for job, best in in_parallel(tune, jobs, bench.args.jobs, "tuning on test instances")}
+    return [found[job["name"]] for job in jobs]
+
+
+# ---------------------------------------------------------------------------- stage 4
+def read_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-METRICS = (("normalised", "held-out loss / reference"), ("loss", "synthetic held-out loss"),
-           ("synthetic_xe", "synthetic eval XE"), ("synthetic_acc", "synthetic acc %"),
-           ("synthetic_miou", "synthetic mIoU %"), ("target_acc", "real-target acc %"),
-           ("target_mean_class_acc", "real-target mean-class acc %"), ("target_miou", "real-target mIoU %"),
-           ("imagenet_top1", "ImageNet top-1 of θ_o %"))  # those a task reports (mIoU for segmentation)
-PERCENT = {"synthetic_acc", "target_acc", "target_mean_class_acc", "imagenet_top1", "target_miou", "synthetic_miou"}
+def file_digest(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
 
 
-def cell(values, key: str) -> str:
-    m, s, ci = mean_ci(values)
-    scale = 100 if key in PERCENT else 1
-    digits = 1 if key in PERCENT else 3
-    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f} [±{scale * ci:.{digits}f}]"
-
-
-def write_report(bench: Bench, runs: list[dict], methods: list[str], compute: dict[str, str], out: str,
-                 header: str) -> str:
-    seeds = sorted({r["seed"] for r in runs})
-    n_inst = len(bench.test_instances)
-    reference = {j: np.mean([r["loss"] for r in runs if r["method"] == REFERENCE and r["instance"] == j])
-                 for j in range(n_inst)}
-    for r in runs:
-        r["normalised"] = r["loss"] / reference[r["instance"]]
-    by = {(r["method"], r["instance"], r["seed"]): r for r in runs}
-    family = FAMILIES.get(bench.test.family)
-    metrics = [(k, t) for k, t in METRICS if any(k in r for r in runs)]
-    lines = [header, "", stamp_line(runs), "", "### Compute per method (SGD steps)", "", "| method | SGD steps before the evaluation runs |",
-             "|---|---|"] + [f"| {m} | {compute[m]} |" for m in methods]
-    lines += ["", "### Averaged over the test instances", "",
-              "Each seed's mean over the instances, then mean ± std over seeds [95 % Student-t CI half-width].", "",
-              "| method | " + " | ".join(t for _, t in metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for m in methods:
-        cols = [cell([np.mean([by[(m, j, s)].get(k, np.nan) for j in range(n_inst)]) for s in seeds], k)
-                for k, _ in metrics]
-        lines.append(f"| {m} | " + " | ".join(cols) + " |")
+def evaluate(bench: Bench, methods: dict, out: str, drop_stale: bool) -> list[dict]:
+    """Every method × test instance × seed, once; ``methods[name](j, k)`` is the spec of the
+    method's run on test instance j with run seed index k."""
+    path, code = os.path.join(out, "results.jsonl"), code_hash()
+    rows = read_rows(path)
+    stale = [r for r in rows if r.get("code_hash") != code]
+    if stale:
+        if not drop_stale:
+            commits = sorted({r.get("commit", "?") for r in stale})
+            raise SystemExit(f"error: {len(stale)} row(s) of {path} were made by other code (commits "
+                             f"{', '.join(commits)}; code hash now {code}); rerun with --drop-stale to move them to "
+                             f"stale.jsonl and redo them")
+        with open(os.path.join(out, "stale.jsonl"), "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in stale)
+        rows = [r for r in rows if r.get("code_hash") == code]
+        with open(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    done = {(r["method"], r["instance"], r["seed"]): r for r in rows}
+    seeds = [FIRST_SEED + k for k in range(bench.args.seeds)]
+    items = []
     for j, inst in enumerate(bench.test_instances):
-        outside = family.outside_training(bench.test.instances[j]) if family else []
-        lines += ["", f"### Test instance {j}: {json.dumps(inst)}"
-                  + (f" (outside the training range: {', '.join(outside)})" if outside else " (inside the training ranges)"),
-                  "", "| method | " + " | ".join(t for _, t in metrics) + " | diverged |", "|---|" + "---|" * (len(metrics) + 1)]
-        for m in methods:
-            rs = [by[(m, j, s)] for s in seeds]
-            lines.append(f"| {m} | " + " | ".join(cell([r.get(k, np.nan) for r in rs], k) for k, _ in metrics)
-                         + f" | {sum(r['diverged'] for r in rs)} |")
-    lines += robust_aggregates(by, methods, n_inst, seeds, bench.args.bootstrap_reps, os.path.join(out, "profiles.png"))
-    text = "\n".join(lines)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(text + "\n")
-    return text
+        for m, specs in methods.items():
+            for k, seed in enumerate(seeds):
+                spec = specs(j, k)
+                task = bench.task(spec, inst, seed, evaluate=True)
+                identity = file_digest(spec) if spec.endswith(".pt") else spec
+                settings = {"identity": identity, "kwargs": task["kwargs"], "seed": seed}
+                if done.get((m, j, seed), {}).get("settings_hash") != settings_hash(settings):
+                    items.append((task, {"method": m, "instance": j, "seed": seed, "identity": identity,
+                                         "settings_hash": settings_hash(settings)}))
+    commit = git_commit()
+    with open(path, "a") as fh:
+        for _, (result, key) in in_parallel(keyed_run, items, bench.args.jobs, "evaluation runs"):
+            row = {**key, **result, "commit": commit, "code_hash": code}
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            done[(key["method"], key["instance"], key["seed"])] = row
+    return [done[(m, j, s)] for m in methods for j in range(len(bench.test_instances)) for s in seeds]
 
 
-def robust_aggregates(by: dict, methods: list[str], n_inst: int, seeds: list[int], reps: int, plot_path: str) -> list[str]:
+# ---------------------------------------------------------------------------- stage 5
+def robust_aggregates(norm: dict, methods: list[str], learned: list[str], tuned: list[str], n_inst: int, reps: int,
+                      plot_dir: str) -> tuple[list[str], dict]:
     """rliable's view of the normalised score (lower is better): each method's interquartile
     mean with a 95 % stratified-bootstrap CI, the probability that each learned method improves
-    on each schedule tuned with the same compute, with its CI and a paired Wilcoxon test over
-    instance × seed, and performance profiles (``plot_path``)."""
+    on each tuned schedule (with its CI, and a paired Wilcoxon test over instance × seed), and
+    performance profiles (profiles.png) and the IQMs (scores.png) in ``plot_dir``."""
     from rliable import library as rly
     from rliable import metrics
     from scipy.stats import wilcoxon
 
     warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # rliable passes arch one
     # runs × tasks, negated so that rliable's "higher is better" holds
-    scores = {m: -np.array([[by[(m, j, s)]["normalised"] for j in range(n_inst)] for s in seeds]) for m in methods}
+    scores = {m: -np.stack([norm[(m, j)] for j in range(n_inst)], axis=1) for m in methods}
     rng = lambda: np.random.RandomState(0)  # noqa: E731  (each estimate draws the same resamples)
     iqm, iqm_ci = rly.get_interval_estimates(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps,
                                              random_state=rng())
-    lines = ["", "### Robust aggregates (rliable)", "",
-             f"Interquartile mean of the normalised score over instance × seed (lower is better), with its 95 % "
-             f"stratified-bootstrap CI ({reps:,} resamples of the seeds within each instance).", "",
-             "| method | IQM [95 % CI] |", "|---|---|"]
-    lines += [f"| {m} | {-iqm[m][0]:.3f} [{-iqm_ci[m][1][0]:.3f}, {-iqm_ci[m][0][0]:.3f}] |" for m in methods]
-    learned = [m for m in methods if m.endswith("(learned)")]
-    tuned = [m for m in methods if " tuned on train " in m]
+    found = {"iqm": {m: (-float(iqm[m][0]), -float(iqm_ci[m][1][0]), -float(iqm_ci[m][0][0])) for m in methods},
+             "improvement": {}}
+    lines = []
     if learned and tuned:
         pairs = {f"{a} | {b}": (scores[a], scores[b]) for a in learned for b in tuned}
         p, p_ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps, random_state=rng())
-        lines += ["", "P(improvement): the probability that a run of the learned method scores lower than a run of "
-                  "the tuned schedule on the same instance, averaged over instances, with its 95 % CI; the Wilcoxon "
-                  "signed-rank test pairs the two on each instance and seed.", "",
+        lines += ["P(improvement): the probability that a run of the learned method scores lower than a run of the "
+                  "tuned schedule on the same instance, averaged over instances, with its 95 % stratified-bootstrap "
+                  "CI; the Wilcoxon signed-rank test pairs the two on each instance and seed.", "",
                   "| learned | tuned schedule | P(improvement) [95 % CI] | Wilcoxon p |", "|---|---|---|---|"]
         for key, (a, b) in pairs.items():
             diff = (a - b).flatten()
-            test = wilcoxon(diff).pvalue if np.any(diff != 0) else 1.0
+            test = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+            found["improvement"][key] = (float(p[key]), float(p_ci[key][0][0]), float(p_ci[key][1][0]), test)
             lines.append(f"| {key.split(' | ')[0]} | {key.split(' | ')[1]} | {float(p[key]):.2f} "
                          f"[{p_ci[key][0][0]:.2f}, {p_ci[key][1][0]:.2f}] | {test:.3g} |")
-    plot_profiles(scores, reps, plot_path)
-    return lines
+    plot_profiles(scores, reps, os.path.join(plot_dir, "profiles.png"))
+    plot_iqm(found["iqm"], os.path.join(plot_dir, "scores.png"))
+    return lines, found
 
 
 def plot_profiles(scores: dict[str, np.ndarray], reps: int, path: str) -> None:
@@ -403,55 +480,26 @@ def plot_profiles(scores: dict[str, np.ndarray], reps: int, path: str) -> None:
 
     plt = _plt()
     every = -np.concatenate([s.flatten() for s in scores.values()])
-    taus = np.linspace(every.min(), every.max(), 41)
+    taus = np.linspace(every.min(), min(every.max(), 1.0), 41)
     profiles, cis = rly.create_performance_profile(scores, -taus, reps=reps)  # P(−score > −τ) = P(score < τ)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=cis, ax=ax,
-                                         xlabel="normalised score τ (lower is better)",
+                                         xlabel="normalised score τ (0 best seen, 1 no progress)",
                                          ylabel="fraction of runs with score < τ", legend=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_learning_curves(paths: dict[str, list[str]], labels: dict[str, str], window: int, path: str) -> None:
-    """Return against training episode: each seed's running mean over ``window`` episodes, then
-    the mean and 95 % CI over seeds."""
+def plot_iqm(iqm: dict[str, tuple[float, float, float]], path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for agent, ps in paths.items():
-        curves = []
-        for p in ps:
-            r = np.array([float(e["return"]) for e in _episodes(os.path.dirname(p))])
-            curves.append(np.convolve(r, np.ones(window) / window, mode="valid"))
-        n = min(map(len, curves))
-        c = np.array([x[:n] for x in curves])
-        stats = np.array([mean_ci(c[:, i]) for i in range(n)])
-        x = np.arange(n) + window
-        line, = ax.plot(x, stats[:, 0], label=f"{labels[agent]} ({len(ps)} seeds)")
-        ax.fill_between(x, stats[:, 0] - stats[:, 2], stats[:, 0] + stats[:, 2], color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="training episode", ylabel=f"return (running mean over {window})",
-           title="Learning curves on the train split (95 % CI over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scores(runs: list[dict], methods: list[str], path: str) -> None:
-    plt = _plt()
+    methods = list(iqm)
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(methods) + 1.2))
     for i, m in enumerate(methods):
-        per_seed = {}
-        for r in runs:
-            if r["method"] == m:
-                per_seed.setdefault(r["seed"], []).append(r["normalised"])
-        mean, _, ci = mean_ci([np.mean(v) for v in per_seed.values()])
-        ax.errorbar(mean, i, xerr=ci if np.isfinite(ci) else 0, fmt="o", capsize=3)
-    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
-    ax.set(yticks=range(len(methods)), yticklabels=methods, xlabel="final held-out loss / upper reference (lower is better)",
-           title="Test instances: normalised score (mean, 95 % CI over seeds)")
+        mid, low, high = iqm[m]
+        ax.errorbar(mid, i, xerr=[[mid - low], [high - mid]], fmt="o", capsize=3)
+    ax.set(yticks=range(len(methods)), yticklabels=methods, xlabel="IQM of the normalised score (lower is better)",
+           title="Test instances × seeds: IQM with 95 % stratified-bootstrap CI")
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -459,26 +507,147 @@ def plot_scores(runs: list[dict], methods: list[str], path: str) -> None:
     plt.close(fig)
 
 
+def observed_mde(norm: dict, a: str, b: str, n_inst: int) -> float:
+    """The effect this run detects between ``a`` and ``b`` with 80 % power (paired over instances)."""
+    return mde_at(float(np.std([np.mean(norm[(a, j)] - norm[(b, j)]) for j in range(n_inst)], ddof=1)), n_inst)
+
+
+def pct(values) -> str:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return f"{100 * np.mean(v):.1f}" if v else "—"
+
+
+def write_report(bench: Bench, rows: list[dict], kinds: dict[str, str], info: dict, out: str) -> tuple[str, dict]:
+    """results.md: the design and its minimum detectable effect, the aggregate table, the
+    improvement of each learned method over each tuned schedule, per-instance scores and checks."""
+    methods, n_inst = list(kinds), len(bench.test_instances)
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["method"], r["instance"], r["seed"]): r for r in rows}
+    scores = {(m, j): [by[(m, j, s)]["score_loss"] for s in seeds] for m in methods for j in range(n_inst)}
+    initial = {j: [by[(m, j, s)]["initial_loss"] for m in methods for s in seeds] for j in range(n_inst)}
+    norm = normalise(scores, initial)
+    learned = [m for m in methods if kinds[m] == "learned"]
+    tuned = [m for m in methods if kinds[m] == "tuned"]
+    agg_lines, found = robust_aggregates(norm, methods, learned, tuned, n_inst, bench.args.bootstrap_reps, out)
+    best_tuned = min(tuned, key=lambda m: found["iqm"][m][0]) if tuned else None
+    design = info["design"]
+    observed = {m: observed_mde(norm, m, best_tuned, n_inst) for m in learned} if best_tuned and n_inst > 1 else {}
+    commits = sorted({r["commit"] for r in rows})
+    lines = [f"# L2O benchmark: {bench.train.family} ({bench.args.instances})", "",
+             f"**Minimum detectable effect** (80 % power, two-sided α = 0.05, paired t-test over test instances): "
+             f"the design from the pilot (σ = {design['sigma']:.3f} of per-instance differences in the normalised "
+             f"score over {len(design['pilot_instances'])} train instances) is {design['instances']} test instances "
+             f"× {len(seeds)} seeds, detecting {design['mde']:.3f} (target {EFFECT}; {design['needed_instances']} "
+             f"instances would be needed for it); this run has {n_inst} test instances"
+             + (", and detects " + ", ".join(f"{observed[m]:.3f} between {m} and {best_tuned}" for m in observed)
+                if observed else "") + ".", "",
+             f"Made by commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}; code hash "
+             f"`{rows[0]['code_hash']}` (every row's, so the code the rows depend on is the same in each); "
+             f"{len({r['settings_hash'] for r in rows})} settings hashes (each row of results.jsonl names its own). "
+             f"Mode: {'quick (not a claim)' if bench.args.quick else 'full'}.", "",
+             "**Score**: final cross-entropy on the instance's held-out synthetic images (L0 where a run diverged or "
+             "ended above L0); normalised per instance as (L − L_best) / (L0 − L_best): 0 is the best method's mean, "
+             "1 no progress. IQM over instance × seed with its 95 % stratified-bootstrap CI; mean: the instances' "
+             "means, with a 95 % t CI over instances.", "",
+             "| method | IQM [95 % CI] | mean [95 % CI] | capped runs | synthetic acc % | real-target mean-class "
+             "acc % | ImageNet top-1 % | learning gate | SGD steps before evaluation |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        mid, low, high = found["iqm"][m]
+        per_inst = [float(np.mean(norm[(m, j)])) for j in range(n_inst)]
+        mean, _, ci = mean_ci(per_inst)
+        runs = [by[(m, j, s)] for j in range(n_inst) for s in seeds]
+        lines.append(f"| {m} | {mid:.3f} [{low:.3f}, {high:.3f}] | {mean:.3f} [±{ci:.3f}] | "
+                     f"{sum(r['capped'] for r in runs)} / {len(runs)} | {pct(r.get('synthetic_acc') for r in runs)} | "
+                     f"{pct(r.get('target_mean_class_acc') for r in runs)} | {pct(r.get('imagenet_top1') for r in runs)} | "
+                     f"{info['gate'].get(m, '')} | {info['compute'][m]} |")
+    lines += ["", *agg_lines, "", "![IQM](scores.png)", "", "![performance profiles](profiles.png)", ""]
+    named = [m for m in methods if kinds[m] == "named" and m != NAMED["random"]]
+    mean_of = {(m, j): float(np.mean(scores[(m, j)])) for m in methods for j in range(n_inst)}
+    best_named = [min(named, key=lambda m: mean_of[(m, j)]) for j in range(n_inst)]
+    lines += ["### Per test instance", "",
+              "Normalised score, mean over seeds (**bold**: best method on the instance).", "",
+              "| method | " + " | ".join(str(j) for j in range(n_inst)) + " |", "|---|" + "---|" * n_inst]
+    for m in methods:
+        cells = []
+        for j in range(n_inst):
+            v = float(np.mean(norm[(m, j)]))
+            best = min(methods, key=lambda x: mean_of[(x, j)]) == m
+            cells.append(f"**{v:.3f}**" if best else f"{v:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    search = next((m for m in methods if kinds[m] == "search"), None)
+    acc_best = [max(float(np.mean([by[(m, j, s)].get("synthetic_acc", np.nan) for s in seeds])) for m in tuned + [search]
+                    if m) for j in range(n_inst)]
+    lines += ["", "| test instance | settings | outside the training range | best named setting | best tuned "
+              "synthetic acc % | named settings that beat the test-instance search |", "|---|---|---|---|---|---|"]
+    for j, inst in enumerate(bench.test_instances):
+        beat = [m for m in named if search and mean_of[(m, j)] < mean_of[(search, j)]]
+        outside = bench.family.outside_training(bench.test.instances[j])
+        lines.append(f"| {j} | {json.dumps(inst)} | {', '.join(outside) or '—'} | {best_named[j]} | "
+                     f"{100 * acc_best[j]:.1f} | {', '.join(beat) or 'none'} |")
+    distinct = sorted(set(best_named))
+    lines += ["", f"- Best named setting per instance: {len(distinct)} different ({', '.join(distinct)}): "
+              + ("no single named setting is best everywhere." if len(distinct) > 1 else "one named setting is best "
+                 "on every instance."),
+              f"- The best tuned schedule reaches {100 * min(acc_best):.1f} % synthetic held-out accuracy on its worst "
+              f"test instance ({'≥' if min(acc_best) >= 0.9 else 'below'} 90 %)."]
+    if search:
+        short = [j for j in range(n_inst) if any(mean_of[(m, j)] < mean_of[(search, j)] for m in named)]
+        lines.append(f"- {search} is at least as good as every named setting on "
+                     f"{n_inst - len(short)} of {n_inst} instances" + (f"; not on {short}." if short else "."))
+    lines += ["", "### Stages", "", "| stage | wall time (this machine, summed over invocations) |", "|---|---|"]
+    lines += [f"| {k} | {v / 60:.1f} min |" for k, v in info["costs"].items()]
+    lines += ["", "Tuned schedules: " + "; ".join(f"{k}: `{v['spec']}` ({v['trials']} trial(s), {v['sgd_steps']:,} SGD "
+                                                   f"steps)" for k, v in info["tuned"].items()),
+              f"B = {info['budget']:,} SGD steps (one policy's meta-training, mean over agents and seeds).",
+              "", "![learning curves](learning_curves.png)", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(text)
+    return text, {"iqm": found["iqm"], "improvement": found["improvement"], "best_tuned": best_tuned,
+                  "observed_mde": observed}
+
+
 # ------------------------------------------------------------------------------------ main
+class Costs:
+    """Wall time per stage, summed over invocations (stages.json)."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, "stages.json")
+        self.seconds = read_json(self.path) if os.path.isfile(self.path) else {}
+
+    def add(self, stage: str, start: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        with open(self.path, "w") as fh:
+            json.dump(self.seconds, fh, indent=1)
+
+
+STAGES = ("pilot", "gate", "tuning", "search", "evaluation")
+LABELS = {"reinforce": "REINFORCE", "es": "ES", "recurrent-ppo": "RecurrentPPO"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller copy of every stage (shorter runs, fewer instances)")
-    p.add_argument("--instances", default="configs/instances/syndigits.yaml", help="instance file with train and test splits")
-    p.add_argument("--out", help="output folder (default: runs/l2o, or runs/l2o-quick with --quick; the published run is results/l2o)")
-    p.add_argument("--episodes", type=int, help="training episodes of each learned policy")
-    p.add_argument("--policy-seeds", type=int, help="policies trained per agent (their learning curves' CI)")
-    p.add_argument("--seeds", type=int, help="evaluation seeds per method and test instance (at least 3 for claims)")
-    p.add_argument("--tune-instances", type=int, help="train instances every tuning trial and replay runs")
-    p.add_argument("--reference-trials", type=int, help="trials of each schedule per test instance (upper reference)")
-    p.add_argument("--test-instances", type=int, help="use only the first N test instances (0: all)")
-    p.add_argument("--num-envs", type=int, default=1, help="episodes at once while policies train (train_policy.py --num-envs)")
+    p.add_argument("--quick", action="store_true", help="a smaller copy of every stage (8-SGD-step runs, 2 test instances)")
+    p.add_argument("--instances", default="configs/instances/syndigits_long.yaml", help="instance file (train and test splits)")
+    p.add_argument("--out", help="output folder (default runs/l2o, or runs/l2o-quick with --quick; published: results/l2o)")
+    p.add_argument("--episodes", type=int, help="meta-training episodes per policy (1,000)")
+    p.add_argument("--policy-seeds", type=int, help="policies per agent (3); run seed k uses policy k mod P")
+    p.add_argument("--seeds", type=int, help="run seeds per method and test instance (3)")
+    p.add_argument("--tune-instances", type=int, help="train instances each tuning trial runs (2)")
+    p.add_argument("--test-trials", type=int, help="trials of the search on each test instance (12)")
+    p.add_argument("--pilot-instances", type=int, help="train instances of the pilot (4)")
+    p.add_argument("--test-instances", type=int, help="use only the first N test instances (0: all, and at least the "
+                   "design's count; quick 2)")
+    p.add_argument("--jobs", type=int, default=2, help="runs (and meta-trainings, and studies) at once, one thread each")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/optuna.db); share an RDB URL between "
+                   "machines to share the studies")
+    p.add_argument("--gate-out", help="the learning gate's folder (default OUT/gate)")
     p.add_argument("--override", help="JSON settings on top of every instance (for tests)")
     p.add_argument("--data-root", help="cache folder of the rendered images")
-    p.add_argument("--variants", help=f"comma-separated learned variants to add, or all: {', '.join(VARIANTS)}")
-    p.add_argument("--bootstrap-reps", type=int, help="resamples of rliable's stratified bootstrap CIs (10,000; quick 2,000)")
-    p.add_argument("--train-only", action="store_true",
-                   help="stop after stage 1, the learned policies; with --variants, train only the variants (so it can "
-                        "run beside a run of the two agents)")
+    p.add_argument("--bootstrap-reps", type=int, help="resamples of rliable's stratified bootstrap (10,000; quick 2,000)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage (run a long benchmark in pieces)")
+    p.add_argument("--drop-stale", action="store_true", help="move rows made by other code to stale.jsonl and redo them")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     for key, value in preset.items():
@@ -489,118 +658,99 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.override = {**preset["override"], **json.loads(args.override)}
         except json.JSONDecodeError as exc:
             p.error(f"--override is not JSON: {exc}")
-    if min(args.episodes, args.policy_seeds, args.seeds, args.tune_instances, args.reference_trials, args.num_envs,
-           args.bootstrap_reps) < 1 \
-            or args.test_instances < 0:
-        p.error("--episodes, --policy-seeds, --seeds, --tune-instances, --reference-trials, --num-envs and "
-                "--bootstrap-reps must be at "
-                "least 1, and --test-instances at least 0")
+    counts = ("episodes", "policy_seeds", "seeds", "tune_instances", "test_trials", "pilot_instances", "jobs",
+              "bootstrap_reps")
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.test_instances < 0:
+        p.error("--test-instances must be at least 0")
+    if args.pilot_instances < 2:
+        p.error("--pilot-instances must be at least 2 (the pilot measures a spread over instances)")
+    if not os.path.isfile(args.instances):
+        p.error(f"instance file not found: {args.instances}")
+    args.out = args.out or ("runs/l2o-quick" if args.quick else os.path.join("runs", "l2o"))
+    args.storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'optuna.db'))}"
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out or ("runs/l2o-quick" if args.quick else os.path.join("runs", "l2o"))
-    os.makedirs(os.path.join(out, "policies"), exist_ok=True)
-    start = time.perf_counter()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
     bench = Bench(args)
-    if args.seeds > args.policy_seeds:
-        raise SystemExit("error: --seeds must not exceed --policy-seeds (learned method k is evaluated with policy seed k)")
+    settings_path = os.path.join(out, "settings.json")
+    if os.path.isfile(settings_path) and read_json(settings_path) != json.loads(json.dumps(bench.settings())):
+        raise SystemExit(f"error: {out} holds a run made with other settings ({settings_path}); use another --out")
+    with open(settings_path, "w") as fh:
+        json.dump(bench.settings(), fh, indent=1)
+    costs = Costs(out)
 
-    variants = variant_names(args.variants)
-    if args.train_only and variants:  # the variants alone, so this can run beside a run that trains the agents
-        train_policies(bench, out, {v: VARIANTS[v] for v in variants})
-        print(f"policies in {out}/policies/")
+    start = time.perf_counter()
+    design = pilot(bench, out)
+    costs.add("0 pilot", start)
+    print(f"design: {design['instances']} test instances × {args.seeds} seeds detect {design['mde']:.3f} "
+          f"(σ {design['sigma']:.3f}; {design['needed_instances']} needed for {EFFECT})")
+    if not args.quick and not args.test_instances and len(bench.test_instances) < design["instances"]:
+        raise SystemExit(f"error: the design needs {design['instances']} test instances; {args.instances} has "
+                         f"{len(bench.test_instances)}: write more with python -m asg_env.envs.instances "
+                         f"{bench.train.family} --train {len(bench.train_instances)} --test {design['instances']} "
+                         f"--seed 0 --out {args.instances} (the train split stays the same)")
+    if args.until == "pilot":
         return 0
-    paths = train_policies(bench, out, {agent: (agent, {}, {}) for agent in LEARNED})
-    budget = policy_budget(paths)
-    variant_paths = train_policies(bench, out, {v: VARIANTS[v] for v in variants})
-    if args.train_only:
-        print(f"policies in {out}/policies/")
+
+    start = time.perf_counter()
+    paths, summary = gate(bench, out)
+    costs.add("1 meta-training and learning gate", start)
+    budget = round(np.mean([s["sgd_steps"] / s["seeds"] for s in summary.values()]))
+    digest = settings_hash(bench.settings())[:8]
+    if args.until == "gate":
         return 0
-    trials = Trials(os.path.join(out, "tuning.jsonl"))
-    specs, compute = {}, {}
-    for agent, name in LEARNED.items():
-        specs[f"{name} (learned)"] = ("policy", paths[agent])
-        compute[f"{name} (learned)"] = f"{budget:,} (training, mean over {len(paths[agent])} seeds)"
-    for v in variants:
-        specs[f"{v} (learned)"] = ("variant", (variant_paths[v], VARIANTS[v][1]))
-        compute[f"{v} (learned)"] = f"{policy_budget({v: variant_paths[v]}):,} (training, mean over {len(variant_paths[v])} seeds)"
-    for agent, name in LEARNED.items():
-        replays = [replay_levels(bench, p, os.path.join(out, "policies", f"replay-{agent}-seed{k}.json"))
-                   for k, p in enumerate(paths[agent])]
-        specs[f"{name} open-loop replay"] = ("replay", [r["levels"] for r in replays])
-        compute[f"{name} open-loop replay"] = f"{budget:,} + {int(np.mean([r['sgd_steps'] for r in replays])):,} (replay runs)"
+
+    start = time.perf_counter()
+    tuned = tuned_schedules(bench, budget, digest)
+    costs.add("2 tuning on the train split", start)
+    if args.until == "tuning":
+        return 0
+    start = time.perf_counter()
+    found = tuned_on_test(bench, tuned, digest)
+    costs.add("3 tuning on each test instance", start)
+    if args.until == "search":
+        return 0
+
+    methods, kinds, gates, compute = {}, {}, {}, {}
+    for agent, ps in paths.items():
+        name = f"{LABELS.get(agent, agent)} (meta-trained)"
+        methods[name] = lambda j, k, ps=ps: ps[k % len(ps)]
+        kinds[name], gates[name] = "learned", "passed" if summary[agent]["passed"] else "failed"
+        compute[name] = f"{summary[agent]['sgd_steps'] // summary[agent]['seeds']:,} (meta-training, per policy)"
     for kind in SCHEDULES:
-        best = tune(bench, trials, f"{kind}-train", kind, bench.tuning_instances, budget)
-        name = f"{kind} tuned on train ({best['spec']})"
-        specs[name] = ("baseline", best["spec"])
-        compute[name] = f"{sum(r['sgd_steps'] for r in trials.of(f'{kind}-train')):,} ({len(trials.of(f'{kind}-train'))} trials)"
-    reference = {}
-    for j, inst in enumerate(bench.test_instances):
-        best = [_reference(bench, trials, kind, j, inst) for kind in SCHEDULES]
-        reference[j] = min(best, key=lambda r: r["value"])["spec"]
-    steps = sum(r["sgd_steps"] for r in trials.rows if "-test" in r["study"])
-    specs[REFERENCE] = ("reference", reference)
-    compute[REFERENCE] = f"{steps:,} in all ({args.reference_trials} trials of each schedule on each test instance)"
+        name = f"{kind} tuned on train"
+        methods[name] = lambda j, k, spec=tuned[kind]["spec"]: spec
+        kinds[name], compute[name] = "tuned", f"{tuned[kind]['sgd_steps']:,} ({tuned[kind]['trials']} trials)"
+    search = f"tuned on the test instance ({args.test_trials} trials)"
+    methods[search] = lambda j, k: found[j]["spec"]
+    kinds[search] = "search"
+    compute[search] = f"{int(np.mean([f['sgd_steps'] for f in found])):,} per instance, on it"
     for spec, name in NAMED.items():
-        specs[name] = ("baseline", spec)
-        compute[name] = "0"
+        methods[name] = lambda j, k, spec=spec: spec
+        kinds[name], compute[name] = "named", "0"
 
-    path = os.path.join(out, "results.jsonl")
-    runs = {(r["method"], r["instance"], r["seed"]): r for r in _read_jsonl(path)}
-    seeds = [FIRST_SEED + k for k in range(args.seeds)]
-    cells = [(k, j, m) for k in range(args.seeds) for j in range(len(bench.test_instances)) for m in specs]
-    for k, j, m in tqdm(cells, desc="evaluation runs"):
-        kind, value = specs[m]
-        inst, extra, policy, spec = bench.test_instances[j], {}, None, None
-        if kind == "policy":
-            spec, identity = value[k], _identity(value[k])
-        elif kind == "variant":
-            spec, extra = value[0][k], value[1]
-            identity = _identity(spec)
-        elif kind == "replay":
-            policy, identity = OpenLoopPolicy(value[k]), json.dumps(value[k])
-        else:
-            spec = value[j] if kind == "reference" else value
-            extra = {**baseline_env_kwargs(spec), **NAMED_ENV.get(spec, {})}
-            identity = json.dumps([spec, extra, inst])
-        if runs.get((m, j, seeds[k]), {}).get("identity") == identity:
-            continue  # a rerun redoes a run whose policy or schedule has changed since
-        result = bench.run(spec, inst, seeds[k], extra, evaluate=True, policy=policy)
-        row = {"method": m, "instance": j, "seed": seeds[k], "identity": identity,
-               **{k_: v for k_, v in result.items() if k_ != "actions"},
-               **stamp({"identity": identity, "instance": inst, "override": bench.override})}
-        with open(path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        runs[(m, j, seeds[k])] = row
-
-    methods = list(specs)
-    rows = [runs[(m, j, s)] for m in methods for j in range(len(bench.test_instances)) for s in seeds]
-    plot_learning_curves({**paths, **variant_paths}, {**LEARNED, **{v: v for v in variants}},
-                         max(1, min(len(bench.train_instances), args.episodes // 2)),
-                         os.path.join(out, "learning_curves.png"))
-    header = (f"{bench.test.family} family ({args.instances}), {'quick' if args.quick else 'full'} mode: "
-              f"{len(bench.train_instances)} train instances, {len(bench.test_instances)} test instances, "
-              f"evaluation seeds {seeds}. Learned policies: {args.episodes} episodes × {args.policy_seeds} seeds per "
-              f"agent, B = {budget:,} SGD steps each"
-              + (f"; variants {', '.join(variants)}, as many episodes and seeds each" if variants else "")
-              + f". Tuning instances: {args.tune_instances}. "
-              f"Wall time of this invocation {(time.perf_counter() - start) / 60:.1f} min.")
-    text = write_report(bench, rows, methods, compute, out, header)
-    plot_scores(rows, methods, os.path.join(out, "scores.png"))
+    start = time.perf_counter()
+    rows = evaluate(bench, methods, out, args.drop_stale)
+    costs.add("4 evaluation", start)
+    gate_out = args.gate_out or os.path.join(out, "gate")
+    if os.path.isfile(os.path.join(gate_out, "curves.png")):
+        shutil.copy(os.path.join(gate_out, "curves.png"), os.path.join(out, "learning_curves.png"))
+    info = {"design": design, "gate": gates, "compute": compute, "costs": costs.seconds, "tuned": tuned,
+            "budget": budget}
+    text, found_stats = write_report(bench, rows, kinds, info, out)
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump({**found_stats, "budget": budget, "tuned": tuned, "tuned_on_test": found, "design": {
+            k: v for k, v in design.items() if k != "runs"}, "commits": sorted({r["commit"] for r in rows})}, fh, indent=1)
     print(text)
     print(f"results in {out}/")
     return 0
-
-
-def _reference(bench: Bench, trials: Trials, kind: str, j: int, inst: dict) -> dict:
-    """``--reference-trials`` trials of one schedule on test instance ``j`` (a trial budget)."""
-    done = trials.of(f"{kind}-test{j}")
-    if len(done) < bench.args.reference_trials:
-        per_trial = bench.env(inst).unwrapped.trainer.total_sgd_steps
-        tune(bench, trials, f"{kind}-test{j}", kind, [inst], per_trial * bench.args.reference_trials)
-    return min(trials.of(f"{kind}-test{j}"), key=lambda r: r["value"])
 
 
 if __name__ == "__main__":

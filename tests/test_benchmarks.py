@@ -156,16 +156,23 @@ def test_compare_segmentation_writes_fig7_and_fig8_and_resumes(tmp_path, cache_d
 
 
 @pytest.mark.slow
-def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, monkeypatch):
+def test_l2o_benchmark_accounts_every_budget_refuses_other_code_and_resumes(tmp_path, cache_dir, monkeypatch):
+    import optuna
+    from dataclasses import replace
     from test_cli import _tiny_instances
 
+    from asg_env.envs.instances import FAMILIES
     from asg_env.training.trainer import Trainer
+    from benchmarks import learning_gate
 
     bench = _load("l2o_benchmark")
+    tiny = replace(FAMILIES["syndigits"], meta_training={"image_size": 32, "epochs": 1, "synthetic_eval_size": 16})
+    monkeypatch.setitem(FAMILIES, "syndigits", tiny)
+    monkeypatch.setitem(learning_gate.AGENTS, "es", {"pairs": 1, "sigma": 0.05, "lr": 0.03})
     out = tmp_path / "l2o"
     argv = ["--instances", _tiny_instances(tmp_path, cache_dir), "--out", str(out), "--episodes", "2",
-            "--policy-seeds", "2", "--seeds", "2", "--tune-instances", "1", "--bootstrap-reps", "300",
-            "--reference-trials", "2"]
+            "--policy-seeds", "2", "--seeds", "3", "--tune-instances", "1", "--test-trials", "3",
+            "--pilot-instances", "2", "--test-instances", "2", "--bootstrap-reps", "200", "--jobs", "1", "--override", "{}"]
     evaluations = []
     evaluate = Trainer.evaluate
     monkeypatch.setattr(Trainer, "evaluate", lambda self: evaluations.append(1) or evaluate(self))
@@ -173,79 +180,51 @@ def test_l2o_benchmark_accounts_every_budget_and_resumes(tmp_path, cache_dir, mo
 
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     methods = {r["method"] for r in runs}
-    assert len(methods) == 12 and len(runs) == 12 * 2 * 2  # every method × test instance × seed, once
+    assert len(methods) == 2 + 3 + 1 + 5 and len(runs) == 11 * 2 * 3  # every method × test instance × seed, once
     assert len(evaluations) == len(runs)  # the real target is read by the evaluation runs alone
-    assert {(r["instance"], r["seed"]) for r in runs} == {(j, s) for j in (0, 1) for s in (100, 101)}
+    for r in runs:
+        assert {"commit", "settings_hash", "code_hash", "score_loss", "initial_loss", "diverged", "capped",
+                "synthetic_acc", "method", "instance", "seed"} <= set(r)
+        assert r["score_loss"] <= r["initial_loss"] and r["capped"] == (r["diverged"] or r["score_loss"] >= r["initial_loss"])
+    learned = [r for r in runs if r["method"] == "ES (meta-trained)"]
+    policies = {r["seed"]: r["identity"] for r in learned if r["instance"] == 0}
+    assert policies[100] == policies[102] != policies[101]  # run seed k uses policy k mod 2
 
-    episodes = [[int(r["sgd_steps"]) for r in _csv(out / "policies" / f"{a}-seed{k}" / "episodes.csv")]
-                for a in ("reinforce", "recurrent-ppo") for k in (0, 1)]
-    assert all(len(e) == 2 for e in episodes)
-    budget = round(np.mean([sum(e) for e in episodes]))
-    trials = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
-    for kind in ("llrd", "cosine"):
-        spent = [t["sgd_steps"] for t in trials if t["study"] == f"{kind}-train"]
-        assert spent and (sum(spent) <= budget or len(spent) == 1) and sum(spent) + spent[-1] > budget
-        for j in (0, 1):
-            assert len([t for t in trials if t["study"] == f"{kind}-test{j}"]) == 2
-    replay = json.loads((out / "policies" / "replay-reinforce-seed0.json").read_text())
-    assert np.array(replay["levels"]).shape == (2, 9)
+    design = json.loads((out / "design.json").read_text())
+    assert design["sigma"] > 0 and design["instances"] >= 12 and len(design["runs"]) == 3 * 2 * 3
+    summary = {s["agent"]: s for s in json.loads((out / "gate" / "summary.json").read_text())}
+    budget = round(np.mean([s["sgd_steps"] / s["seeds"] for s in summary.values()]))
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    for kind in ("global", "llrd", "cosine"):
+        name = next(n for n in studies if n.startswith(f"{kind}-train-"))
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        spent = [t.user_attrs["sgd_steps"] for t in trials]
+        assert spent and (sum(spent) <= budget or len(spent) == 1)
+        assert sum(spent) + spent[-1] > budget or (kind == "global" and len(trials) == 10)
+    for j in (0, 1):
+        trials = optuna.load_study(study_name=next(n for n in studies if n.startswith(f"test{j}-")), storage=storage).trials
+        assert len(trials) == 3 and trials[0].params["kind"] == "llrd" and trials[1].params["kind"] == "cosine"
 
     table = (out / "results.md").read_text()
-    commits = {r["commit"] for r in runs}
-    assert len(commits) == 1 and f"Made by commit {commits.pop()} with settings hashes" in table
-    assert len({r["settings_hash"] for r in runs}) > 1  # methods and instances differ in their settings
-    assert f"B = {budget:,} SGD steps" in table and "(upper reference)" in table and "outside the training range" in table
-    averaged = table.split("### Averaged over the test instances")[1]
-    reference = next(line for line in averaged.splitlines() if line.startswith("| tuned per test instance"))
-    assert reference.split("|")[2].strip().startswith("1.000 ±")  # the normalised score's reference is 1
-    aggregates = table.split("### Robust aggregates (rliable)")[1]
-    assert all(f"| {m} | " in aggregates for m in methods)  # an IQM with its CI for every method
-    improvements = [line for line in aggregates.splitlines() if line.startswith(("| REINFORCE (learned) |",
-                                                                                 "| RecurrentPPO (learned) |"))]
-    assert len(improvements) == 2 + 2 * 2 and sum(" tuned on train " in line for line in improvements) == 4
-    for name in ("learning_curves.png", "scores.png", "profiles.png"):
+    assert "**Minimum detectable effect**" in table.splitlines()[2] and runs[0]["commit"] in table
+    assert all(f"| {m} | " in table for m in methods) and "| ES (meta-trained) | cosine tuned on train |" in table
+    for name in ("scores.png", "profiles.png", "learning_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    before = [(out / f).read_text() for f in ("results.jsonl", "tuning.jsonl")]
+    before = (out / "results.jsonl").read_text()
     evaluations.clear()
     assert bench.main(argv) == 0  # a rerun finds everything done
-    assert [(out / f).read_text() for f in ("results.jsonl", "tuning.jsonl")] == before and not evaluations
+    assert (out / "results.jsonl").read_text() == before and not evaluations
 
-    assert bench.main(argv[:-1] + ["3"]) == 0  # a third reference trial: only the reference is redone
-    trials = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
-    assert all(len([t for t in trials if t["study"] == f"{k}-test{j}"]) == 3 for k in ("llrd", "cosine") for j in (0, 1))
-    rows = {(r["method"], r["instance"], r["seed"]): r
-            for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    for j in (0, 1):
-        best = min((t for t in trials if t["study"].endswith(f"-test{j}")), key=lambda t: t["value"])["spec"]
-        assert all(json.loads(rows[(bench.REFERENCE, j, s)]["identity"])[0] == best for s in (100, 101))
-    text = (out / "results.jsonl").read_text()
-    assert text.startswith(before[0])  # appended to, never rewritten
-    new = [json.loads(line) for line in text[len(before[0]):].splitlines()]
-    assert len(new) == len(evaluations) <= 4 and all(r["method"] == bench.REFERENCE for r in new)
-
-    before = (out / "results.jsonl").read_text()
-    assert bench.main(argv[:-1] + ["3", "--variants", "reinforce+final", "--train-only"]) == 0
-    assert (out / "results.jsonl").read_text() == before  # the variant's policies alone
-    assert len(_csv(out / "policies" / "reinforce+final-seed1" / "episodes.csv")) == 2
-    assert bench.main(argv[:-1] + ["3", "--variants", "coordinate-wise,recurrent-ppo+continuous"]) == 0
-    new = [json.loads(line) for line in (out / "results.jsonl").read_text()[len(before):].splitlines()]
-    assert sorted({r["method"] for r in new}) == ["coordinate-wise (learned)", "recurrent-ppo+continuous (learned)"]
-    assert len(new) == 2 * 2 * 2  # only the variants ran: each on both test instances with both seeds
-    cw = torch.load(out / "policies" / "coordinate-wise-seed1" / "policy.pt", weights_only=True)
-    assert cw["config"]["network"] == "coordinate-wise" and cw["env_kwargs"]["observation"] == "per_coordinate"
-    ppo = torch.load(out / "policies" / "recurrent-ppo+continuous-seed0" / "policy.pt", weights_only=True)
-    assert ppo["env_kwargs"]["action"] == "continuous" and "vec_normalize" not in ppo
-    steps = [sum(int(r["sgd_steps"]) for r in _csv(out / "policies" / f"recurrent-ppo+continuous-seed{k}" / "episodes.csv"))
-             for k in (0, 1)]
-    actions = [float(v) for r in _csv(out / "policies" / "recurrent-ppo+continuous-seed0" / "steps.csv")
-               for k, v in r.items() if k.startswith("action/")]
-    assert actions and all(-1 <= a <= 1 for a in actions)  # logged as applied: clipped into the Box
-    table = (out / "results.md").read_text()
-    assert f"| recurrent-ppo+continuous (learned) | {round(sum(steps) / 2):,} (training" in table
-    assert f"B = {budget:,} SGD steps" in table  # B is still the two agents'
-    with pytest.raises(SystemExit, match="unknown variant"):
-        bench.main(argv + ["--variants", "reinforce+adam"])
+    monkeypatch.setattr(bench, "code_hash", lambda: "other-code")
+    with pytest.raises(SystemExit, match="made by other code"):
+        bench.main(argv)
+    assert bench.main([*argv, "--drop-stale"]) == 0  # moved aside, then redone
+    assert (out / "stale.jsonl").read_text() == before and len(evaluations) == len(runs)
+    assert {json.loads(line)["code_hash"] for line in (out / "results.jsonl").read_text().splitlines()} == {"other-code"}
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv[:-2], "--override", '{"lam": 0.2}'])
 
 
 def _csv(path):
@@ -357,18 +336,30 @@ def test_benchmarks_are_modules_of_a_package_without_path_edits():
 def test_robust_aggregates_rank_lower_scores_first_and_see_a_clear_improvement(tmp_path):
     bench = _load("l2o_benchmark")
     rng = np.random.default_rng(0)
-    seeds, n_inst = [100, 101, 102], 12
-    methods = ["A (learned)", "llrd tuned on train (llrd:0.5,0.5)", "noise"]
-    shift = {"A (learned)": 0.0, "llrd tuned on train (llrd:0.5,0.5)": 0.3, "noise": 0.15}
-    base = rng.uniform(0.5, 1.5, size=(len(seeds), n_inst))  # paired: the same instance is hard for both
-    by = {(m, j, s): {"normalised": float(base[k, j] + shift[m] + 0.01 * rng.normal())}
-          for m in methods for k, s in enumerate(seeds) for j in range(n_inst)}
-    lines = bench.robust_aggregates(by, methods, n_inst, seeds, 500, str(tmp_path / "profiles.png"))
-    iqm = {m: float(v) for m, v in (re.match(r"^\| (.+) \| (-?\d+\.\d+) \[", line).groups() for line in lines
-                                    if re.match(r"^\| .+ \| -?\d+\.\d+ \[[^|]*\] \|$", line))}
-    assert set(iqm) == set(methods)
-    assert iqm["A (learned)"] < iqm["noise"] < iqm["llrd tuned on train (llrd:0.5,0.5)"]  # lower is better
-    row = next(line for line in lines if line.startswith("| A (learned) | llrd tuned on train"))
+    n_seeds, n_inst = 3, 12
+    methods = ["A (meta-trained)", "llrd tuned on train", "noise"]
+    shift = {"A (meta-trained)": 0.0, "llrd tuned on train": 0.3, "noise": 0.15}
+    base = rng.uniform(0.5, 1.5, size=(n_inst, n_seeds))  # paired: the same instance is hard for both
+    norm = {(m, j): base[j] + shift[m] + 0.01 * rng.normal(size=n_seeds) for m in methods for j in range(n_inst)}
+    lines, found = bench.robust_aggregates(norm, methods, methods[:1], methods[1:2], n_inst, 500, str(tmp_path))
+    iqm = {m: v[0] for m, v in found["iqm"].items()}
+    assert iqm["A (meta-trained)"] < iqm["noise"] < iqm["llrd tuned on train"]  # lower is better
+    assert all(low <= mid <= high for mid, low, high in found["iqm"].values())
+    row = next(line for line in lines if line.startswith("| A (meta-trained) | llrd tuned on train"))
     p_improvement, wilcoxon_p = float(row.split(" | ")[2].split()[0]), float(row.split(" | ")[3].rstrip(" |"))
     assert p_improvement > 0.5 and wilcoxon_p < 1e-3  # A scores lower on every instance and seed
-    assert (tmp_path / "profiles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("profiles.png", "scores.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_power_design_needs_more_instances_for_a_wider_spread_and_never_fewer_than_twelve():
+    bench = _load("l2o_benchmark")
+    needed, design, mde = bench.required_instances(0.1)
+    assert needed == design == 34 and mde <= bench.EFFECT < bench.mde_at(0.1, 33)
+    assert bench.required_instances(0.2)[0] > 4 * 30  # quadrupled: twice the spread
+    small = bench.required_instances(0.01)
+    assert small[0] < 12 and small[1] == 12 and small[2] < 0.05
+    scores = {("a", 0): [1.0, 1.2], ("b", 0): [2.0, 2.0], ("a", 1): [0.5, 0.5], ("b", 1): [0.4, 0.6]}
+    norm = bench.normalise(scores, {0: [2.1, 2.1], 1: [1.5, 1.5]})
+    assert np.allclose(norm[("a", 0)], [-0.1, 0.1]) and np.allclose(norm[("b", 0)].mean(), 0.9 / 1.0)
+    assert np.allclose(norm[("a", 1)], [0, 0]) and np.allclose(norm[("b", 1)], [-0.1, 0.1])
