@@ -10,8 +10,10 @@ Stages, each kept in --out as it finishes; a rerun continues where the last one 
 
 0. **Pilot and design** (``design.json``). Three named settings on ``--pilot-instances`` train
    instances × 3 pilot seeds give the spread σ of the paired per-instance difference in the
-   normalised score (below); the design is the fewest test instances (never below 12) at which
-   a paired t-test detects a difference of :data:`EFFECT` with 80 % power (α = 0.05, two-sided).
+   normalised score (below), over the pairs whose mean scores lie within :data:`CLOSE` of each
+   other (a pair further apart needs no power to be told apart); the design is the fewest test
+   instances (never below 12) at which a paired t-test detects a difference of :data:`EFFECT`
+   with 80 % power (α = 0.05, two-sided), with 3 run seeds.
 1. **Learned policies: the learning gate** (``benchmarks/learning_gate.py`` on the family,
    ``--policy-seeds`` policies per agent, ``--episodes`` each, at the family's meta-training
    size: 16-SGD-step episodes). Its verdict is the "gate" column. B, one policy's meta-training
@@ -81,6 +83,7 @@ FIRST_SEED = 100  # test run seeds 100, 101, …
 VALIDATION_SEED = 7  # every tuning trial's runs; never a test seed
 PILOT_SEEDS = (200, 201, 202)
 PILOT_METHODS = ("large-everywhere", "small-backbone-large-classifier", "hand-tuned")
+CLOSE = 0.25  # pairs of pilot methods whose mean normalised scores differ by less set the spread σ
 SAMPLER_SEEDS = {"global": 11, "llrd": 12, "cosine": 13, "test": 14}  # each study its own
 PRESETS = {
     "full": dict(episodes=1000, policy_seeds=3, seeds=3, tune_instances=2, test_trials=12, pilot_instances=4,
@@ -160,10 +163,13 @@ def in_parallel(fn, items: list, jobs: int, desc: str):
         return
     import multiprocessing
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    try:
         futures = {pool.submit(fn, item): item for item in items}
         for future in tqdm(as_completed(futures), total=len(items), desc=desc, leave=False):
             yield futures[future], future.result()
+    finally:  # on an error or a kill, drop the queued runs instead of waiting for them
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Bench:
@@ -209,8 +215,9 @@ def normalise(scores: dict, initial: dict) -> dict:
     best = {}
     for (m, j), v in scores.items():
         best[j] = min(best.get(j, np.inf), float(np.mean(v)))
-    return {(m, j): (np.asarray(v) - best[j]) / max(float(np.mean(initial[j])) - best[j], 1e-12)
-            for (m, j), v in scores.items()}
+    scale = {j: float(np.mean(initial[j])) - best[j] for j in best}
+    return {(m, j): (np.asarray(v) - best[j]) / scale[j] if scale[j] > 1e-9 else np.ones(len(v))
+            for (m, j), v in scores.items()}  # where no method made progress, every run scores 1
 
 
 def mde_at(sigma: float, n: int) -> float:
@@ -224,6 +231,8 @@ def mde_at(sigma: float, n: int) -> float:
 def required_instances(sigma: float, effect: float = EFFECT) -> tuple[int, int, float]:
     """(the instances needed to detect ``effect``, the design: at least :data:`MIN_INSTANCES`,
     and the minimum detectable effect at the design)."""
+    if not np.isfinite(sigma) or sigma < 0:
+        raise SystemExit(f"error: the pilot's spread is {sigma}; rerun the pilot (remove design.json)")
     n = 2
     while mde_at(sigma, n) > effect and n < 10_000:
         n += 1
@@ -233,30 +242,39 @@ def required_instances(sigma: float, effect: float = EFFECT) -> tuple[int, int, 
 
 # ---------------------------------------------------------------------------- stage 0
 def pilot(bench: Bench, out: str) -> dict:
-    """The design from a pilot on train instances (kept in design.json with its runs)."""
-    path = os.path.join(out, "design.json")
+    """The design from a pilot on train instances (design.json; each pilot run is kept in
+    pilot.jsonl as it finishes, so a rerun continues)."""
+    path, runs_path = os.path.join(out, "design.json"), os.path.join(out, "pilot.jsonl")
     if os.path.isfile(path):
         return read_json(path)
     tasks = [(m, j, s) for j in range(len(bench.pilot_instances)) for m in PILOT_METHODS for s in PILOT_SEEDS]
-    items = [(bench.task(m, bench.pilot_instances[j], s), (m, j, s)) for (m, j, s) in tasks]
-    rows = {key: result for _, (result, key) in in_parallel(keyed_run, items, bench.args.jobs, "pilot runs")}
+    rows = {(r["method"], r["instance"], r["seed"]): r for r in read_rows(runs_path)}
+    items = [(bench.task(m, bench.pilot_instances[j], s), (m, j, s)) for (m, j, s) in tasks if (m, j, s) not in rows]
+    with open(runs_path, "a") as fh:
+        for _, (result, (m, j, s)) in in_parallel(keyed_run, items, bench.args.jobs, "pilot runs"):
+            rows[(m, j, s)] = {"method": m, "instance": j, "seed": s, **result}
+            fh.write(json.dumps(rows[(m, j, s)]) + "\n")
+            fh.flush()
     scores = {(m, j): [rows[(m, j, s)]["score_loss"] for s in PILOT_SEEDS] for m in PILOT_METHODS
               for j in range(len(bench.pilot_instances))}
     initial = {j: [rows[(m, j, s)]["initial_loss"] for m in PILOT_METHODS for s in PILOT_SEEDS]
                for j in range(len(bench.pilot_instances))}
     norm = normalise(scores, initial)
-    spreads = {}
+    spreads, gaps = {}, {}
     for a in PILOT_METHODS:
         for b in PILOT_METHODS:
             if a < b:
                 diff = [float(np.mean(norm[(a, j)] - norm[(b, j)])) for j in range(len(bench.pilot_instances))]
-                spreads[f"{a} − {b}"] = float(np.std(diff, ddof=1))
-    sigma = max(spreads.values())
+                spreads[f"{a} − {b}"], gaps[f"{a} − {b}"] = float(np.std(diff, ddof=1)), abs(float(np.mean(diff)))
+    # the spread between methods close enough for a 0.05 difference to matter (a pair CLOSE apart
+    # or more is told apart by any design); all pairs where none is that close
+    close = [k for k in spreads if gaps[k] < CLOSE] or list(spreads)
+    sigma = max(spreads[k] for k in close)
     needed, design, mde = required_instances(sigma)
-    result = {"sigma": sigma, "spreads": spreads, "needed_instances": needed, "instances": design,
+    result = {"sigma": sigma, "spreads": spreads, "mean_differences": gaps, "close_pairs": close, "needed_instances": needed, "instances": design,
               "seeds": len(PILOT_SEEDS), "mde": mde, "effect": EFFECT, "power": POWER, "alpha": ALPHA,
               "pilot_instances": bench.pilot_instances, "pilot_seeds": list(PILOT_SEEDS),
-              "runs": [{"method": m, "instance": j, "seed": s, **rows[(m, j, s)]} for (m, j, s) in tasks],
+              "runs": [rows[t] for t in tasks],
               "commit": git_commit(), "code_hash": code_hash()}
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1)
@@ -315,9 +333,7 @@ def tune(job: dict) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, stale trials
-    sampler = (optuna.samplers.GridSampler({"level": list(range(1, 11))}, seed=SAMPLER_SEEDS["global"])
-               if job["kind"] == "global" else
-               optuna.samplers.TPESampler(seed=job["sampler_seed"], n_startup_trials=4))
+    sampler = optuna.samplers.TPESampler(seed=job["sampler_seed"], n_startup_trials=4)
     study = optuna.create_study(study_name=job["name"], storage=storage(job["storage"]), sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     optuna.storages.fail_stale_trials(study)
@@ -325,6 +341,9 @@ def tune(job: dict) -> dict:
     if not study.trials:
         for params in job.get("enqueue", []):
             study.enqueue_trial(params)
+    if job["kind"] == "global":  # each of the 10 levels once, lowest first; a trial killed midway is redone
+        tried = {t.params.get("level") for t in finished}
+        job = {**job, "levels": [level for level in range(1, 11) if level not in tried]}
 
     def objective(trial):
         spec = _spec(job["kind"], trial)
@@ -332,6 +351,7 @@ def tune(job: dict) -> dict:
         trial.set_user_attr("sgd_steps", job["per_trial"])  # charged up front: other machines see it running
         rows = [run({**task, "spec": spec, "kwargs": {**task["kwargs"], **baseline_env_kwargs(spec)}})
                 for task in job["tasks"]]
+        trial.set_user_attr("sgd_steps", sum(r["sgd_steps"] for r in rows))  # what the runs spent
         trial.set_user_attr("diverged", sum(r["capped"] for r in rows))
         return float(np.mean([r["score_loss"] / r["initial_loss"] for r in rows]))
 
@@ -340,8 +360,10 @@ def tune(job: dict) -> dict:
             study.optimize(objective, n_trials=1)
     else:
         while not finished or study_steps(study) + job["per_trial"] <= job["budget"]:
-            if job["kind"] == "global" and len(study.trials) >= 10:
-                break  # the grid is exhausted
+            if job["kind"] == "global":
+                if not job["levels"]:
+                    break  # every level tried
+                study.enqueue_trial({"level": job["levels"].pop(0)})
             study.optimize(objective, n_trials=1)
             finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -384,10 +406,18 @@ def read_json(path: str):
 
 
 def read_rows(path: str) -> list[dict]:
+    """A JSON-lines file's rows; a last line cut short by a kill is dropped (its run is redone)."""
     if not os.path.isfile(path):
         return []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = [line for line in fh if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        rows += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        with open(path, "w") as fh:
+            fh.writelines(lines[:-1])
+    return rows
 
 
 def file_digest(path: str) -> str:
@@ -399,32 +429,36 @@ def evaluate(bench: Bench, methods: dict, out: str, drop_stale: bool) -> list[di
     """Every method × test instance × seed, once; ``methods[name](j, k)`` is the spec of the
     method's run on test instance j with run seed index k."""
     path, code = os.path.join(out, "results.jsonl"), code_hash()
-    rows = read_rows(path)
-    stale = [r for r in rows if r.get("code_hash") != code]
-    if stale:
-        if not drop_stale:
-            commits = sorted({r.get("commit", "?") for r in stale})
-            raise SystemExit(f"error: {len(stale)} row(s) of {path} were made by other code (commits "
-                             f"{', '.join(commits)}; code hash now {code}); rerun with --drop-stale to move them to "
-                             f"stale.jsonl and redo them")
-        with open(os.path.join(out, "stale.jsonl"), "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in stale)
-        rows = [r for r in rows if r.get("code_hash") == code]
-        with open(path, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-    done = {(r["method"], r["instance"], r["seed"]): r for r in rows}
     seeds = [FIRST_SEED + k for k in range(bench.args.seeds)]
-    items = []
+    cells = {}
     for j, inst in enumerate(bench.test_instances):
         for m, specs in methods.items():
             for k, seed in enumerate(seeds):
                 spec = specs(j, k)
                 task = bench.task(spec, inst, seed, evaluate=True)
                 identity = file_digest(spec) if spec.endswith(".pt") else spec
-                settings = {"identity": identity, "kwargs": task["kwargs"], "seed": seed}
-                if done.get((m, j, seed), {}).get("settings_hash") != settings_hash(settings):
-                    items.append((task, {"method": m, "instance": j, "seed": seed, "identity": identity,
-                                         "settings_hash": settings_hash(settings)}))
+                cells[(m, j, seed)] = (task, {"method": m, "instance": j, "seed": seed, "identity": identity,
+                                              "settings_hash": settings_hash({"identity": identity,
+                                                                              "kwargs": task["kwargs"], "seed": seed})})
+    rows = read_rows(path)
+    # a row is stale when other code made it, or its cell is now run another way (a retrained policy,
+    # another tuned schedule); rows of cells the run no longer has are kept as they are
+    stale = [r for r in rows if r.get("code_hash") != code or (
+        (r["method"], r["instance"], r["seed"]) in cells
+        and cells[(r["method"], r["instance"], r["seed"])][1]["settings_hash"] != r.get("settings_hash"))]
+    if stale:
+        if not drop_stale:
+            commits = sorted({r.get("commit", "?") for r in stale})
+            raise SystemExit(f"error: {len(stale)} row(s) of {path} were made by other code or with other settings "
+                             f"(commits {', '.join(commits)}; code hash now {code}); rerun with --drop-stale to move "
+                             f"them to stale.jsonl and redo them")
+        with open(os.path.join(out, "stale.jsonl"), "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in stale)
+        rows = [r for r in rows if r not in stale]
+        with open(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    done = {(r["method"], r["instance"], r["seed"]): r for r in rows}
+    items = [cell for key, cell in cells.items() if key not in done]
     commit = git_commit()
     with open(path, "a") as fh:
         for _, (result, key) in in_parallel(keyed_run, items, bench.args.jobs, "evaluation runs"):
@@ -436,11 +470,11 @@ def evaluate(bench: Bench, methods: dict, out: str, drop_stale: bool) -> list[di
 
 
 # ---------------------------------------------------------------------------- stage 5
-def robust_aggregates(norm: dict, methods: list[str], learned: list[str], tuned: list[str], n_inst: int, reps: int,
-                      plot_dir: str) -> tuple[list[str], dict]:
+def robust_aggregates(norm: dict, methods: list[str], learned: list[str], baselines: list[str], n_inst: int,
+                      reps: int, plot_dir: str) -> tuple[list[str], dict]:
     """rliable's view of the normalised score (lower is better): each method's interquartile
     mean with a 95 % stratified-bootstrap CI, the probability that each learned method improves
-    on each tuned schedule (with its CI, and a paired Wilcoxon test over instance × seed), and
+    on each baseline (with its CI, and a paired Wilcoxon test over instance × seed), and
     performance profiles (profiles.png) and the IQMs (scores.png) in ``plot_dir``."""
     from rliable import library as rly
     from rliable import metrics
@@ -455,13 +489,13 @@ def robust_aggregates(norm: dict, methods: list[str], learned: list[str], tuned:
     found = {"iqm": {m: (-float(iqm[m][0]), -float(iqm_ci[m][1][0]), -float(iqm_ci[m][0][0])) for m in methods},
              "improvement": {}}
     lines = []
-    if learned and tuned:
-        pairs = {f"{a} | {b}": (scores[a], scores[b]) for a in learned for b in tuned}
+    if learned and baselines:
+        pairs = {f"{a} | {b}": (scores[a], scores[b]) for a in learned for b in baselines}
         p, p_ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps, random_state=rng())
         lines += ["P(improvement): the probability that a run of the learned method scores lower than a run of the "
-                  "tuned schedule on the same instance, averaged over instances, with its 95 % stratified-bootstrap "
+                  "baseline on the same instance, averaged over instances, with its 95 % stratified-bootstrap "
                   "CI; the Wilcoxon signed-rank test pairs the two on each instance and seed.", "",
-                  "| learned | tuned schedule | P(improvement) [95 % CI] | Wilcoxon p |", "|---|---|---|---|"]
+                  "| learned | baseline | P(improvement) [95 % CI] | Wilcoxon p |", "|---|---|---|---|"]
         for key, (a, b) in pairs.items():
             diff = (a - b).flatten()
             test = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
@@ -528,7 +562,8 @@ def write_report(bench: Bench, rows: list[dict], kinds: dict[str, str], info: di
     norm = normalise(scores, initial)
     learned = [m for m in methods if kinds[m] == "learned"]
     tuned = [m for m in methods if kinds[m] == "tuned"]
-    agg_lines, found = robust_aggregates(norm, methods, learned, tuned, n_inst, bench.args.bootstrap_reps, out)
+    baselines = [m for m in methods if kinds[m] != "learned"]
+    agg_lines, found = robust_aggregates(norm, methods, learned, baselines, n_inst, bench.args.bootstrap_reps, out)
     best_tuned = min(tuned, key=lambda m: found["iqm"][m][0]) if tuned else None
     design = info["design"]
     observed = {m: observed_mde(norm, m, best_tuned, n_inst) for m in learned} if best_tuned and n_inst > 1 else {}
@@ -703,7 +738,7 @@ def main(argv=None) -> int:
     paths, summary = gate(bench, out)
     costs.add("1 meta-training and learning gate", start)
     budget = round(np.mean([s["sgd_steps"] / s["seeds"] for s in summary.values()]))
-    digest = settings_hash(bench.settings())[:8]
+    digest = settings_hash({**bench.settings(), "code": code_hash()})[:8]  # other settings or code: new studies
     if args.until == "gate":
         return 0
 

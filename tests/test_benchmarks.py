@@ -202,6 +202,8 @@ def test_l2o_benchmark_accounts_every_budget_refuses_other_code_and_resumes(tmp_
         spent = [t.user_attrs["sgd_steps"] for t in trials]
         assert spent and (sum(spent) <= budget or len(spent) == 1)
         assert sum(spent) + spent[-1] > budget or (kind == "global" and len(trials) == 10)
+        if kind == "global":  # every level once, lowest first
+            assert [t.params["level"] for t in trials] == list(range(1, len(trials) + 1))
     for j in (0, 1):
         trials = optuna.load_study(study_name=next(n for n in studies if n.startswith(f"test{j}-")), storage=storage).trials
         assert len(trials) == 3 and trials[0].params["kind"] == "llrd" and trials[1].params["kind"] == "cosine"
@@ -352,6 +354,15 @@ def test_robust_aggregates_rank_lower_scores_first_and_see_a_clear_improvement(t
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_results_line_cut_by_a_kill_is_dropped_and_its_run_redone(tmp_path):
+    bench = _load("l2o_benchmark")
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert bench.read_rows(str(path)) == [{"a": 1}, {"a": 2}]
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'  # appends continue on a whole line
+    assert bench.read_rows(str(tmp_path / "none.jsonl")) == []
+
+
 def test_power_design_needs_more_instances_for_a_wider_spread_and_never_fewer_than_twelve():
     bench = _load("l2o_benchmark")
     needed, design, mde = bench.required_instances(0.1)
@@ -363,3 +374,7 @@ def test_power_design_needs_more_instances_for_a_wider_spread_and_never_fewer_th
     norm = bench.normalise(scores, {0: [2.1, 2.1], 1: [1.5, 1.5]})
     assert np.allclose(norm[("a", 0)], [-0.1, 0.1]) and np.allclose(norm[("b", 0)].mean(), 0.9 / 1.0)
     assert np.allclose(norm[("a", 1)], [0, 0]) and np.allclose(norm[("b", 1)], [-0.1, 0.1])
+    stuck = bench.normalise({("a", 0): [2.0, 2.0], ("b", 0): [2.0, 2.0]}, {0: [2.0, 2.0]})
+    assert np.allclose(stuck[("a", 0)], 1) and np.allclose(stuck[("b", 0)], 1)  # no progress anywhere: 1, not 0
+    with pytest.raises(SystemExit, match="spread"):
+        bench.required_instances(float("nan"))
