@@ -742,6 +742,10 @@ def main(argv=None) -> int:
     if args.until == "gate":
         return 0
 
+    try:  # the schema is made here, once: workers that made it at once would race
+        storage(args.storage)
+    except Exception as exc:  # noqa: BLE001  (any driver's error: one line)
+        raise SystemExit(f"error: cannot open the Optuna storage {args.storage}: {str(exc).splitlines()[0]}") from None
     start = time.perf_counter()
     tuned = tuned_schedules(bench, budget, digest)
     costs.add("2 tuning on the train split", start)
