@@ -47,7 +47,8 @@ differ (``settings.json``), and refuses rows made by other code (another ``code_
 the code they depend on is byte-identical.
 
     python -m benchmarks.l2o_benchmark --quick    # every stage at 8-SGD-step runs, 2 test instances
-    python -m benchmarks.l2o_benchmark            # full, resumable; published: results/l2o/
+    python -m benchmarks.l2o_benchmark            # full, resumable
+    python -m benchmarks.l2o_benchmark --publish  # and copy what it made to results/l2o/
 """
 
 from __future__ import annotations
@@ -657,6 +658,8 @@ class Costs:
             json.dump(self.seconds, fh, indent=1)
 
 
+PUBLISHED = ("results.jsonl", "results.md", "summary.json", "design.json", "pilot.jsonl", "stages.json", "settings.json",
+             "scores.png", "profiles.png", "learning_curves.png")
 STAGES = ("pilot", "gate", "tuning", "search", "evaluation")
 LABELS = {"reinforce": "REINFORCE", "es": "ES", "recurrent-ppo": "RecurrentPPO"}
 
@@ -682,6 +685,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="cache folder of the rendered images")
     p.add_argument("--bootstrap-reps", type=int, help="resamples of rliable's stratified bootstrap (10,000; quick 2,000)")
     p.add_argument("--until", choices=STAGES, help="stop after this stage (run a long benchmark in pieces)")
+    p.add_argument("--publish", action="store_true", help="copy the run's results, design, report and plots to "
+                   "RESULTS/l2o/ (the published run: results/l2o/)")
+    p.add_argument("--results", default=os.path.join(ROOT, "results"), help="where --publish writes (default: results/)")
     p.add_argument("--drop-stale", action="store_true", help="move rows made by other code to stale.jsonl and redo them")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
@@ -789,6 +795,13 @@ def main(argv=None) -> int:
             k: v for k, v in design.items() if k != "runs"}, "commits": sorted({r["commit"] for r in rows})}, fh, indent=1)
     print(text)
     print(f"results in {out}/")
+    if args.publish:
+        dest = os.path.join(args.results, "l2o")
+        os.makedirs(dest, exist_ok=True)
+        for name in PUBLISHED:
+            if os.path.isfile(os.path.join(out, name)):
+                shutil.copy(os.path.join(out, name), dest)
+        print(f"published to {dest}/")
     return 0
 
 

@@ -216,8 +216,12 @@ def test_l2o_benchmark_accounts_every_budget_refuses_other_code_and_resumes(tmp_
 
     before = (out / "results.jsonl").read_text()
     evaluations.clear()
-    assert bench.main(argv) == 0  # a rerun finds everything done
+    assert bench.main([*argv, "--publish", "--results", str(tmp_path / "results")]) == 0  # a rerun finds everything done
     assert (out / "results.jsonl").read_text() == before and not evaluations
+    published = tmp_path / "results" / "l2o"
+    assert (published / "results.jsonl").read_text() == before
+    assert (published / "results.md").read_text() == (out / "results.md").read_text()
+    assert {p.name for p in published.iterdir()} >= {"design.json", "summary.json", "profiles.png", "scores.png"}
 
     monkeypatch.setattr(bench, "code_hash", lambda: "other-code")
     with pytest.raises(SystemExit, match="made by other code"):
