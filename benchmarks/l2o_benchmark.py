@@ -304,7 +304,9 @@ def storage(url: str):
     import optuna
 
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 120}}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **kwargs)
+    with warnings.catch_warnings():  # heartbeats are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **kwargs)
 
 
 def _spec(kind: str, trial) -> str:
