@@ -348,10 +348,14 @@ def tune(job: dict) -> dict:
         tried = {t.params.get("level") for t in finished}
         job = {**job, "levels": [level for level in range(1, 11) if level not in tried]}
 
+    def per_trial() -> int:  # what a whole trial spends, as the finished ones did (a diverged one stops early)
+        return max((int(t.user_attrs["sgd_steps"]) for t in study.trials
+                    if t.state == optuna.trial.TrialState.COMPLETE), default=0)
+
     def objective(trial):
         spec = _spec(job["kind"], trial)
         trial.set_user_attr("spec", spec)
-        trial.set_user_attr("sgd_steps", job["per_trial"])  # charged up front: other machines see it running
+        trial.set_user_attr("sgd_steps", per_trial())  # charged up front: other machines see it running
         rows = [run({**task, "spec": spec, "kwargs": {**task["kwargs"], **baseline_env_kwargs(spec)}})
                 for task in job["tasks"]]
         trial.set_user_attr("sgd_steps", sum(r["sgd_steps"] for r in rows))  # what the runs spent
@@ -362,7 +366,7 @@ def tune(job: dict) -> dict:
         while len(finished := [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) < job["trials"]:
             study.optimize(objective, n_trials=1)
     else:
-        while not finished or study_steps(study) + job["per_trial"] <= job["budget"]:
+        while not finished or study_steps(study) + per_trial() <= job["budget"]:
             if job["kind"] == "global":
                 if not job["levels"]:
                     break  # every level tried
@@ -378,16 +382,9 @@ def tune(job: dict) -> dict:
 def tuned_schedules(bench: Bench, budget: int, digest: str) -> dict[str, dict]:
     """Stage 2: one study per schedule on the train split's tuning instances, within ``budget``."""
     tasks = [bench.task("", inst, VALIDATION_SEED) for inst in bench.tuning_instances]
-    per_trial = sum(_planned_steps(inst, bench) for inst in bench.tuning_instances)
-    jobs = [{"name": f"{kind}-train-{digest}", "kind": kind, "tasks": tasks, "budget": budget, "per_trial": per_trial,
+    jobs = [{"name": f"{kind}-train-{digest}", "kind": kind, "tasks": tasks, "budget": budget,
              "storage": bench.args.storage, "sampler_seed": SAMPLER_SEEDS[kind]} for kind in SCHEDULES]
     return {job["kind"]: best for job, best in in_parallel(tune, jobs, bench.args.jobs, "tuning on train")}
-
-
-def _planned_steps(instance: dict, bench: Bench) -> int:
-    settings = {**bench.base, **instance}
-    batch = settings.get("batch_size", 32)
-    return int(settings["epochs"] * math.ceil(settings["source_size"] / batch))
 
 
 def tuned_on_test(bench: Bench, tuned: dict[str, dict], digest: str) -> list[dict]:
@@ -395,7 +392,7 @@ def tuned_on_test(bench: Bench, tuned: dict[str, dict], digest: str) -> list[dic
     enqueue = [{"kind": k, **{f"{k}_{n}": float(v) for n, v in zip(PARAMS[k], tuned[k]["spec"].split(":")[1].split(","))}}
                for k in ("llrd", "cosine")]
     jobs = [{"name": f"test{j}-{digest}", "kind": "test", "tasks": [bench.task("", inst, VALIDATION_SEED)],
-             "trials": bench.args.test_trials, "per_trial": _planned_steps(inst, bench), "enqueue": enqueue,
+             "trials": bench.args.test_trials, "enqueue": enqueue,
              "storage": bench.args.storage, "sampler_seed": SAMPLER_SEEDS["test"] + j}
             for j, inst in enumerate(bench.test_instances)]
     found = {job["name"]: best for job, best in in_parallel(tune, jobs, bench.args.jobs, "tuning on test instances")}
