@@ -143,9 +143,9 @@ def run(task: dict) -> dict:
     return row
 
 
-def keyed_run(item: tuple[dict, object]) -> tuple[dict, object]:
-    task, key = item
-    return run(task), key
+def run_keyed(item: tuple[dict, object]) -> dict:
+    """:func:`run` of a (task, key) pair, so that the key comes back beside the result."""
+    return run(item[0])
 
 
 def _worker_init() -> None:
@@ -252,7 +252,7 @@ def pilot(bench: Bench, out: str) -> dict:
     rows = {(r["method"], r["instance"], r["seed"]): r for r in read_rows(runs_path)}
     items = [(bench.task(m, bench.pilot_instances[j], s), (m, j, s)) for (m, j, s) in tasks if (m, j, s) not in rows]
     with open(runs_path, "a") as fh:
-        for _, (result, (m, j, s)) in in_parallel(keyed_run, items, bench.args.jobs, "pilot runs"):
+        for (_, (m, j, s)), result in in_parallel(run_keyed, items, bench.args.jobs, "pilot runs"):
             rows[(m, j, s)] = {"method": m, "instance": j, "seed": s, **result}
             fh.write(json.dumps(rows[(m, j, s)]) + "\n")
             fh.flush()
@@ -461,7 +461,7 @@ def evaluate(bench: Bench, methods: dict, out: str, drop_stale: bool) -> list[di
     items = [cell for key, cell in cells.items() if key not in done]
     commit = git_commit()
     with open(path, "a") as fh:
-        for _, (result, key) in in_parallel(keyed_run, items, bench.args.jobs, "evaluation runs"):
+        for (_, key), result in in_parallel(run_keyed, items, bench.args.jobs, "evaluation runs"):
             row = {**key, **result, "commit": commit, "code_hash": code}
             fh.write(json.dumps(row) + "\n")
             fh.flush()
