@@ -632,6 +632,8 @@ def write_report(bench: Bench, rows: list[dict], kinds: dict[str, str], info: di
                      f"{n_inst - len(short)} of {n_inst} instances" + (f"; not on {short}." if short else "."))
     lines += ["", "### Stages", "", "| stage | wall time (this machine, summed over invocations) |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} min |" for k, v in info["costs"].items()]
+    lines += [f"| meta-training alone, as its episodes logged (summed over the {info['policies']} policies; "
+              f"`--jobs` ran them side by side) | {info['meta_training_s'] / 60:.1f} min |"]
     lines += ["", "Tuned schedules: " + "; ".join(f"{k}: `{v['spec']}` ({v['trials']} trial(s), {v['sgd_steps']:,} SGD "
                                                    f"steps)" for k, v in info["tuned"].items()),
               f"B = {info['budget']:,} SGD steps (one policy's meta-training, mean over agents and seeds).",
@@ -741,7 +743,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     paths, summary = gate(bench, out)
-    costs.add("1 meta-training and learning gate", start)
+    costs.add("1 meta-training and learning gate (this invocation's part)", start)
     budget = round(np.mean([s["sgd_steps"] / s["seeds"] for s in summary.values()]))
     digest = settings_hash({**bench.settings(), "code": code_hash()})[:8]  # other settings or code: new studies
     if args.until == "gate":
@@ -787,7 +789,8 @@ def main(argv=None) -> int:
     if os.path.isfile(os.path.join(gate_out, "curves.png")):
         shutil.copy(os.path.join(gate_out, "curves.png"), os.path.join(out, "learning_curves.png"))
     info = {"design": design, "gate": gates, "compute": compute, "costs": costs.seconds, "tuned": tuned,
-            "budget": budget}
+            "budget": budget, "meta_training_s": sum(s["wall_s"] for s in summary.values()),
+            "policies": sum(s["seeds"] for s in summary.values())}
     text, found_stats = write_report(bench, rows, kinds, info, out)
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump({**found_stats, "budget": budget, "tuned": tuned, "tuned_on_test": found, "design": {

@@ -211,6 +211,8 @@ def test_l2o_benchmark_accounts_every_budget_refuses_other_code_and_resumes(tmp_
     table = (out / "results.md").read_text()
     assert "**Minimum detectable effect**" in table.splitlines()[2] and runs[0]["commit"] in table
     assert all(f"| {m} | " in table for m in methods) and "| ES (meta-trained) | cosine tuned on train |" in table
+    meta_training = sum(s["wall_s"] for s in summary.values()) / 60  # the stage an l2o rerun cannot time itself
+    assert f"(summed over the 4 policies; `--jobs` ran them side by side) | {meta_training:.1f} min |" in table
     for name in ("scores.png", "profiles.png", "learning_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
