@@ -1,6 +1,6 @@
 #!/bin/bash
 # copy the L2O run's work state into state/ (tracked) and commit it
-cd /work/main || exit 1
+cd "$(dirname "$0")/.." || exit 1
 mkdir -p state/l2o
 for f in runs/l2o/*; do
   b=$(basename "$f")
