@@ -54,12 +54,14 @@ the code they depend on is byte-identical.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -647,16 +649,21 @@ def write_report(bench: Bench, rows: list[dict], kinds: dict[str, str], info: di
 
 # ------------------------------------------------------------------------------------ main
 class Costs:
-    """Wall time per stage, summed over invocations (stages.json)."""
+    """Wall time per stage (stages.json), summed over invocations, one stopped by Ctrl-C or SIGTERM included."""
 
     def __init__(self, out: str):
         self.path = os.path.join(out, "stages.json")
         self.seconds = read_json(self.path) if os.path.isfile(self.path) else {}
 
-    def add(self, stage: str, start: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-        with open(self.path, "w") as fh:
-            json.dump(self.seconds, fh, indent=1)
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            with open(self.path, "w") as fh:
+                json.dump(self.seconds, fh, indent=1)
 
 
 PUBLISHED = ("results.jsonl", "results.md", "summary.json", "design.json", "pilot.jsonl", "stages.json", "settings.json",
@@ -728,9 +735,8 @@ def main(argv=None) -> int:
         json.dump(bench.settings(), fh, indent=1)
     costs = Costs(out)
 
-    start = time.perf_counter()
-    design = pilot(bench, out)
-    costs.add("0 pilot", start)
+    with costs.stage("0 pilot"):
+        design = pilot(bench, out)
     print(f"design: {design['instances']} test instances × {args.seeds} seeds detect {design['mde']:.3f} "
           f"(σ {design['sigma']:.3f}; {design['needed_instances']} needed for {EFFECT})")
     if not args.quick and not args.test_instances and len(bench.test_instances) < design["instances"]:
@@ -741,9 +747,8 @@ def main(argv=None) -> int:
     if args.until == "pilot":
         return 0
 
-    start = time.perf_counter()
-    paths, summary = gate(bench, out)
-    costs.add("1 meta-training and learning gate (this invocation's part)", start)
+    with costs.stage("1 meta-training and learning gate (this invocation's part)"):
+        paths, summary = gate(bench, out)
     budget = round(np.mean([s["sgd_steps"] / s["seeds"] for s in summary.values()]))
     digest = settings_hash({**bench.settings(), "code": code_hash()})[:8]  # other settings or code: new studies
     if args.until == "gate":
@@ -753,14 +758,12 @@ def main(argv=None) -> int:
         storage(args.storage)
     except Exception as exc:  # noqa: BLE001  (any driver's error: one line)
         raise SystemExit(f"error: cannot open the Optuna storage {args.storage}: {str(exc).splitlines()[0]}") from None
-    start = time.perf_counter()
-    tuned = tuned_schedules(bench, budget, digest)
-    costs.add("2 tuning on the train split", start)
+    with costs.stage("2 tuning on the train split"):
+        tuned = tuned_schedules(bench, budget, digest)
     if args.until == "tuning":
         return 0
-    start = time.perf_counter()
-    found = tuned_on_test(bench, tuned, digest)
-    costs.add("3 tuning on each test instance", start)
+    with costs.stage("3 tuning on each test instance"):
+        found = tuned_on_test(bench, tuned, digest)
     if args.until == "search":
         return 0
 
@@ -782,9 +785,8 @@ def main(argv=None) -> int:
         methods[name] = lambda j, k, spec=spec: spec
         kinds[name], compute[name] = "named", "0"
 
-    start = time.perf_counter()
-    rows = evaluate(bench, methods, out, args.drop_stale)
-    costs.add("4 evaluation", start)
+    with costs.stage("4 evaluation"):
+        rows = evaluate(bench, methods, out, args.drop_stale)
     gate_out = args.gate_out or os.path.join(out, "gate")
     if os.path.isfile(os.path.join(gate_out, "curves.png")):
         shutil.copy(os.path.join(gate_out, "curves.png"), os.path.join(out, "learning_curves.png"))
@@ -808,4 +810,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still adds its stage's time so far to stages.json
     sys.exit(main())

@@ -301,7 +301,7 @@ This seed scored {card['policy_score']:.4f}, the best of the agent's seeds on th
 (the real target was not read). Evaluated on commit `{s['commit']}`; meta-trained on
 {', '.join(f"`{c}`" for c in card['meta_training_commits']) or "a commit its policy.pt does not record (trained before the record)"}.
 
-    python apply_policy.py --policy pretrained
+    python apply_policy.py --policy {card['name']}
 """)
     return dest
 

@@ -2,6 +2,7 @@ import importlib
 import json
 import re
 import os
+import time
 
 import numpy as np
 import pytest
@@ -367,6 +368,21 @@ def test_a_results_line_cut_by_a_kill_is_dropped_and_its_run_redone(tmp_path):
     assert bench.read_rows(str(path)) == [{"a": 1}, {"a": 2}]
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n'  # appends continue on a whole line
     assert bench.read_rows(str(tmp_path / "none.jsonl")) == []
+
+
+def test_a_killed_stage_still_adds_its_time_and_a_later_invocation_adds_to_it(tmp_path):
+    bench = _load("l2o_benchmark")
+    with pytest.raises(SystemExit):  # what SIGTERM becomes in the command
+        with bench.Costs(str(tmp_path)).stage("4 evaluation"):
+            time.sleep(0.05)
+            raise SystemExit(143)
+    killed = json.loads((tmp_path / "stages.json").read_text())["4 evaluation"]
+    assert killed >= 0.05
+    costs = bench.Costs(str(tmp_path))
+    with costs.stage("4 evaluation"):
+        pass
+    assert costs.seconds["4 evaluation"] > killed
+    assert json.loads((tmp_path / "stages.json").read_text()) == costs.seconds
 
 
 def test_power_design_needs_more_instances_for_a_wider_spread_and_never_fewer_than_twelve():
