@@ -47,3 +47,23 @@ def test_readme_links_exist():
         if path and not os.path.exists(os.path.join(ROOT, path)):
             missing.append(target)
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_l2o_docs_table_is_the_published_runs():
+    """docs/l2o.md's IQM table is the one results/l2o/summary.json holds, and that run is complete:
+    every method on every test instance and seed, from one code hash."""
+    import json
+
+    published = os.path.join(ROOT, "results", "l2o")
+    with open(os.path.join(published, "summary.json"), encoding="utf-8") as fh:
+        iqm = json.load(fh)["iqm"]
+    with open(os.path.join(published, "results.jsonl"), encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    cases = {(r["method"], r["instance"], r["seed"]) for r in rows}
+    assert len(cases) == len(rows) == len(iqm) * len({r["instance"] for r in rows}) * len({r["seed"] for r in rows})
+    assert len({r["code_hash"] for r in rows}) == 1
+    with open(os.path.join(ROOT, "docs", "l2o.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    table = {m: tuple(float(x) for x in v) for m, *v in
+             re.findall(r"^\| ([^|]+?) \| \**([\d.]+)\** \[([\d.]+), ([\d.]+)\] \|", text, re.M)}
+    assert table == {m: tuple(round(x, 3) for x in v) for m, v in iqm.items()}
