@@ -139,7 +139,7 @@ def test_adapt_runs_every_method_and_never_reads_the_target_labels(fine_tuned, t
         assert scores["clean"] != scores["poisoned"]  # the evaluation saw the poisoned labels; training did not
 
 
-def test_a_killed_adaptation_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, monkeypatch):
+def test_a_killed_adaptation_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, monkeypatch, one_thread):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     assert adapt.main(["--model", fine_tuned, "--method", "crst-mrkld", "--rounds", "2", "--out", whole]) == 0
     real = adapt.adapt
